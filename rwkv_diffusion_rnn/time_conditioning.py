@@ -131,9 +131,14 @@ class FiLM(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
+    def params(self, c: torch.Tensor):
+        """(gamma, beta), each [B, 1, hidden] (or [B, T, hidden] for per-position ``c``)."""
+        gamma, beta = _per_token(self.proj(self.act(c))).chunk(2, dim=-1)
+        return gamma, beta
+
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        gamma, beta = _per_token(self.proj(self.act(c))).to(x.dtype).chunk(2, dim=-1)
-        return modulate(x, beta, gamma)
+        gamma, beta = self.params(c)
+        return modulate(x, beta.to(x.dtype), gamma.to(x.dtype))
 
 
 class AdaLNParams(NamedTuple):

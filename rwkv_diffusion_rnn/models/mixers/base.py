@@ -1,0 +1,104 @@
+"""Shared pieces of the sequence mixers: one conditioned RWKV-7 block, and direction fusion.
+
+A mixer decides in which order and with which initial state the RWKV-7 blocks read the
+sequence. It does not own the backbone's blocks (they are passed to ``forward``), so the
+backbone keeps its BlinkDL parameter names and a pretrained checkpoint loads unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..rwkv7 import LayerState, RWKV7Block
+
+
+@dataclass
+class Modulation:
+    """Per-layer time conditioning, each tensor [B, 1, C] or None (= identity).
+
+    Applied as ``norm(x) * (1 + scale) + shift`` before the time-mix (1) and channel-mix (2),
+    and ``x + gate * branch`` after them. FiLM sets shift/scale, AdaLN-Zero all three.
+    """
+    shift1: Optional[torch.Tensor] = None
+    scale1: Optional[torch.Tensor] = None
+    gate1: Optional[torch.Tensor] = None
+    shift2: Optional[torch.Tensor] = None
+    scale2: Optional[torch.Tensor] = None
+    gate2: Optional[torch.Tensor] = None
+
+    def repeat(self, n: int) -> "Modulation":
+        """For a batch reshaped from [B, ...] to [B * n, ...] (row b -> rows b*n .. b*n+n-1)."""
+        return Modulation(*(None if t is None else t.repeat_interleave(n, dim=0)
+                            for t in (self.shift1, self.scale1, self.gate1,
+                                      self.shift2, self.scale2, self.gate2)))
+
+
+def _modulate(x, shift, scale):
+    if scale is not None:
+        x = x * (1 + scale)
+    if shift is not None:
+        x = x + shift
+    return x
+
+
+def run_block(block: RWKV7Block, x: torch.Tensor, v_first: Optional[torch.Tensor],
+              mod: Optional[Modulation] = None, state: Optional[LayerState] = None,
+              return_state: bool = False, wkv_init: Optional[torch.Tensor] = None):
+    """One RWKV-7 block with optional modulation. ``wkv_init`` overrides the initial WKV state.
+
+    Returns (x, v_first, LayerState or None). Without ``mod`` this is exactly ``block(x, ...)``.
+    """
+    att_shift, wkv_state, ffn_shift = state if state is not None else (None, None, None)
+    if wkv_init is not None:
+        wkv_state = wkv_init
+    mod = mod or Modulation()
+    h = _modulate(block.ln1(x), mod.shift1, mod.scale1)
+    h, v_first, att_last, S = block.att(h, v_first, att_shift, wkv_state, return_state)
+    x = x + (h if mod.gate1 is None else mod.gate1 * h)
+    h = _modulate(block.ln2(x), mod.shift2, mod.scale2)
+    h, ffn_last = block.ffn(h, ffn_shift)
+    x = x + (h if mod.gate2 is None else mod.gate2 * h)
+    return x, v_first, (LayerState(att_last, S, ffn_last) if return_state else None)
+
+
+def layer_mods(mods: Optional[Sequence[Modulation]], n: int) -> List[Optional[Modulation]]:
+    return list(mods) if mods is not None else [None] * n
+
+
+class Fusion(nn.Module):
+    """Fuses the outputs of a forward and a backward pass of one layer (input x).
+
+    * ``sum``: ``x + (d_f + d_b) / 2`` with d = output - x, i.e. the mean of the two outputs;
+    * ``concat``: ``x + W [d_f; d_b]``, W initialised to ``[I/2, I/2]`` (= ``sum`` at start);
+    * ``gated``: ``g * y_f + (1 - g) * y_b``, ``g = sigmoid(U [y_f; y_b])`` per channel, U zero
+      initialised (g = 1/2, = ``sum`` at start).
+    """
+
+    KINDS = ("sum", "concat", "gated")
+
+    def __init__(self, kind: str, n_embd: int):
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"bi_fusion={kind!r} is not one of {self.KINDS}")
+        self.kind = kind
+        if kind == "concat":
+            self.proj = nn.Linear(2 * n_embd, n_embd, bias=False)
+            with torch.no_grad():
+                eye = torch.eye(n_embd) / 2
+                self.proj.weight.copy_(torch.cat([eye, eye], dim=1))
+        elif kind == "gated":
+            self.gate = nn.Linear(2 * n_embd, n_embd)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
+
+    def forward(self, x, y_f, y_b):
+        if self.kind == "sum":
+            return (y_f + y_b) / 2
+        if self.kind == "concat":
+            return x + self.proj(torch.cat([y_f - x, y_b - x], dim=-1))
+        g = torch.sigmoid(self.gate(torch.cat([y_f, y_b], dim=-1)))
+        return g * y_f + (1 - g) * y_b

@@ -1,0 +1,39 @@
+"""``bi``: every layer reads the sequence left to right and right to left, then fuses.
+
+The backward pass runs the same block on the flipped sequence (its token shift then looks at
+the right neighbour). Its weights are shared with the forward pass, or a separate copy
+initialised from the same (pretrained) weights (``bi_share_weights=False``). Each direction
+keeps its own ``v_first``. Cost: two scans per layer, about 2x ``causal``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch.nn as nn
+
+from .base import Fusion, layer_mods, run_block
+
+
+class BiMixer(nn.Module):
+    supports_state = False
+
+    def __init__(self, blocks, n_embd: int, bi_fusion: str = "sum", bi_share_weights: bool = True, **_):
+        super().__init__()
+        self.share = bi_share_weights
+        if not bi_share_weights:
+            self.backward_blocks = copy.deepcopy(blocks)
+        self.fusion = nn.ModuleList(Fusion(bi_fusion, n_embd) for _ in blocks)
+
+    def forward(self, blocks, x, mods=None, state=None, return_state=False, prefix_len=0):
+        if state is not None or return_state:
+            raise ValueError("model.mixer=bi reads the whole sequence at once and has no recurrent "
+                             "state to carry; use block_causal for cached block generation")
+        mods = layer_mods(mods, len(blocks))
+        back = blocks if self.share else self.backward_blocks
+        vf_f = vf_b = None
+        for i, block in enumerate(blocks):
+            y_f, vf_f, _ = run_block(block, x, vf_f, mods[i])
+            y_b, vf_b, _ = run_block(back[i], x.flip(1), vf_b, mods[i])
+            x = self.fusion[i](x, y_f, y_b.flip(1))
+        return x, None

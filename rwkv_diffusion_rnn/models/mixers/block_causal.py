@@ -1,0 +1,73 @@
+"""``block_causal``: bidirectional inside blocks of ``block_size`` tokens, causal across blocks.
+
+Each layer runs a forward scan over the whole sequence (state flows from block to block) and a
+backward scan inside each block only (zero state at each block's right edge), then fuses the two
+as ``bi`` does. A position sees everything to its left and its own block to its right. The
+latent prefix (``prefix_len`` tokens) is a block of its own, before the text.
+
+Because nothing flows right to left across blocks, the forward-scan state after the committed
+blocks is all a later block needs: ``forward(..., state=cache, return_state=True)`` on the next
+blocks gives the same result as running everything again.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from .base import Fusion, layer_mods, run_block
+
+
+class BlockCausalMixer(nn.Module):
+    supports_state = True
+
+    def __init__(self, blocks, n_embd: int, block_size: int = 16, bi_fusion: str = "sum",
+                 bi_share_weights: bool = True, **_):
+        super().__init__()
+        if block_size < 1:
+            raise ValueError(f"model.block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.share = bi_share_weights
+        if not bi_share_weights:
+            self.backward_blocks = copy.deepcopy(blocks)
+        self.fusion = nn.ModuleList(Fusion(bi_fusion, n_embd) for _ in blocks)
+
+    def _segments(self, T: int, prefix_len: int):
+        """(start, length, n_blocks) runs of equal-size blocks covering [0, T)."""
+        segs = []
+        if prefix_len:
+            segs.append((0, prefix_len, 1))
+        rest = T - prefix_len
+        n_full, tail = divmod(rest, self.block_size)
+        if n_full:
+            segs.append((prefix_len, self.block_size, n_full))
+        if tail:
+            segs.append((prefix_len + n_full * self.block_size, tail, 1))
+        return segs
+
+    def _backward(self, block, x, mod, v_first_parts, segs):
+        B, _, C = x.shape
+        outs, new_vf = [], []
+        for j, (start, length, n) in enumerate(segs):
+            xs = x[:, start:start + length * n].reshape(B * n, length, C).flip(1)
+            m = mod.repeat(n) if mod is not None else None
+            y, vf, _ = run_block(block, xs, v_first_parts[j], m)
+            outs.append(y.flip(1).reshape(B, length * n, C))
+            new_vf.append(vf)
+        return torch.cat(outs, dim=1), new_vf
+
+    def forward(self, blocks, x, mods=None, state=None, return_state=False, prefix_len=0):
+        mods = layer_mods(mods, len(blocks))
+        back = blocks if self.share else self.backward_blocks
+        segs = self._segments(x.shape[1], prefix_len)
+        vf_f, vf_b = None, [None] * len(segs)
+        new_state = []
+        for i, block in enumerate(blocks):
+            y_f, vf_f, st = run_block(block, x, vf_f, mods[i],
+                                      state[i] if state is not None else None, return_state)
+            y_b, vf_b = self._backward(back[i], x, mods[i], vf_b, segs)
+            x = self.fusion[i](x, y_f, y_b)
+            new_state.append(st)
+        return x, (new_state if return_state else None)

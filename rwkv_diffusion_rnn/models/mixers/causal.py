@@ -1,0 +1,23 @@
+"""``causal``: plain RWKV-7, left to right. The baseline: position i never sees j > i."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .base import layer_mods, run_block
+
+
+class CausalMixer(nn.Module):
+    supports_state = True
+
+    def __init__(self, blocks, **_):
+        super().__init__()
+
+    def forward(self, blocks, x, mods=None, state=None, return_state=False, prefix_len=0):
+        mods = layer_mods(mods, len(blocks))
+        v_first, new_state = None, []
+        for i, block in enumerate(blocks):
+            x, v_first, s = run_block(block, x, v_first, mods[i],
+                                      state[i] if state is not None else None, return_state)
+            new_state.append(s)
+        return x, (new_state if return_state else None)

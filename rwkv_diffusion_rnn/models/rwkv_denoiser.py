@@ -1,0 +1,220 @@
+"""MultimodalRWKVDenoiser: an RWKV-7 network that denoises [latent prefix | text].
+
+Inputs are partly masked text ids and a noisy sentence latent ``z_s`` [B, latent_dim]. The
+latent is projected to ``latent_prefix_len`` prefix tokens placed before the text; each token
+also gets a token-type embedding (prefix / text; zero-initialised, so a pretrained backbone sees
+its own embeddings at the start). The text time ``t`` and the latent time ``s`` are embedded
+(sinusoidal + MLP) into a conditioning vector that modulates every block, as FiLM or AdaLN-Zero.
+A mixer (``causal``, ``bi``, ``dw_jrt``, ``block_causal``) decides how the blocks read the
+sequence. Two heads: text logits at the text positions, and the latent prediction (eps, x0 or v)
+from the prefix positions.
+
+Build one with :func:`build_denoiser` (pretrained rwkv7 weights or sizes from scratch) or pass
+an :class:`~rwkv_diffusion_rnn.models.rwkv7.RWKV7` backbone directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+
+from ..time_conditioning import AdaLNZero, FiLM, TimeConditioner
+from .mixers import MIXERS, Modulation, build_mixer
+from .rwkv7 import RWKV7, LayerState, RWKV7Config
+
+TIME_CONDITIONINGS = ("film", "adaln_zero", "none")
+LATENT_TARGETS = ("eps", "x0", "v")
+
+
+@dataclass
+class DenoiserConfig:
+    """Everything the denoiser needs besides its backbone."""
+    vocab_size: int = 65536
+    mask_id: int = 65535
+    latent_dim: int = 32
+    latent_prefix_len: int = 1          # 0: a text-only model (no latent input or head)
+    latent_target: str = "eps"          # what the latent head predicts: eps | x0 | v
+    time_conditioning: str = "film"     # film | adaln_zero | none
+    adaln_identity_init: bool = True    # AdaLN gates start at 1 (pretrained) or 0 (DiT)
+    mixer: str = "bi"
+    bi_fusion: str = "sum"
+    bi_share_weights: bool = True
+    dw_jrt_scale: float = 1.0
+    dw_jrt_learnable_alpha: bool = False
+    dw_jrt_alpha_init: float = 0.0
+    dw_jrt_layer_start: int = 1
+    block_size: int = 16
+    use_rwkv_lm_head: bool = False
+    freeze_backbone: bool = False
+
+    def __post_init__(self):
+        if self.time_conditioning not in TIME_CONDITIONINGS:
+            raise ValueError(f"model.time_conditioning={self.time_conditioning!r}; choose one of "
+                             f"{TIME_CONDITIONINGS}")
+        if self.latent_target not in LATENT_TARGETS:
+            raise ValueError(f"model.latent_target={self.latent_target!r}; choose one of {LATENT_TARGETS}")
+        if self.mixer not in MIXERS:
+            raise ValueError(f"model.mixer={self.mixer!r}; choose one of {sorted(MIXERS)}")
+        if not 0 <= self.mask_id < self.vocab_size:
+            raise ValueError(f"mask_id={self.mask_id} must be a token id below vocab_size={self.vocab_size}")
+        if self.latent_prefix_len < 0 or (self.latent_prefix_len and self.latent_dim < 1):
+            raise ValueError("model.latent_prefix_len must be >= 0 and model.latent_dim >= 1")
+
+
+class DenoiserOutput(NamedTuple):
+    logits: torch.Tensor                      # [B, T, vocab] at the text positions
+    latent: Optional[torch.Tensor]            # [B, latent_dim] eps / x0 / v prediction
+    state: Optional[List[LayerState]]         # forward-scan state (causal / block_causal only)
+
+
+class MultimodalRWKVDenoiser(nn.Module):
+    def __init__(self, backbone: RWKV7, cfg: DenoiserConfig):
+        super().__init__()
+        self.config = cfg
+        bc: RWKV7Config = backbone.config
+        C = bc.n_embd
+        if cfg.use_rwkv_lm_head and bc.vocab_size != cfg.vocab_size:
+            raise ValueError(f"model.use_rwkv_lm_head needs vocab_size == the backbone's "
+                             f"({bc.vocab_size}), got {cfg.vocab_size}")
+        if cfg.vocab_size > bc.vocab_size:
+            raise ValueError(f"vocab_size={cfg.vocab_size} exceeds the backbone's embedding "
+                             f"table ({bc.vocab_size} rows)")
+        self.backbone = backbone
+        self.n_embd = C
+        P = cfg.latent_prefix_len
+
+        self.type_emb = nn.Embedding(2, C)            # 0: latent prefix, 1: text
+        nn.init.zeros_(self.type_emb.weight)
+        if P:
+            self.latent_proj = nn.Sequential(nn.Linear(cfg.latent_dim, C), nn.SiLU(),
+                                             nn.Linear(C, P * C))
+            self.latent_norm = nn.LayerNorm(C)
+            self.null_latent = nn.Parameter(torch.randn(cfg.latent_dim) * 0.02)  # CFG / no latent
+            self.latent_out_norm = nn.LayerNorm(C)
+            self.latent_head = nn.Linear(P * C, cfg.latent_dim)
+            nn.init.zeros_(self.latent_head.weight)   # zero final layer, as in DiT
+            nn.init.zeros_(self.latent_head.bias)
+
+        if cfg.time_conditioning != "none":
+            self.time_cond = TimeConditioner(C, latent_time=P > 0)
+            if cfg.time_conditioning == "film":
+                self.cond = nn.ModuleList(nn.ModuleList([FiLM(C, C), FiLM(C, C)])
+                                          for _ in range(bc.n_layer))
+            else:
+                self.cond = nn.ModuleList(AdaLNZero(C, C, identity_init=cfg.adaln_identity_init)
+                                          for _ in range(bc.n_layer))
+
+        self.mixer = build_mixer(cfg.mixer, backbone.blocks, n_embd=C, n_head=bc.n_head,
+                                 bi_fusion=cfg.bi_fusion, bi_share_weights=cfg.bi_share_weights,
+                                 dw_jrt_scale=cfg.dw_jrt_scale,
+                                 dw_jrt_learnable_alpha=cfg.dw_jrt_learnable_alpha,
+                                 dw_jrt_alpha_init=cfg.dw_jrt_alpha_init,
+                                 dw_jrt_layer_start=cfg.dw_jrt_layer_start,
+                                 block_size=cfg.block_size)
+        if not cfg.use_rwkv_lm_head:
+            self.text_head = nn.Linear(C, cfg.vocab_size, bias=False)
+            nn.init.normal_(self.text_head.weight, std=C ** -0.5)
+        if cfg.freeze_backbone:
+            self.set_backbone_trainable(False)
+
+    # ------------------------------------------------------------------ parameters
+
+    def set_backbone_trainable(self, trainable: bool) -> None:
+        """Freezes or unfreezes the pretrained weights (embedding, blocks, ln_out, head)."""
+        for p in self.backbone.parameters():
+            p.requires_grad_(trainable)
+
+    # ------------------------------------------------------------------ forward pieces
+
+    def _modulations(self, c: Optional[torch.Tensor]) -> Optional[List[Modulation]]:
+        if c is None:
+            return None
+        mods = []
+        for cond in self.cond:
+            if self.config.time_conditioning == "film":
+                (g1, b1), (g2, b2) = (f.params(c) for f in cond)
+                mods.append(Modulation(shift1=b1, scale1=g1, shift2=b2, scale2=g2))
+            else:
+                p = cond(c)
+                mods.append(Modulation(p.shift_att, p.scale_att, p.gate_att,
+                                       p.shift_ffn, p.scale_ffn, p.gate_ffn))
+        return mods
+
+    def embed_prefix(self, latent: Optional[torch.Tensor], batch: int) -> torch.Tensor:
+        cfg = self.config
+        if latent is None:
+            latent = self.null_latent.expand(batch, -1)
+        if latent.shape != (batch, cfg.latent_dim):
+            raise ValueError(f"latent must be [B, latent_dim] = [{batch}, {cfg.latent_dim}], got "
+                             f"{tuple(latent.shape)} (check model.latent_dim against the data)")
+        z = self.latent_proj(latent.to(self.latent_norm.weight.dtype))
+        z = self.latent_norm(z.view(batch, cfg.latent_prefix_len, self.n_embd))
+        return z + self.type_emb.weight[0]
+
+    def forward(self, input_ids: torch.Tensor, t: torch.Tensor, latent: Optional[torch.Tensor] = None,
+                s: Optional[torch.Tensor] = None, latent_drop: Optional[torch.Tensor] = None,
+                state: Optional[List[LayerState]] = None, return_state: bool = False) -> DenoiserOutput:
+        """Denoise.
+
+        Args:
+            input_ids: [B, T] text with ``mask_id`` at noised positions.
+            t: [B] text diffusion time in [0, 1].
+            latent: [B, latent_dim] noisy latent z_s, or None for the learned null latent
+                (no latent information: unconditional / classifier-free guidance).
+            s: [B] latent diffusion time (default: 0, a clean latent; 1 when ``latent`` is None).
+            latent_drop: [B] bool, rows whose latent is replaced by the null latent.
+            state / return_state: continue from / return the forward-scan state (mixers
+                ``causal`` and ``block_causal``). A continuation call has no latent prefix: the
+                prefix was read by the call that produced the state.
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        P = cfg.latent_prefix_len if state is None else 0
+        if t.shape != (B,):
+            raise ValueError(f"t must be [B] = [{B}], got {tuple(t.shape)}")
+        if s is None and cfg.latent_prefix_len:
+            s = torch.full((B,), 1.0 if latent is None else 0.0, device=t.device)
+        x = self.backbone.embed(input_ids) + self.type_emb.weight[1]
+        if P:
+            prefix = self.embed_prefix(latent, B)
+            if latent_drop is not None:
+                null = self.embed_prefix(None, B)
+                prefix = torch.where(latent_drop.view(B, 1, 1), null, prefix)
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+
+        c = None
+        if cfg.time_conditioning != "none":
+            c = self.time_cond(t.float(), s.float() if cfg.latent_prefix_len else None)
+        x, new_state = self.mixer(self.backbone.blocks, x, self._modulations(c), state=state,
+                                  return_state=return_state, prefix_len=P)
+
+        h_text = self.backbone.ln_out(x[:, P:])
+        head = self.backbone.head if cfg.use_rwkv_lm_head else self.text_head
+        logits = head(h_text)
+        latent_out = None
+        if P:
+            h_lat = self.latent_out_norm(x[:, :P]).reshape(B, P * self.n_embd)
+            latent_out = self.latent_head(h_lat)
+        return DenoiserOutput(logits, latent_out, new_state)
+
+
+def build_denoiser(cfg: DenoiserConfig, *, rwkv_name: Optional[str] = None,
+                   rwkv_filename: Optional[str] = None, rwkv_revision: Optional[str] = None,
+                   cache_dir: Optional[str] = None, local_files_only: bool = False,
+                   n_layer: int = 2, n_embd: int = 128, head_size: int = 32,
+                   wkv_backend: str = "auto", **backbone_kwargs) -> MultimodalRWKVDenoiser:
+    """A denoiser over pretrained RWKV-7 weights (``rwkv_name``: path or Hub repo) or over a
+    backbone built from scratch with the given sizes (``rwkv_name=None``)."""
+    if rwkv_name:
+        from ..pretrained_rwkv import load_rwkv7
+        backbone = load_rwkv7(rwkv_name, filename=rwkv_filename, revision=rwkv_revision,
+                              cache_dir=cache_dir, local_files_only=local_files_only,
+                              wkv_backend=wkv_backend)
+        backbone.train()
+    else:
+        backbone = RWKV7(RWKV7Config(vocab_size=cfg.vocab_size, n_layer=n_layer, n_embd=n_embd,
+                                     head_size=head_size, wkv_backend=wkv_backend, **backbone_kwargs))
+    return MultimodalRWKVDenoiser(backbone, cfg)
