@@ -1,0 +1,483 @@
+"""Generation with :class:`~rwkv_diffusion_rnn.models.rwkv_denoiser.MultimodalRWKVDenoiser`.
+
+Four entry points, all batched, run without gradients and reproducible under a ``torch.Generator``:
+
+* :func:`generate_text`: text from a clean latent (or none), from scratch or by filling the
+  ``mask_id`` positions of a prompt (any pattern: prefix prompt, gaps, scattered tokens);
+* :func:`fill_masks`: the same, named for infilling;
+* :func:`generate_latent`: a latent from (possibly partly masked) text, by the Gaussian
+  diffusion samplers of :class:`~rwkv_diffusion_rnn.continuous_diffusion.GaussianDiffusion`;
+* :func:`generate_joint`: text and latent together, latent first (see its docstring).
+
+Text decoding (masked diffusion, as in LLaDA / MDLM)
+----------------------------------------------------
+The canvas starts with ``mask_id`` at every position to fill. Each step runs the model once,
+proposes a token for every masked position of the current block, and *commits* some of them;
+a committed token (and every token given in the prompt) is never changed again. Until the
+whole canvas is filled:
+
+* **Blocks.** ``block_length=None`` decodes the whole sequence as one block; otherwise blocks of
+  ``block_length`` text positions are decoded left to right (semi-autoregressive), and a block's
+  positions are only committed once every block before it is complete. Blocks that hold no mask
+  are skipped.
+* **How many per step.** ``steps`` is split evenly over the blocks that hold masks (earlier
+  blocks get the remainder; every such block gets at least one step). Inside a block with ``r``
+  masks left and ``n`` steps left, a row commits ``ceil(r / n)`` tokens, which spreads the
+  block's masks evenly over its steps (LLaDA's schedule) and always finishes on time.
+* **Threshold decoding** (``threshold``, as in Fast-dLLM): a step also commits every masked
+  position of the block whose confidence is at least ``threshold``. Without ``steps`` at least
+  one token per row is committed per step; with ``steps`` the count above is the minimum, so the
+  step budget still holds. ``threshold=0`` commits everything in one step.
+* **Which positions** (``remasking``): ``"low_confidence"`` keeps the most confident proposals,
+  ``"random"`` picks uniformly at random, ``"random_topk"`` picks without replacement with
+  probability proportional to confidence (Gumbel top-k). The confidence of a proposal is the
+  probability of the proposed token under the softmax of the filtered logits at temperature 1.
+* **Proposals.** The mask token's logit is set to ``-inf`` (it is never proposed); ``top_k`` and
+  ``top_p`` filter the logits; ``temperature=0`` takes the argmax, otherwise the token is drawn
+  from ``softmax(logits / temperature)`` (Gumbel-max in float64).
+* **Text time.** The model is given ``t`` = the fraction of the row's positions still masked
+  (counted over the whole row, prompt positions included), i.e. the masking rate the row is at.
+* **Guidance on the latent** (``cfg_scale``): ``logits = cond + cfg_scale * (cond - uncond)``
+  where ``uncond`` sees the learned null latent, exactly as ``latent=None`` does (latent time
+  ``s = 1``); the conditional pass uses the clean latent (``s = 0``). ``cfg_scale = 0`` runs the
+  conditional model alone. Both passes run as one batch of 2B rows.
+
+State caching (``use_cache``)
+-----------------------------
+With the ``block_causal`` mixer nothing flows right to left across the model's blocks of
+``model.config.block_size`` tokens, so positions before the current decoding block only matter
+through the forward-scan state. With ``use_cache=True`` that state is carried: after a decoding
+block is complete, the tokens up to the last model-block boundary inside it are run once more with
+``return_state=True`` (the latent prefix goes in with the first such call), and every later step
+feeds only the tokens from that boundary to the end of the model block holding the decoding
+block's last position. The ``causal`` mixer is cached the same way (every position is a
+boundary). Other mixers read the whole sequence each step and ignore ``use_cache``.
+
+For a model that is not conditioned on the text time (``time_conditioning="none"``) the cached
+path gives the same logits as running the full canvas every step. A time-conditioned model
+encodes the committed tokens in the cache with the ``t`` of the step that completed their block,
+where the uncached path re-encodes them with the current ``t``; the two then differ slightly
+(the committed context is the same text, seen at a slightly noisier time).
+
+The model is switched to eval mode for the call and put back afterwards.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import List, Optional, Tuple, Union
+
+import torch
+
+from .continuous_diffusion import GaussianDiffusion, cfg_combine
+
+__all__ = ["REMASKING", "LATENT_SAMPLERS", "guided_logits", "propose_tokens", "generate_text",
+           "fill_masks", "generate_latent", "generate_joint"]
+
+REMASKING = ("low_confidence", "random", "random_topk")
+LATENT_SAMPLERS = ("ddim", "ddpm")
+_CACHED_MIXERS = ("block_causal", "causal")
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _rand(shape, generator, device) -> torch.Tensor:
+    """Uniform [0, 1) in float64, drawn on the generator's device, returned on ``device``."""
+    if generator is not None:
+        return torch.rand(shape, generator=generator, device=generator.device,
+                          dtype=torch.float64).to(device)
+    return torch.rand(shape, device=device, dtype=torch.float64)
+
+
+def _gumbel(shape, generator, device) -> torch.Tensor:
+    u = _rand(shape, generator, device).clamp_(1e-300, 1.0 - 1e-16)
+    return -torch.log(-torch.log(u))
+
+
+@contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------
+# The denoiser as a logits function (with guidance and state)
+# --------------------------------------------------------------------------------------------
+
+
+class _TextDenoiser:
+    """Calls the model on text with a fixed clean latent (or none), optionally guided.
+
+    With guidance the batch is doubled ([cond rows | uncond rows]) and so is the state it returns.
+    The latent time ``s`` is passed explicitly on every call (0 for the clean latent, 1 for the
+    null latent) so that continuation calls, which carry no prefix, are conditioned the same way.
+    """
+
+    def __init__(self, model, latent: Optional[torch.Tensor], cfg_scale: float, batch: int):
+        cfg = model.config
+        self.model = model
+        self.cfg_scale = float(cfg_scale)
+        device = _device(model)
+        if latent is not None:
+            if not cfg.latent_prefix_len:
+                raise ValueError("a latent was given, but the model has no latent input "
+                                 "(model.latent_prefix_len=0); pass latent=None")
+            if latent.shape != (batch, cfg.latent_dim):
+                raise ValueError(f"latent must be [B, latent_dim] = [{batch}, {cfg.latent_dim}], "
+                                 f"got {tuple(latent.shape)}")
+            latent = latent.to(device)
+        if self.cfg_scale != 0.0 and latent is None:
+            raise ValueError("cfg_scale != 0 guides towards a latent: pass latent=[B, latent_dim] "
+                             "(the unconditional pass uses the model's null latent)")
+        self.latent = latent
+        self.guided = self.cfg_scale != 0.0
+        has_prefix = cfg.latent_prefix_len > 0
+        if self.guided:
+            self.latent_in = torch.cat([latent, latent])
+            self.s = torch.cat([torch.zeros(batch, device=device), torch.ones(batch, device=device)])
+            self.drop = torch.cat([torch.zeros(batch, dtype=torch.bool, device=device),
+                                   torch.ones(batch, dtype=torch.bool, device=device)])
+        else:
+            self.latent_in = latent
+            fill = 0.0 if latent is not None else 1.0
+            self.s = torch.full((batch,), fill, device=device) if has_prefix else None
+            self.drop = None
+
+    def __call__(self, ids: torch.Tensor, t: torch.Tensor, state=None, return_state: bool = False):
+        if self.guided:
+            ids, t = torch.cat([ids, ids]), torch.cat([t, t])
+        out = self.model(ids, t, latent=self.latent_in, s=self.s, latent_drop=self.drop,
+                         state=state, return_state=return_state)
+        logits = out.logits.float()
+        if self.guided:
+            cond, uncond = logits.chunk(2)
+            logits = cfg_combine(cond, uncond, self.cfg_scale)
+        return logits, out.state
+
+
+@torch.inference_mode()
+def guided_logits(model, input_ids: torch.Tensor, t: torch.Tensor, latent: Optional[torch.Tensor] = None,
+                  cfg_scale: float = 0.0, state=None, return_state: bool = False):
+    """Text logits [B, T, V] (float32) as the text samplers see them, and the state (or None).
+
+    ``latent`` is a clean latent [B, latent_dim] (``s = 0``) or None (the null latent, ``s = 1``);
+    ``cfg_scale != 0`` returns ``cond + cfg_scale * (cond - uncond)`` with ``uncond`` the null-latent
+    pass; its state then covers 2B rows (cond rows first).
+    """
+    fn = _TextDenoiser(model, latent, cfg_scale, input_ids.shape[0])
+    return fn(input_ids.to(_device(model)), t.to(_device(model)), state=state, return_state=return_state)
+
+
+class _StateCache:
+    """Forward-scan state of the text before ``self.pos`` (a model-block boundary)."""
+
+    def __init__(self, fn: _TextDenoiser, granularity: int):
+        self.fn = fn
+        self.g = granularity
+        self.pos = 0
+        self.state = None
+
+    def logits(self, x: torch.Tensor, a: int, b: int, t: torch.Tensor) -> torch.Tensor:
+        """Logits of positions [a, b), feeding x[pos : end of b's model block]."""
+        end = min(-(-b // self.g) * self.g, x.shape[1])
+        logits, _ = self.fn(x[:, self.pos:end], t, state=self.state)
+        return logits[:, a - self.pos:b - self.pos]
+
+    def advance(self, x: torch.Tensor, b: int, t: torch.Tensor) -> None:
+        """Fold the committed text up to the last model-block boundary <= b into the state."""
+        new = (b // self.g) * self.g
+        if new > self.pos:
+            _, self.state = self.fn(x[:, self.pos:new], t, state=self.state, return_state=True)
+            self.pos = new
+
+
+# --------------------------------------------------------------------------------------------
+# Proposals and the choice of positions
+# --------------------------------------------------------------------------------------------
+
+
+def _filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def propose_tokens(logits: torch.Tensor, mask_id: int, temperature: float = 0.0,
+                   top_k: Optional[int] = None, top_p: Optional[float] = None,
+                   generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A proposed token and its confidence for every position of ``logits`` [..., V].
+
+    The mask token is never proposed. Returns ``(tokens [...] long, confidence [...] float32)``,
+    the confidence being the token's probability under the softmax of the filtered logits.
+    """
+    logits = logits.float().clone()
+    logits[..., mask_id] = float("-inf")
+    logits = _filter_logits(logits, top_k, top_p)
+    if temperature == 0.0:
+        tokens = logits.argmax(-1)
+    else:
+        noisy = logits.double() / temperature + _gumbel(logits.shape, generator, logits.device)
+        tokens = noisy.argmax(-1)
+    conf = logits.softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return tokens, conf
+
+
+def _choose(conf: torch.Tensor, masked: torch.Tensor, n_min: torch.Tensor, remasking: str,
+            threshold: Optional[float], generator) -> torch.Tensor:
+    """Which masked positions of a block [B, L] to commit this step (bool [B, L])."""
+    if remasking == "low_confidence":
+        score = conf.double()
+    elif remasking == "random":
+        score = _rand(conf.shape, generator, conf.device)
+    else:  # random_topk: sampling without replacement, probability proportional to confidence
+        score = conf.double().clamp_min(1e-300).log() + _gumbel(conf.shape, generator, conf.device)
+    score = score.clamp(min=-1e300)                     # finite for masked positions ...
+    count = n_min
+    if threshold is not None:
+        sure = masked & (conf >= threshold)
+        score = score.masked_fill(sure, float("inf"))   # ... and confident ones always first
+        count = torch.maximum(count, sure.sum(1))
+    score = score.masked_fill(~masked, float("-inf"))
+    count = torch.minimum(count, masked.sum(1))
+    order = score.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                             .expand_as(order).contiguous())
+    return (ranks < count.unsqueeze(1)) & masked
+
+
+def _split_steps(steps: int, n_blocks: int) -> List[int]:
+    base, extra = divmod(steps, n_blocks)
+    return [max(1, base + (i < extra)) for i in range(n_blocks)]
+
+
+# --------------------------------------------------------------------------------------------
+# Text
+# --------------------------------------------------------------------------------------------
+
+
+def _canvas(cfg, device, latent, length, prompt_ids, batch_size) -> torch.Tensor:
+    if prompt_ids is not None:
+        x = prompt_ids.to(device=device, dtype=torch.long).clone()
+        if x.dim() != 2:
+            raise ValueError(f"prompt_ids must be [B, T], got shape {tuple(x.shape)}")
+        if length is not None:
+            if length < x.shape[1]:
+                raise ValueError(f"length={length} is shorter than prompt_ids ({x.shape[1]} tokens)")
+            pad = torch.full((x.shape[0], length - x.shape[1]), cfg.mask_id, dtype=torch.long, device=device)
+            x = torch.cat([x, pad], dim=1)
+        return x
+    if length is None or length < 1:
+        raise ValueError("give length >= 1 (the number of tokens to generate) or prompt_ids")
+    if batch_size is None:
+        batch_size = latent.shape[0] if latent is not None else 1
+    return torch.full((batch_size, length), cfg.mask_id, dtype=torch.long, device=device)
+
+
+@torch.inference_mode()
+def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optional[int] = None,
+                  prompt_ids: Optional[torch.Tensor] = None, batch_size: Optional[int] = None,
+                  steps: Optional[int] = None, block_length: Optional[int] = None,
+                  remasking: str = "low_confidence", threshold: Optional[float] = None,
+                  temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                  cfg_scale: float = 0.0, generator: Optional[torch.Generator] = None,
+                  use_cache: bool = True, return_history: bool = False
+                  ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
+    """Decode text by masked diffusion (see the module docstring for every rule).
+
+    Args:
+        model: a :class:`MultimodalRWKVDenoiser`.
+        latent: clean latent [B, latent_dim] to write from, or None (the null latent).
+        length: number of text positions; with ``prompt_ids`` it pads the prompt with masks
+            on the right (default: the prompt's length).
+        prompt_ids: [B, T] text with ``model.config.mask_id`` at the positions to fill; the other
+            tokens are kept as they are.
+        batch_size: rows to generate without prompt or latent (default: the latent's rows, else 1).
+        steps: denoising steps over the whole canvas (may be None with ``threshold``).
+        block_length: decode blocks of this many positions left to right (None: one block).
+        remasking: ``"low_confidence"``, ``"random"`` or ``"random_topk"``.
+        threshold: commit every proposal with confidence >= threshold (at least one per row).
+        temperature, top_k, top_p: how proposals are drawn (``temperature=0``: argmax).
+        cfg_scale: guidance on the latent, ``cond + cfg_scale * (cond - uncond)``.
+        generator: randomness of proposals and of random remasking.
+        use_cache: carry committed blocks as RNN state (``block_causal`` and ``causal`` mixers).
+        return_history: also return the canvas before the first step and after every step.
+
+    Returns:
+        LongTensor [B, T] without any mask id; with ``return_history``, ``(tokens, history)``
+        where ``history[0]`` is the starting canvas and ``history[i]`` the canvas after step i.
+    """
+    cfg = model.config
+    mask_id = cfg.mask_id
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking={remasking!r}; choose one of {REMASKING}")
+    if steps is None and threshold is None:
+        raise ValueError("give steps (the number of denoising steps) or a confidence threshold")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if threshold is not None and threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if block_length is not None and block_length < 1:
+        raise ValueError(f"block_length must be >= 1, got {block_length}")
+
+    device = _device(model)
+    x = _canvas(cfg, device, latent, length, prompt_ids, batch_size)
+    B, T = x.shape
+    fn = _TextDenoiser(model, latent, cfg_scale, B)
+    cache = None
+    if use_cache and cfg.mixer in _CACHED_MIXERS:
+        cache = _StateCache(fn, cfg.block_size if cfg.mixer == "block_causal" else 1)
+
+    L = T if block_length is None else block_length
+    blocks = [(a, min(a + L, T)) for a in range(0, T, L)]
+    active = [(a, b) for a, b in blocks if bool((x[:, a:b] == mask_id).any())]
+    block_steps = _split_steps(steps, len(active)) if (steps is not None and active) else [None] * len(active)
+    history = [x.clone()] if return_history else None
+
+    with _eval_mode(model):
+        for (a, b), n_steps in zip(active, block_steps):
+            step = 0
+            while True:
+                masked = x[:, a:b] == mask_id
+                remaining = masked.sum(1)
+                if not bool(remaining.any()):
+                    break
+                t = (x == mask_id).float().mean(1)
+                if cache is not None:
+                    logits = cache.logits(x, a, b, t)
+                else:
+                    logits = fn(x, t)[0][:, a:b]
+                # proposals only where they can be used: [n_masked, V] instead of [B, L, V]
+                tokens = x[:, a:b].clone()
+                conf = torch.zeros(masked.shape, device=device)
+                tokens[masked], conf[masked] = propose_tokens(logits[masked], mask_id, temperature,
+                                                              top_k, top_p, generator)
+                if n_steps is None:
+                    n_min = (remaining > 0).long()
+                else:
+                    left = max(n_steps - step, 1)
+                    n_min = torch.div(remaining + left - 1, left, rounding_mode="floor")
+                commit = _choose(conf, masked, n_min, remasking, threshold, generator)
+                x[:, a:b] = torch.where(commit, tokens, x[:, a:b])
+                step += 1
+                if history is not None:
+                    history.append(x.clone())
+            if cache is not None and b < T:
+                cache.advance(x, b, (x == mask_id).float().mean(1))
+
+    return (x, history) if return_history else x
+
+
+def fill_masks(model, ids: torch.Tensor, **kwargs):
+    """Infilling: replace every ``mask_id`` of ``ids`` [B, T]; keyword arguments as :func:`generate_text`."""
+    return generate_text(model, prompt_ids=ids, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Latent
+# --------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def generate_latent(model, diffusion: GaussianDiffusion, text_ids: torch.Tensor, steps: int = 50,
+                    sampler: str = "ddim", eta: float = 0.0, generator: Optional[torch.Generator] = None,
+                    init_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sample a latent [B, latent_dim] (float32) for ``text_ids`` [B, T].
+
+    The model sees the text with text time ``t`` = the fraction of ``mask_id`` positions in the
+    row (0 for clean text, 1 for all-mask text: no text information) and the noisy latent ``z_s``
+    at latent time ``s``; its latent head's prediction (of ``diffusion``'s target type, which must
+    match ``model.config.latent_target``) drives ``diffusion.ddim_sample`` (``eta``; ``eta=0`` is
+    deterministic given the start noise) or ``diffusion.ddpm_sample``.
+    """
+    cfg = model.config
+    if not cfg.latent_prefix_len:
+        raise ValueError("this model has no latent (model.latent_prefix_len=0): nothing to sample")
+    if diffusion.target_type != cfg.latent_target:
+        raise ValueError(f"the diffusion predicts {diffusion.target_type!r} but the model's latent head "
+                         f"was built for {cfg.latent_target!r} (model.latent_target); make them agree")
+    if sampler not in LATENT_SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}; choose one of {LATENT_SAMPLERS}")
+    device = _device(model)
+    ids = text_ids.to(device=device, dtype=torch.long)
+    if ids.dim() != 2:
+        raise ValueError(f"text_ids must be [B, T], got shape {tuple(ids.shape)}")
+    t = (ids == cfg.mask_id).float().mean(1)
+
+    def model_fn(z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        out = model(ids, t, latent=z.to(device), s=s.to(device)).latent
+        return out.float().to(z.device)
+
+    shape = (ids.shape[0], cfg.latent_dim)
+    with _eval_mode(model):
+        if sampler == "ddim":
+            z = diffusion.ddim_sample(model_fn, shape, steps, eta=eta, generator=generator,
+                                      device=device, init_noise=init_noise)
+        else:
+            z = diffusion.ddpm_sample(model_fn, shape, steps, generator=generator, device=device,
+                                      init_noise=init_noise)
+    return z.to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Both
+# --------------------------------------------------------------------------------------------
+
+
+def generate_joint(model, diffusion: GaussianDiffusion, batch_size: Optional[int] = None,
+                   length: Optional[int] = None, steps: Optional[int] = None, *,
+                   latent_steps: int = 50, sampler: str = "ddim", eta: float = 0.0,
+                   prompt_ids: Optional[torch.Tensor] = None,
+                   generator: Optional[torch.Generator] = None, **text_kwargs):
+    """Sample text and latent together: latent first, then the text written from it.
+
+    The joint is factored as ``p(z | prompt) p(text | z, prompt)``:
+
+    1. the latent is sampled by :func:`generate_latent` from the canvas (all masks, ``t = 1``,
+       when there is no prompt: the model's latent marginal, as it learned it from rows whose text
+       was fully masked);
+    2. the text is decoded by :func:`generate_text` from that clean latent, filling the canvas.
+
+    ``batch_size`` and ``length`` give an all-mask canvas; ``prompt_ids`` (mask ids where to fill)
+    gives a partly known one, which the latent then also sees. ``latent_steps``, ``sampler`` and
+    ``eta`` go to the latent sampler, ``steps`` and ``text_kwargs`` (``block_length``,
+    ``remasking``, ``threshold``, ``temperature``, ``cfg_scale``, ...) to the text sampler.
+
+    Returns ``(text [B, T], latent [B, latent_dim])``, or ``(text, latent, history)`` with
+    ``return_history=True``.
+    """
+    cfg = model.config
+    canvas = _canvas(cfg, _device(model), None, length, prompt_ids,
+                     1 if batch_size is None else batch_size)
+    latent = generate_latent(model, diffusion, canvas, steps=latent_steps, sampler=sampler, eta=eta,
+                             generator=generator)
+    out = generate_text(model, latent=latent, prompt_ids=canvas, steps=steps, generator=generator,
+                        **text_kwargs)
+    if text_kwargs.get("return_history"):
+        text, history = out
+        return text, latent, history
+    return out, latent

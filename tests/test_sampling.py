@@ -1,0 +1,304 @@
+"""Samplers: committed and prompt tokens stay fixed, step schedules, threshold decoding, blocks,
+guidance, state caching of block_causal, latent sampling and joint generation."""
+
+import pytest
+import torch
+
+from rwkv_diffusion_rnn.continuous_diffusion import GaussianDiffusion
+from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, build_denoiser
+from rwkv_diffusion_rnn.sampling import (fill_masks, generate_joint, generate_latent, generate_text,
+                                         guided_logits, propose_tokens)
+
+V, MASK, D = 20, 19, 8
+_MODELS = {}
+
+
+def tiny(mixer="bi", tc="film", prefix=1, target="eps", seed=0):
+    """A from-scratch denoiser with every weight perturbed (no path switched off by zero init)."""
+    key = (mixer, tc, prefix, target, seed)
+    if key not in _MODELS:
+        torch.manual_seed(seed)
+        cfg = DenoiserConfig(vocab_size=V, mask_id=MASK, latent_dim=D, latent_prefix_len=prefix,
+                             latent_target=target, mixer=mixer, time_conditioning=tc, block_size=4)
+        model = build_denoiser(cfg, n_layer=2, n_embd=64, head_size=32)
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        _MODELS[key] = model.eval()
+    return _MODELS[key]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def latent(B=2, seed=0):
+    return torch.randn(B, D, generator=gen(seed))
+
+
+def prompt(B=2, T=12, seed=0, keep=0.3):
+    """Random tokens with mask ids at about (1 - keep) of the positions."""
+    g = gen(seed)
+    ids = torch.randint(0, MASK, (B, T), generator=g)
+    return torch.where(torch.rand(B, T, generator=g) < keep, ids, torch.full_like(ids, MASK))
+
+
+def check_history(history, start, every_row=True):
+    """Tokens only ever go from mask to non-mask; prompt tokens never change; no mask at the end;
+    (``every_row``) a row with masks left gains at least one token per step."""
+    assert torch.equal(history[0], start)
+    given = start != MASK
+    for prev, nxt in zip(history, history[1:]):
+        done = prev != MASK
+        assert torch.equal(nxt[done], prev[done])           # committed tokens stay
+        assert torch.equal(nxt[given], start[given])        # prompt tokens stay
+        changed = nxt != prev
+        assert (prev[changed] == MASK).all() and (nxt[changed] != MASK).all()
+        if every_row:
+            assert changed.any(dim=1)[(prev == MASK).any(dim=1)].all()
+    assert (history[-1] != MASK).all()
+
+
+@pytest.mark.parametrize("mixer,remasking,temperature,top_k,top_p", [
+    ("bi", "low_confidence", 0.0, None, None),
+    ("bi", "random", 1.0, 5, None),
+    ("block_causal", "random_topk", 0.8, None, 0.9),
+    ("dw_jrt", "low_confidence", 1.0, None, 0.5),
+])
+def test_committed_and_prompt_tokens_never_change(mixer, remasking, temperature, top_k, top_p):
+    model = tiny(mixer)
+    start = prompt()
+    out, history = generate_text(model, latent=latent(), prompt_ids=start, steps=5, remasking=remasking,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, generator=gen(1),
+                                 return_history=True)
+    assert out.dtype == torch.long and out.shape == start.shape
+    assert torch.equal(out, history[-1])
+    assert len(history) == 1 + 5
+    check_history(history, start)
+    # LLaDA's schedule: a row's masks are spread evenly over the steps
+    for row in range(start.shape[0]):
+        counts = [int((history[i][row] == MASK).sum() - (history[i + 1][row] == MASK).sum())
+                  for i in range(5)]
+        m = int((start[row] == MASK).sum())
+        assert sum(counts) == m and max(counts) - min(counts) <= 1 and counts == sorted(counts, reverse=True)
+
+
+def test_unconditional_text_from_scratch_and_text_only_model():
+    out = generate_text(tiny("bi"), length=10, batch_size=3, steps=4)
+    assert out.shape == (3, 10) and (out != MASK).all()
+    text_only = tiny("causal", prefix=0)
+    out = generate_text(text_only, length=9, steps=9, block_length=3)
+    assert out.shape == (1, 9) and (out != MASK).all()
+    with pytest.raises(ValueError, match="no latent input"):
+        generate_text(text_only, latent=latent(1), length=9, steps=3)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        generate_text(tiny("bi"), length=9, steps=3, cfg_scale=1.0)
+    with pytest.raises(ValueError, match="steps"):
+        generate_text(tiny("bi"), length=9)
+
+
+def test_fill_masks_pads_and_keeps_the_prompt():
+    start = prompt(T=8, keep=0.6)
+    out = fill_masks(tiny("bi"), start, length=12, steps=6, latent=latent())
+    assert out.shape == (2, 12) and (out != MASK).all()
+    given = start != MASK
+    assert torch.equal(out[:, :8][given], start[given])
+
+
+def test_mask_id_is_never_proposed():
+    logits = torch.zeros(2, 5, V)
+    logits[..., MASK] = 100.0
+    for temperature in (0.0, 1.0):
+        tokens, conf = propose_tokens(logits, MASK, temperature=temperature, generator=gen(0))
+        assert (tokens != MASK).all() and torch.allclose(conf, torch.full_like(conf, 1 / (V - 1)))
+    tokens, _ = propose_tokens(torch.randn(4, 50, V, generator=gen(1)), MASK, temperature=2.0,
+                               top_k=3, generator=gen(2))
+    assert (tokens != MASK).all()
+
+
+def test_top_k_and_top_p_filter_the_proposals():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05] + [1e-9] * (V - 4))).expand(3000, V)
+    for kw, allowed in [(dict(top_k=1), {0}), (dict(top_k=2), {0, 1}), (dict(top_p=0.7), {0, 1}),
+                        (dict(top_p=0.9), {0, 1, 2}), (dict(top_p=0.1), {0})]:
+        tokens, conf = propose_tokens(logits, MASK, temperature=1.0, generator=gen(0), **kw)
+        assert set(tokens.tolist()) == allowed, kw
+        kept = torch.tensor([0.5, 0.3, 0.15, 0.05])[sorted(allowed)]
+        expect = kept[tokens] / kept.sum()                            # renormalised over the kept
+        assert torch.allclose(conf, expect.float(), atol=1e-5), kw
+    tokens, _ = propose_tokens(logits, MASK, temperature=1.0, generator=gen(0))
+    freq = torch.bincount(tokens, minlength=V).float() / len(tokens)
+    assert torch.allclose(freq[:4], torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04)
+
+
+def test_threshold_decoding():
+    model = tiny("bi")
+    start = torch.full((2, 12), MASK)
+    out, history = generate_text(model, latent=latent(), length=12, threshold=0.2, return_history=True)
+    check_history(history, start)
+    assert 2 <= len(history) <= 1 + 12
+    out, history = generate_text(model, latent=latent(), length=12, threshold=0.0, return_history=True)
+    assert len(history) == 2 and (out != MASK).all()          # everything in one step
+    out, history = generate_text(model, latent=latent(), length=12, threshold=0.99, steps=3,
+                                 return_history=True)
+    assert len(history) == 1 + 3                                # the step budget still holds
+    check_history(history, start)
+    # a high threshold without steps: exactly the one most confident token per row per step
+    _, history = generate_text(model, latent=latent(), length=6, threshold=1.1, return_history=True)
+    assert len(history) == 1 + 6
+    for prev, nxt in zip(history, history[1:]):
+        assert ((prev == MASK).sum(1) - (nxt == MASK).sum(1)).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("mixer", ["bi", "block_causal"])
+def test_blocks_are_decoded_left_to_right(mixer):
+    start = prompt(T=12, keep=0.2, seed=3)
+    start[:, 4] = MASK                                    # every block holds a mask in some row
+    out, history = generate_text(tiny(mixer), latent=latent(), prompt_ids=start, steps=6,
+                                 block_length=4, return_history=True)
+    check_history(history, start, every_row=False)
+    assert len(history) == 1 + 6                          # 3 blocks x 2 steps
+    for h in history:
+        for k in range(2):
+            cur, nxt = slice(4 * k, 4 * k + 4), slice(4 * k + 4, 4 * k + 8)
+            touched = (h[:, nxt] != start[:, nxt]).any()
+            assert not touched or (h[:, cur] != MASK).all()
+
+
+def test_guidance_scale_zero_is_the_conditional_model():
+    model = tiny("bi")
+    ids, t, z = prompt(seed=4), torch.rand(2, generator=gen(5)), latent()
+    with torch.no_grad():
+        cond = model(ids, t, latent=z).logits
+        uncond = model(ids, t).logits
+    assert torch.equal(guided_logits(model, ids, t, z, cfg_scale=0.0)[0], cond)
+    assert torch.allclose(guided_logits(model, ids, t, z, cfg_scale=2.0)[0],
+                          cond + 2.0 * (cond - uncond), atol=1e-4)
+    assert torch.allclose(guided_logits(model, ids, t, None)[0], uncond)
+    assert not torch.allclose(cond, uncond, atol=1e-3)     # the latent matters in this model
+
+    kw = dict(latent=z, length=12, steps=6, temperature=1.0, remasking="random_topk")
+    a = generate_text(model, cfg_scale=0.0, generator=gen(7), **kw)
+    b = generate_text(model, generator=gen(7), **kw)
+    assert torch.equal(a, b)
+    # the batched cond/uncond pass reduces to the conditional model as the scale goes to 0
+    greedy = dict(latent=z, length=12, steps=6)
+    assert torch.equal(generate_text(model, cfg_scale=1e-6, **greedy), generate_text(model, **greedy))
+
+
+class TokenCounter:
+    """Counts the text tokens passed to a model's forward."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.calls = 0
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        self.n += ids.numel()
+        self.calls += 1
+
+
+@pytest.mark.parametrize("block_length,cfg_scale,mixer", [(4, 0.0, "block_causal"),
+                                                          (6, 1.5, "block_causal"),
+                                                          (8, 0.0, "causal")])
+def test_state_cache_gives_the_same_tokens_with_fewer_tokens_run(block_length, cfg_scale, mixer):
+    model = tiny(mixer, tc="none", prefix=1)
+    start = prompt(B=2, T=16, seed=8, keep=0.2)
+    kw = dict(latent=latent(), prompt_ids=start, steps=8, block_length=block_length, cfg_scale=cfg_scale)
+    counter = TokenCounter(model)
+    try:
+        slow = generate_text(model, use_cache=False, **kw)
+        n_slow, counter.n = counter.n, 0
+        fast = generate_text(model, use_cache=True, **kw)
+        n_fast = counter.n
+    finally:
+        counter.handle.remove()
+    assert torch.equal(fast, slow)
+    assert n_fast < n_slow
+
+
+def test_state_cache_with_a_time_conditioned_model_finishes_and_starts_identically():
+    model = tiny("block_causal", tc="film")
+    kw = dict(latent=latent(), length=12, steps=6, block_length=4, return_history=True)
+    fast, h_fast = generate_text(model, use_cache=True, **kw)
+    slow, h_slow = generate_text(model, use_cache=False, **kw)
+    assert (fast != MASK).all() and (slow != MASK).all()
+    assert torch.equal(h_fast[2], h_slow[2])       # the first block runs without a cache
+
+
+def test_text_time_is_the_masked_fraction():
+    model = tiny("bi")
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, a, k: seen.append(a[1].clone()), with_kwargs=True)
+    try:
+        generate_text(model, prompt_ids=prompt(T=10, seed=9, keep=0.5), steps=3)
+    finally:
+        handle.remove()
+    start = prompt(T=10, seed=9, keep=0.5)
+    assert torch.allclose(seen[0], (start == MASK).float().mean(1))
+    assert (seen[0] >= seen[1]).all() and (seen[1] >= seen[2]).all() and (seen[2] > 0).all()
+
+
+def test_determinism_and_remasking_orders():
+    model = tiny("bi")
+    kw = dict(latent=latent(), length=12, steps=12, temperature=1.0, return_history=True)
+    a, ha = generate_text(model, remasking="random", generator=gen(11), **kw)
+    b, hb = generate_text(model, remasking="random", generator=gen(11), **kw)
+    c, _ = generate_text(model, remasking="random", generator=gen(12), **kw)
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ha, hb))
+    assert not torch.equal(a, c)
+
+    greedy = dict(latent=latent(), length=12, steps=12, return_history=True)
+    lc, h_lc = generate_text(model, remasking="low_confidence", **greedy)
+    rnd, h_rnd = generate_text(model, remasking="random", generator=gen(13), **greedy)
+    assert (lc != MASK).all() and (rnd != MASK).all()
+
+    def order(history):
+        return [torch.nonzero(n != p).tolist() for p, n in zip(history, history[1:])]
+    assert order(h_lc) != order(h_rnd)
+    # low confidence commits the most confident proposal first
+    with torch.no_grad():
+        t = torch.ones(2)
+        logits = guided_logits(model, torch.full((2, 12), MASK), t, latent())[0]
+    _, conf = propose_tokens(logits, MASK)
+    first = (h_lc[1] != MASK).float().argmax(1)
+    assert torch.equal(first, conf.argmax(1))
+
+
+@pytest.mark.parametrize("target", ["eps", "v"])
+def test_generate_latent(target):
+    model = tiny("bi", target=target)
+    diff = GaussianDiffusion(target=target)
+    text = prompt(seed=14, keep=1.0)
+    z1 = generate_latent(model, diff, text, steps=8, generator=gen(0))
+    z2 = generate_latent(model, diff, text, steps=8, generator=gen(0))
+    assert z1.shape == (2, D) and torch.isfinite(z1).all()
+    assert torch.equal(z1, z2)
+    other = generate_latent(model, diff, prompt(seed=15, keep=1.0), steps=8, generator=gen(0))
+    assert not torch.allclose(z1, other, atol=1e-4)
+    zp = generate_latent(model, diff, text, steps=8, sampler="ddpm", generator=gen(0))
+    assert zp.shape == (2, D) and torch.isfinite(zp).all()
+    with pytest.raises(ValueError, match="latent_target"):
+        generate_latent(model, GaussianDiffusion(target="x0"), text, steps=2)
+
+
+def test_generate_joint():
+    model = tiny("block_causal")
+    diff = GaussianDiffusion()
+    text, z = generate_joint(model, diff, batch_size=2, length=8, steps=4, latent_steps=4,
+                             block_length=4, temperature=1.0, generator=gen(16))
+    assert text.shape == (2, 8) and (text != MASK).all() and z.shape == (2, D) and torch.isfinite(z).all()
+    text2, z2 = generate_joint(model, diff, batch_size=2, length=8, steps=4, latent_steps=4,
+                               block_length=4, temperature=1.0, generator=gen(16))
+    assert torch.equal(text, text2) and torch.equal(z, z2)
+    # the text is what generate_text writes from that latent
+    again = generate_text(model, latent=z, length=8, steps=4, block_length=4)
+    greedy, zg = generate_joint(model, diff, batch_size=2, length=8, steps=4, latent_steps=4,
+                                block_length=4, generator=gen(16))
+    assert torch.equal(zg, z) and torch.equal(greedy, again)
+    start = prompt(T=8, seed=17, keep=0.5)
+    filled, _, history = generate_joint(model, diff, prompt_ids=start, steps=4, latent_steps=4,
+                                        return_history=True, generator=gen(3))
+    check_history(history, start)
