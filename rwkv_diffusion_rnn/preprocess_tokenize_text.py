@@ -1,0 +1,241 @@
+"""Tokenize the texts of a data list into one ``.npz`` per example.
+
+    python -m rwkv_diffusion_rnn.preprocess_tokenize_text \\
+        --json_path preprocessed_data/qwen_32d/train_data.json \\
+        --output_dir preprocessed_data/rwkv_tokens --tokenizer BlinkDL/rwkv7-g1 --max_length 512
+
+(``python rwkv_diffusion_rnn/preprocess_tokenize_text.py ...`` works too.)
+
+Each entry of the JSON list becomes ``<output_dir>/<split>/<stem>.npz`` holding
+
+* ``input_ids``: int32 [max_length], the text's tokens (no special tokens added), cut to
+  ``max_length`` and right-padded with the tokenizer's pad id (0 for RWKV World);
+* ``attention_mask``: uint8 [max_length], 1 on real tokens, 0 on padding.
+
+``<stem>`` is the stem of the entry's ``latent_path`` (else its ``id``, else its zero-padded
+index), so the token file pairs with the latent file by name. ``<split>`` comes from the JSON file
+name (``train_data.json`` -> ``train``, ``val_data.json`` -> ``val``, ``<x>.json`` -> ``<x>``)
+unless ``--split`` is given. ``<output_dir>/<split>/tokens_info.json`` records the tokenizer and
+``max_length``; a re-run skips files already written, and refuses to mix settings unless
+``--overwrite`` is given (which rewrites every file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a file: python rwkv_diffusion_rnn/preprocess_tokenize_text.py
+    # Import the package from the checkout, and keep the package's own folder off sys.path so
+    # its modules cannot shadow top-level ones.
+    _here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if not p or str(Path(p).resolve()) != _here]
+    sys.path.insert(0, str(Path(_here).parent))
+
+from tqdm.auto import tqdm
+
+from rwkv_diffusion_rnn.data_simple import (
+    DataFormatError,
+    atomic_save_npz,
+    atomic_write_json,
+    entry_stem,
+    read_data_json,
+)
+
+__all__ = ["TokenizeSummary", "split_from_json_name", "encode_padded", "tokenize_json", "main"]
+
+INFO_FILE = "tokens_info.json"
+DEFAULT_TOKENIZER = "BlinkDL/rwkv7-g1"
+
+
+@dataclass
+class TokenizeSummary:
+    output_dir: str
+    split: str
+    entries: int = 0
+    written: int = 0
+    skipped: int = 0
+    tokens: int = 0  # real (unpadded) tokens in the files written this run
+    truncated: int = 0  # files written this run whose text was longer than max_length
+    max_length: int = 0
+
+    def line(self) -> str:
+        return (
+            f"{self.split}: {self.entries} entries -> {self.output_dir}: wrote {self.written} files, "
+            f"skipped {self.skipped} existing, {self.tokens} tokens, {self.truncated} truncated "
+            f"to max_length {self.max_length}"
+        )
+
+
+def split_from_json_name(json_path: str | os.PathLike) -> str:
+    """``train_data.json`` -> ``train``; ``val_data.json`` -> ``val``; ``x.json`` -> ``x``."""
+    stem = Path(json_path).stem
+    return stem[: -len("_data")] if stem.endswith("_data") and len(stem) > len("_data") else stem
+
+
+def encode_padded(ids: Sequence[int], max_length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(input_ids int32 [max_length], attention_mask uint8 [max_length], was_truncated)."""
+    n = min(len(ids), max_length)
+    input_ids = np.full(max_length, pad_id, dtype=np.int32)
+    input_ids[:n] = np.asarray(ids[:n], dtype=np.int64)
+    mask = np.zeros(max_length, dtype=np.uint8)
+    mask[:n] = 1
+    return input_ids, mask, len(ids) > max_length
+
+
+def _tokenizer_label(tokenizer, name: str | None) -> str:
+    return name or getattr(tokenizer, "name", None) or type(tokenizer).__name__
+
+
+def tokenize_json(
+    json_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    tokenizer,
+    *,
+    max_length: int = 512,
+    split: str | None = None,
+    overwrite: bool = False,
+    batch_size: int = 1024,
+    max_samples: int | None = None,
+    tokenizer_name: str | None = None,
+    show_progress: bool = True,
+) -> TokenizeSummary:
+    """Write ``<output_dir>/<split>/<stem>.npz`` for every entry of ``json_path``.
+
+    ``tokenizer`` needs ``encode_batch(texts)`` and ``pad_id``. Returns the counts.
+    """
+    if max_length < 1:
+        raise DataFormatError(f"--max_length must be >= 1, got {max_length}.")
+    json_path = Path(json_path)
+    entries = read_data_json(json_path)
+    if max_samples is not None:
+        entries = entries[:max_samples]
+    if not entries:
+        raise DataFormatError(f"{json_path}: the data list is empty; nothing to tokenize. Re-run prepare_latents on a non-empty corpus.")
+    split = split or split_from_json_name(json_path)
+    out = Path(output_dir) / split
+    out.mkdir(parents=True, exist_ok=True)
+
+    stems = [entry_stem(e, i) for i, e in enumerate(entries)]
+    first_of: dict[str, int] = {}
+    for i, s in enumerate(stems):
+        if s in first_of:
+            raise DataFormatError(
+                f"{json_path}: entries {first_of[s]} and {i} both map to {out / (s + '.npz')} "
+                "(same latent file stem / id); give every entry its own latent_path or id."
+            )
+        first_of[s] = i
+
+    label = _tokenizer_label(tokenizer, tokenizer_name)
+    pad_id = int(tokenizer.pad_id)
+    info = {
+        "tokenizer": label,
+        "vocab_size": int(getattr(tokenizer, "vocab_size", 0) or 0),
+        "pad_id": pad_id,
+        "eos_id": getattr(tokenizer, "eos_id", None),
+        "mask_id": getattr(tokenizer, "mask_id", None),
+        "max_length": int(max_length),
+        "input_ids_dtype": "int32",
+        "attention_mask_dtype": "uint8",
+        "padding": "right",
+        "source_json": str(json_path),
+    }
+    info_path = out / INFO_FILE
+    existing = {n for n in os.listdir(out) if n.endswith(".npz")}
+    if info_path.is_file() and existing and not overwrite:
+        try:
+            old = json.loads(info_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}
+        for key in ("tokenizer", "max_length", "pad_id"):
+            if key in old and old[key] != info[key]:
+                raise DataFormatError(
+                    f"{info_path}: existing token files in {out} were made with {key}={old[key]!r}, this run "
+                    f"has {key}={info[key]!r}; pass --overwrite to rewrite them all, or use another --output_dir."
+                )
+    atomic_write_json(info_path, info, indent=2)
+
+    summary = TokenizeSummary(output_dir=str(out), split=split, entries=len(entries), max_length=max_length)
+    todo = list(range(len(entries))) if overwrite else [i for i, s in enumerate(stems) if f"{s}.npz" not in existing]
+    summary.skipped = len(entries) - len(todo)
+    with tqdm(total=len(entries), desc=f"tokenizing {split}", unit="text", disable=not show_progress,
+              initial=summary.skipped) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            batch_ids = tokenizer.encode_batch([entries[i]["text"] for i in chunk])
+            for i, ids in zip(chunk, batch_ids):
+                input_ids, mask, cut = encode_padded(ids, max_length, pad_id)
+                atomic_save_npz(out / f"{stems[i]}.npz", input_ids=input_ids, attention_mask=mask)
+                summary.written += 1
+                summary.tokens += int(mask.sum())
+                summary.truncated += int(cut)
+            bar.update(len(chunk))
+    info.update(entries=summary.entries, last_run={"written": summary.written, "skipped": summary.skipped,
+                                                  "tokens": summary.tokens, "truncated": summary.truncated})
+    atomic_write_json(info_path, info, indent=2)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rwkv_diffusion_rnn.preprocess_tokenize_text",
+        description="Tokenize the texts of a data list (train_data.json) into <output_dir>/<split>/<stem>.npz "
+        "files (input_ids + attention_mask, padded to --max_length) that pair with the latents by file stem.",
+    )
+    p.add_argument("--json_path", "--json-path", required=True, help="data list: JSON list of {\"text\", \"latent_path\"}")
+    p.add_argument("--output_dir", "--output-dir", required=True, help="token root; files go to <output_dir>/<split>/")
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
+                   help=f"tokenizer name or path (default {DEFAULT_TOKENIZER}: RWKV World, no download)")
+    p.add_argument("--max_length", "--max-length", type=int, default=512, help="tokens per example; longer texts are cut")
+    p.add_argument("--split", default=None, help="subdirectory name (default: from the JSON name, train_data.json -> train)")
+    p.add_argument("--overwrite", action="store_true", help="rewrite files that already exist")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=1024, help="texts encoded per call")
+    p.add_argument("--max_samples", "--max-samples", type=int, default=None, help="only the first N entries")
+    p.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
+                   help="allow a Hugging Face tokenizer's own code to run (trusted sources only)")
+    p.add_argument("--local-files-only", "--local_files_only", dest="local_files_only", action="store_true",
+                   help="never download the tokenizer; use the cache (--cache-dir)")
+    p.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=None, help="Hugging Face cache directory")
+    p.add_argument("--revision", default=None, help="tokenizer revision (branch, tag or commit)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rwkv_diffusion_rnn.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(
+            args.tokenizer,
+            revision=args.revision,
+            cache_dir=args.cache_dir,
+            local_files_only=args.local_files_only,
+            trust_remote_code=args.trust_remote_code,
+        )
+        summary = tokenize_json(
+            args.json_path,
+            args.output_dir,
+            tok,
+            max_length=args.max_length,
+            split=args.split,
+            overwrite=args.overwrite,
+            batch_size=args.batch_size,
+            max_samples=args.max_samples,
+            tokenizer_name=args.tokenizer,
+        )
+    except (DataFormatError, OSError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
