@@ -1,0 +1,761 @@
+"""Checkpoints: atomic save, keep-last rotation, verification and exact resume.
+
+A checkpoint is one directory ``<save_dir>/<name>/`` (``epoch_003``, ``step_0000200``) with one
+file per stateful part of a training run:
+
+    model.safetensors    model weights; tensors tied together are stored once (see _split_shared)
+    ema.safetensors      EMA copy of the model, when the run keeps one
+    optimizer.pt         optimizer.state_dict()
+    scheduler.pt         lr_scheduler.state_dict()
+    scaler.pt            GradScaler.state_dict()
+    rng.pt               python `random`, numpy, torch CPU and CUDA generator states
+    extra.pt             tensors the trainer adds (e.g. the state of the data generator)
+    trainer_state.json   global_step, epoch, position in the epoch, sampler state, metrics so far
+    config.yaml          the resolved run config
+    metrics.json         trainer_state["metrics"], for people reading the directory
+    manifest.json        size and sha256 of every file above; written last
+
+The .pt files hold only tensors and plain Python values (numpy state is stored as tensors and
+ints), so every one loads with ``torch.load(weights_only=True)``; save refuses anything else.
+
+Saving writes into ``<save_dir>/.tmp-<name>-<pid>``, fsyncs, then renames the directory to
+``<name>``. A directory under a checkpoint name is therefore always complete, and a run killed
+mid-save leaves the previous checkpoint untouched. Leftover ``.tmp-*`` directories are removed by
+the next save (``clean_save_dir``). Only one process (rank 0) should save into a save_dir.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = [
+    "CheckpointError",
+    "epoch_dir_name",
+    "step_dir_name",
+    "save_checkpoint",
+    "load_checkpoint",
+    "verify_checkpoint",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "resolve_resume",
+    "check_config_compatible",
+    "load_config",
+    "read_trainer_state",
+    "clean_save_dir",
+]
+
+MANIFEST = "manifest.json"
+FORMAT = "rwkv_diffusion_rnn.checkpoint"
+FORMAT_VERSION = 1
+
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+RNG_FILE = "rng.pt"
+EXTRA_FILE = "extra.pt"
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+
+# Parts restored with `obj.load_state_dict(torch.load(file))`: (argument name, file).
+STATE_DICT_PARTS = (("optimizer", "optimizer.pt"), ("scheduler", "scheduler.pt"), ("scaler", "scaler.pt"))
+
+# Prefixes of the working directories inside save_dir (never listed as checkpoints).
+_TMP, _OLD, _TRASH = ".tmp-", ".old-", ".trash-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupted or does not fit the run.
+
+    The message names the checkpoint directory or file, what is wrong with it and, when the
+    save_dir holds one, which earlier checkpoint is intact and how to resume from it.
+    """
+
+
+def epoch_dir_name(epoch: int) -> str:
+    return f"epoch_{int(epoch):03d}"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{int(step):07d}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Save
+
+
+def save_checkpoint(
+    save_dir,
+    name: str,
+    *,
+    model: torch.nn.Module,
+    optimizer=None,
+    scheduler=None,
+    scaler=None,
+    ema: torch.nn.Module | None = None,
+    trainer_state: dict,
+    extra_tensors: dict | None = None,
+    config: dict | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Write a complete checkpoint to ``<save_dir>/<name>`` atomically and return its path.
+
+    An existing ``<name>`` is replaced. ``trainer_state`` must be JSON-serialisable (tuples come
+    back as lists, dict keys as strings). ``keep_last=N`` then deletes the oldest complete
+    checkpoints in save_dir (by global_step) so that N remain, never the one just written.
+    """
+    save_dir = Path(save_dir)
+    if not name or name != Path(name).name or name.startswith("."):
+        raise ValueError(f"checkpoint name {name!r} must be a plain directory name such as 'epoch_003'")
+    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last must be a positive integer or None (keep all), got {keep_last!r}")
+    if not isinstance(trainer_state, dict):
+        raise TypeError(f"trainer_state must be a dict, got {type(trainer_state).__name__}")
+
+    # Everything that can be refused is checked before the first byte is written.
+    state_text = _to_json(trainer_state, "trainer_state")
+    metrics_text = _to_json(trainer_state["metrics"], "trainer_state['metrics']") if "metrics" in trainer_state else None
+    config_text = _config_yaml(config) if config is not None else None
+    pt_parts = {}
+    for arg, fname in STATE_DICT_PARTS:
+        obj = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}[arg]
+        if obj is not None:
+            pt_parts[fname] = obj.state_dict()
+            _check_loadable(pt_parts[fname], f"{arg}.state_dict()")
+    if extra_tensors is not None:
+        if not isinstance(extra_tensors, dict):
+            raise TypeError(f"extra_tensors must be a dict, got {type(extra_tensors).__name__}")
+        _check_loadable(extra_tensors, "extra_tensors")
+        pt_parts[EXTRA_FILE] = extra_tensors
+    pt_parts[RNG_FILE] = _rng_state()
+
+    save_dir.mkdir(parents=True, exist_ok=True)
+    clean_save_dir(save_dir)
+    final = save_dir / name
+    tmp = save_dir / f"{_TMP}{name}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        files: dict[str, dict] = {}
+        _save_weights(tmp / MODEL_FILE, _unwrap(model), "model")
+        files[MODEL_FILE] = _record(tmp / MODEL_FILE)
+        if ema is not None:
+            _save_weights(tmp / EMA_FILE, _unwrap(ema), "ema")
+            files[EMA_FILE] = _record(tmp / EMA_FILE)
+        for fname, obj in pt_parts.items():
+            torch.save(obj, tmp / fname)
+            files[fname] = _record(tmp / fname)
+        for fname, text in ((STATE_FILE, state_text), (CONFIG_FILE, config_text), (METRICS_FILE, metrics_text)):
+            if text is not None:
+                (tmp / fname).write_text(text, encoding="utf-8")
+                files[fname] = _record(tmp / fname)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "global_step": trainer_state.get("global_step"),
+            "epoch": trainer_state.get("epoch"),
+            "created_unix": time.time(),
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _record(tmp / MANIFEST)
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    if final.exists():
+        # A non-empty directory cannot be renamed over: move the old one aside first. A kill
+        # between the two renames leaves it under .old-*, which clean_save_dir puts back.
+        old = save_dir / f"{_OLD}{name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(save_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+        _fsync_dir(save_dir)
+
+    if keep_last is not None:
+        _prune(save_dir, keep_last, final)
+    return final
+
+
+def clean_save_dir(save_dir) -> None:
+    """Tidy what an interrupted save left in save_dir.
+
+    ``.tmp-*`` (half-written) and ``.trash-*`` (half-deleted) directories are removed; an
+    ``.old-<name>-*`` directory (the previous version of a checkpoint that was being replaced)
+    is moved back to ``<name>`` when that name is empty. Directories of processes still running
+    (another save in progress) are left alone.
+    """
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return
+    for entry in sorted(save_dir.iterdir()):
+        prefix = next((p for p in (_OLD, _TMP, _TRASH) if entry.name.startswith(p)), None)
+        if prefix is None:
+            continue
+        ckpt_name, _, pid = entry.name[len(prefix):].rpartition("-")
+        if not pid.isdigit() or not ckpt_name:
+            continue
+        if int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        target = save_dir / ckpt_name
+        if prefix == _OLD and not target.exists() and (entry / MANIFEST).is_file():
+            os.replace(entry, target)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+    _fsync_dir(save_dir)
+
+
+def _prune(save_dir: Path, keep_last: int, just_written: Path) -> None:
+    ckpts = list_checkpoints(save_dir)
+    n_drop = len(ckpts) - keep_last
+    for path in [p for p in ckpts[:max(n_drop, 0)] if p.name != just_written.name]:
+        # Rename first so that a kill during rmtree never leaves a half-deleted checkpoint.
+        trash = save_dir / f"{_TRASH}{path.name}-{os.getpid()}"
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Load
+
+
+def load_checkpoint(
+    path,
+    *,
+    model: torch.nn.Module,
+    optimizer=None,
+    scheduler=None,
+    scaler=None,
+    ema: torch.nn.Module | None = None,
+    map_location="cpu",
+    restore_rng: bool = True,
+) -> tuple[dict, dict]:
+    """Verify the checkpoint at ``path``, load every given part in place, and return
+    ``(trainer_state, extra_tensors)``.
+
+    Weights are read on the CPU and copied into the model's own device and dtype;
+    ``map_location`` applies to the optimizer, scheduler, scaler and extra tensors.
+    A part passed here but absent from the checkpoint is an error.
+    """
+    path = Path(path)
+    verify_checkpoint(path)
+    files = _read_manifest(path)["files"]
+
+    _load_weights(path / MODEL_FILE, _unwrap(model))
+    if ema is not None:
+        if EMA_FILE not in files:
+            raise CheckpointError(
+                f"Checkpoint {path} has no EMA weights ({EMA_FILE}): the run that wrote it kept no EMA. "
+                "Resume without EMA, or pass ema=None and initialise the EMA from the loaded model."
+            )
+        _load_weights(path / EMA_FILE, _unwrap(ema))
+
+    parts = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    for arg, fname in STATE_DICT_PARTS:
+        obj = parts[arg]
+        if obj is None:
+            continue
+        if fname not in files:
+            raise CheckpointError(
+                f"Checkpoint {path} has no {arg} state ({fname}); it cannot resume this run exactly. "
+                f"Pass {arg}=None to load the weights only."
+            )
+        state = _torch_load(path / fname, map_location)
+        try:
+            obj.load_state_dict(state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{path / fname} does not fit the {arg} of this run ({type(e).__name__}: {e}). "
+                f"Resume with the same {arg} settings and trainable parameters, or start a new run."
+            ) from e
+
+    extra = _torch_load(path / EXTRA_FILE, map_location) if EXTRA_FILE in files else {}
+    if restore_rng and RNG_FILE in files:
+        _set_rng_state(_torch_load(path / RNG_FILE, "cpu"), path / RNG_FILE)
+    return read_trainer_state(path), extra
+
+
+def read_trainer_state(path) -> dict:
+    """The trainer_state dict stored in a checkpoint (not verified)."""
+    file = Path(path) / STATE_FILE
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file} cannot be read: {e}") from e
+
+
+def load_config(path) -> dict | None:
+    """The run config stored in a checkpoint as a plain dict, or None when it has none."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(file), resolve=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Verify, list, resolve
+
+
+def verify_checkpoint(path) -> None:
+    """Check that every file in the manifest exists with the recorded size and sha256.
+
+    Raises CheckpointError naming the checkpoint and the bad file, and the newest earlier
+    checkpoint in the same directory that does verify.
+    """
+    try:
+        _verify(Path(path))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}\n{_intact_alternative(Path(path))}") from None
+
+
+def list_checkpoints(save_dir) -> list[Path]:
+    """Complete checkpoints under save_dir, oldest first: by global_step, then by save time.
+
+    Complete means the directory holds this project's manifest, which a save writes last. A
+    checkpoint damaged later is still listed, so that loading it reports the damage and names an
+    intact one instead of silently resuming from an older step."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    found = []
+    for d in save_dir.iterdir():
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        try:
+            manifest = _read_manifest(d)
+        except CheckpointError:
+            continue
+        step = manifest.get("global_step")
+        try:
+            step = json.loads((d / STATE_FILE).read_text(encoding="utf-8")).get("global_step", step)
+        except (OSError, ValueError, AttributeError):
+            pass
+        step = step if isinstance(step, (int, float)) and not isinstance(step, bool) else -1
+        found.append((step, (d / MANIFEST).stat().st_mtime, d.name, d))
+    return [d for *_, d in sorted(found)]
+
+
+def latest_checkpoint(save_dir) -> Path | None:
+    ckpts = list_checkpoints(save_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_resume(resume: str, save_dir) -> Path:
+    """Map ``training.resume`` to a checkpoint directory.
+
+    ``latest`` is the newest complete checkpoint under save_dir. Anything else is a path; a
+    bare name that does not exist where it is given is looked up inside save_dir.
+    """
+    save_dir = Path(save_dir)
+    resume = str(resume).strip()
+    if resume == "latest":
+        path = latest_checkpoint(save_dir)
+        if path is None:
+            why = "holds no complete checkpoint" if save_dir.is_dir() else "does not exist"
+            raise CheckpointError(
+                f"training.resume=latest: {save_dir} {why}. Start without training.resume, "
+                f"or set training.resume=<checkpoint dir> and logging.save_dir to where the run saved."
+            )
+        return path
+    path = Path(resume).expanduser()
+    if not path.exists() and not path.is_absolute() and (save_dir / resume).exists():
+        path = save_dir / resume
+    if not path.is_dir():
+        latest = latest_checkpoint(save_dir)
+        hint = f"The newest checkpoint in {save_dir} is {latest}." if latest else f"{save_dir} holds no complete checkpoint."
+        raise CheckpointError(f"training.resume={resume}: checkpoint directory {path} does not exist. {hint}")
+    try:
+        _check_sizes(path, _read_manifest(path))
+    except CheckpointError as e:
+        raise CheckpointError(f"training.resume={resume}: {e}\n{_intact_alternative(path)}") from None
+    return path
+
+
+def check_config_compatible(saved_config: dict, config: dict, keys=("model",), *, checkpoint=None) -> None:
+    """Raise CheckpointError listing every setting under the ``keys`` prefixes (dotted, e.g.
+    ``model`` or ``data.seq_len``) whose value differs between the checkpoint and this run."""
+    saved, current = _plain(saved_config), _plain(config)
+    diffs = []
+    for prefix in keys:
+        a = _flatten(_get_dotted(saved, prefix), prefix)
+        b = _flatten(_get_dotted(current, prefix), prefix)
+        for key in sorted(set(a) | set(b)):
+            va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
+            if va is _ABSENT or vb is _ABSENT or va != vb or (type(va) is bool) != (type(vb) is bool):
+                diffs.append(f"  {key}: checkpoint {_show(va)}, config {_show(vb)}")
+    if diffs:
+        where = f"Checkpoint {checkpoint}" if checkpoint is not None else "The checkpoint"
+        raise CheckpointError(
+            f"{where} was saved with different settings than this run:\n" + "\n".join(diffs) + "\n"
+            f"Resume with the same {', '.join(keys)} settings as the checkpoint (see its {CONFIG_FILE}), "
+            "or start a new run in another logging.save_dir."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights (safetensors)
+
+
+def _split_shared(state: dict, where: str) -> tuple[dict, dict]:
+    """Tensors to write (each with its own storage) and {alias: stored name} for tied ones.
+
+    safetensors refuses tensors that share memory. Entries that are the very same view
+    (tied embedding / head) are stored once; any other overlap is cloned apart.
+    """
+    tensors, tied, first, used = {}, {}, {}, set()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"{where}.state_dict() entry {key!r} is a {type(value).__name__}; "
+                f"{where} weights are stored in safetensors, which holds tensors only"
+            )
+        if value.device.type == "meta":
+            raise ValueError(f"{where}.state_dict() entry {key!r} is on the meta device and has no data to save")
+        ptr = value.untyped_storage().data_ptr()
+        view = (value.device, ptr, value.storage_offset(), tuple(value.shape), value.stride(), value.dtype)
+        if ptr and view in first:
+            tied[key] = first[view]
+            continue
+        first[view] = key
+        t = value.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()  # a fresh storage of its own
+        t = t.contiguous()
+        p = t.untyped_storage().data_ptr()
+        if p in used or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        used.add(t.untyped_storage().data_ptr())
+        tensors[key] = t
+    return tensors, tied
+
+
+def _save_weights(file: Path, module: torch.nn.Module, where: str) -> None:
+    tensors, tied = _split_shared(module.state_dict(), where)
+    save_file(tensors, str(file), metadata={"format": "pt", "tied": json.dumps(tied, sort_keys=True)})
+
+
+def _load_weights(file: Path, module: torch.nn.Module) -> None:
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tied = json.loads(metadata.get("tied", "{}"))
+    except Exception as e:  # safetensors raises its own error types for a damaged header or body
+        raise CheckpointError(f"{file} cannot be read as safetensors ({e}); it is truncated or corrupted.") from e
+
+    for alias, stored in tied.items():
+        if alias not in tensors and stored in tensors:
+            tensors[alias] = tensors[stored]
+    target = module.state_dict()
+    # Names this model ties together but the file stored under a sibling name.
+    groups = collections.defaultdict(list)
+    for k, v in target.items():
+        groups[(v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride())].append(k)
+    for names in groups.values():
+        present = [k for k in names if k in tensors]
+        for k in names:
+            if k not in tensors and present:
+                tensors[k] = tensors[present[0]]
+
+    problems = []
+    shapes = [
+        f"{k}: file {list(tensors[k].shape)} vs model {list(v.shape)}"
+        for k, v in target.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    missing = [k for k in target if k not in tensors]
+    unexpected = [k for k in tensors if k not in target]
+    if shapes:
+        problems.append("tensor shapes differ: " + _some(shapes))
+    if missing:
+        problems.append("missing from the file: " + _some(missing))
+    if unexpected:
+        problems.append("in the file but not in the model: " + _some(unexpected))
+    if problems:
+        raise CheckpointError(
+            f"{file} does not fit the model ({'; '.join(problems)}). It was written with other model "
+            "settings: resume with the same model config, or start a new run."
+        )
+    module.load_state_dict(tensors, strict=True)
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG
+
+
+def _rng_state() -> dict:
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {
+        "python": {"version": int(version), "state": [int(x) for x in internal], "gauss_next": gauss_next},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, file: Path) -> None:
+    try:
+        py, npy = state["python"], state["numpy"]
+        random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+        np.random.set_state(
+            (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+        )
+        torch.set_rng_state(state["torch"].cpu())
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{file} holds no usable generator state ({type(e).__name__}: {e})") from e
+    cuda = state.get("cuda")
+    if cuda is None:
+        return
+    if not torch.cuda.is_available():
+        warnings.warn(f"{file} holds CUDA generator states but CUDA is not available here; they are not restored.")
+        return
+    n = torch.cuda.device_count()
+    if n != len(cuda):
+        warnings.warn(f"{file} holds {len(cuda)} CUDA generator states but {n} devices are visible; restoring {min(n, len(cuda))}.")
+    for i, s in enumerate(cuda[:n]):
+        torch.cuda.set_rng_state(s.cpu(), i)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files, manifest, helpers
+
+
+def _record(file: Path) -> dict:
+    """Flush ``file`` to disk and return its manifest entry."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+        os.fsync(f.fileno())
+    return {"size": file.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not sync directories
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True  # exists, owned by another user
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def _read_manifest(path: Path) -> dict:
+    file = path / MANIFEST
+    if not path.is_dir():
+        raise CheckpointError(f"Checkpoint directory {path} does not exist.")
+    if not file.is_file():
+        raise CheckpointError(
+            f"Checkpoint {path} has no {MANIFEST}: it is incomplete (the manifest is written last, "
+            "so the save that made it did not finish)."
+        )
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is unreadable ({e}); checkpoint {path} cannot be trusted.") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{file} is not a {FORMAT} manifest; {path} is not a checkpoint of this project.")
+    return manifest
+
+
+def _check_sizes(path: Path, manifest: dict) -> None:
+    for fname, entry in manifest["files"].items():
+        file = path / fname
+        if not file.is_file():
+            raise CheckpointError(f"Checkpoint {path} is incomplete: {file} is missing.")
+        size = file.stat().st_size
+        if size != entry.get("size"):
+            raise CheckpointError(
+                f"Checkpoint {path} is damaged: {file} has {size} bytes, the manifest records "
+                f"{entry.get('size')} (truncated or overwritten)."
+            )
+
+
+def _verify(path: Path) -> None:
+    manifest = _read_manifest(path)
+    _check_sizes(path, manifest)
+    for fname, entry in manifest["files"].items():
+        file = path / fname
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != entry.get("sha256"):
+            raise CheckpointError(
+                f"Checkpoint {path} is corrupted: the sha256 of {file} does not match the manifest "
+                f"(file {digest.hexdigest()[:16]}..., manifest {str(entry.get('sha256'))[:16]}...)."
+            )
+
+
+def _intact_alternative(path: Path) -> str:
+    """A sentence naming the newest earlier checkpoint beside ``path`` that verifies."""
+    parent = path.parent
+    ckpts = list_checkpoints(parent)
+    names = [p.name for p in ckpts]
+    earlier = ckpts[: names.index(path.name)] if path.name in names else ckpts
+    for candidate in reversed(earlier):
+        try:
+            _verify(candidate)
+        except CheckpointError:
+            continue
+        full = os.path.abspath(candidate)
+        return f"The earlier checkpoint {full} is intact; resume from it with training.resume={full}"
+    return f"No intact earlier checkpoint was found in {parent}; restore the files from a copy or start a new run."
+
+
+def _torch_load(file: Path, map_location) -> Any:
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as e:  # unpickling errors, a damaged zip archive, ...
+        raise CheckpointError(
+            f"{file} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            "Checkpoint files may hold only tensors and plain Python values."
+        ) from e
+
+
+_SCALARS = (type(None), bool, int, float, complex, str, bytes)
+_TORCH_LEAVES = (torch.Size, torch.dtype, torch.device)
+
+
+def _check_loadable(obj: Any, where: str) -> None:
+    """Refuse, before saving, any value that torch.load(weights_only=True) would refuse."""
+    stack = [(obj, where)]
+    while stack:
+        value, at = stack.pop()
+        kind = type(value)
+        if kind in _SCALARS or isinstance(value, _TORCH_LEAVES) or kind in (torch.Tensor, torch.nn.Parameter):
+            continue
+        if kind in (dict, collections.OrderedDict):
+            for k, v in value.items():
+                stack.append((k, f"{at} key {k!r}"))
+                stack.append((v, f"{at}[{k!r}]"))
+        elif kind in (list, tuple, set):
+            stack.extend((v, f"{at}[{i}]") for i, v in enumerate(value))
+        else:
+            raise TypeError(
+                f"{at} is a {kind.__module__}.{kind.__qualname__}; checkpoint files hold only tensors and "
+                "plain Python values (so they load with torch.load(weights_only=True)). "
+                "Convert it first, e.g. a numpy array with torch.from_numpy, a numpy scalar with .item()."
+            )
+
+
+def _to_json(obj: Any, where: str) -> str:
+    """JSON text of ``obj`` (numpy scalars become numbers); a TypeError names the offending entry."""
+    stack = [(obj, where)]
+    while stack:
+        value, at = stack.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, (str, int, float, bool, type(None))):
+                    raise TypeError(f"{where} must be JSON-serialisable: {at} has a key of type {type(k).__name__}")
+                stack.append((v, f"{at}[{k!r}]"))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, f"{at}[{i}]") for i, v in enumerate(value))
+        elif not isinstance(value, (str, int, float, bool, type(None), np.generic)):
+            kind = type(value)
+            raise TypeError(
+                f"{where} must be JSON-serialisable (dicts, lists, numbers, strings): {at} is a "
+                f"{kind.__module__}.{kind.__qualname__}; store tensors in extra_tensors instead"
+            )
+    return json.dumps(obj, indent=2, default=lambda v: v.item()) + "\n"
+
+
+def _config_yaml(config) -> str:
+    from omegaconf import OmegaConf
+
+    cfg = config if OmegaConf.is_config(config) else OmegaConf.create(config)
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+_ABSENT = object()
+
+
+def _plain(config) -> dict:
+    if config is None:
+        return {}
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(config):
+        return OmegaConf.to_container(config, resolve=True)
+    return config
+
+
+def _get_dotted(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _flatten(node, prefix: str) -> dict:
+    if node is _ABSENT:
+        return {}
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: node}
+
+
+def _show(value) -> str:
+    return "(absent)" if value is _ABSENT else str(value)
+
+
+def _some(items: list, limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
