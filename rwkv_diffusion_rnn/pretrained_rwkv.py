@@ -201,6 +201,21 @@ def load_blinkdl_state_dict(model: RWKV7, sd: StateDict, source: str = "checkpoi
 # the Hub
 
 
+def pick_default_file(files) -> Optional[str]:
+    """The default weight file of a repo: the only one, or else the smallest model (``0.1b`` <
+    ``0.4b`` < ``1.5b`` ...) with the newest date (``20250728``) in its name; None if the names
+    carry no size."""
+    if len(files) == 1:
+        return files[0]
+    scored = []
+    for f in files:
+        size = re.search(r"(\d+(?:\.\d+)?)[bB](?![a-zA-Z])", f)
+        date = re.findall(r"(20\d{6})", f)
+        if size:
+            scored.append((float(size.group(1)), -int(date[-1]) if date else 0, f))
+    return min(scored)[2] if scored else None
+
+
 def _hub_file(repo_id: str, filename: Optional[str], revision, cache_dir, local_files_only) -> Path:
     from huggingface_hub import hf_hub_download, list_repo_files
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -215,10 +230,11 @@ def _hub_file(repo_id: str, filename: Optional[str], revision, cache_dir, local_
             raise OSError(f"Cannot list the files of Hub repo '{repo_id}' ({type(e).__name__}). "
                           "Pass filename=... (e.g. the .pth to use). " + how) from None
         candidates = sorted(f for f in files if f.endswith((".pth", ".safetensors")))
-        if len(candidates) != 1:
-            raise ValueError(f"Hub repo '{repo_id}' holds {len(candidates)} weight files; "
-                             f"choose one with filename=...: {', '.join(candidates[:20]) or '(none)'}")
-        filename = candidates[0]
+        filename = pick_default_file(candidates)
+        if filename is None:
+            raise ValueError(f"Hub repo '{repo_id}' holds {len(candidates)} weight files and none "
+                             f"is the obvious default; choose one with filename=... "
+                             f"(model.rwkv_filename): {', '.join(candidates[:20]) or '(none)'}")
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
                                     local_files_only=local_files_only))

@@ -35,8 +35,10 @@ whole canvas is filled:
 * **Proposals.** The mask token's logit is set to ``-inf`` (it is never proposed); ``top_k`` and
   ``top_p`` filter the logits; ``temperature=0`` takes the argmax, otherwise the token is drawn
   from ``softmax(logits / temperature)`` (Gumbel-max in float64).
-* **Text time.** The model is given ``t`` = the fraction of the row's positions still masked
-  (counted over the whole row, prompt positions included), i.e. the masking rate the row is at.
+* **Text time.** The model is given ``t`` = the fraction of the row's *initially masked*
+  positions that are still masked: 1 at the first step, 0 when done. This is the masking rate of
+  training, where ``t`` is the rate applied to the positions that may be noised (prompt and
+  other given tokens never are).
 * **Guidance on the latent** (``cfg_scale``): ``logits = cond + cfg_scale * (cond - uncond)``
   where ``uncond`` sees the learned null latent, exactly as ``latent=None`` does (latent time
   ``s = 1``); the conditional pass uses the clean latent (``s = 0``). ``cfg_scale = 0`` runs the
@@ -347,6 +349,7 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
     device = _device(model)
     x = _canvas(cfg, device, latent, length, prompt_ids, batch_size)
     B, T = x.shape
+    n_start = (x == mask_id).sum(1).clamp_min(1).float()   # the positions this call fills
     fn = _TextDenoiser(model, latent, cfg_scale, B)
     cache = None
     if use_cache and cfg.mixer in _CACHED_MIXERS:
@@ -366,7 +369,7 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
                 remaining = masked.sum(1)
                 if not bool(remaining.any()):
                     break
-                t = (x == mask_id).float().mean(1)
+                t = (x == mask_id).sum(1).float() / n_start
                 if cache is not None:
                     logits = cache.logits(x, a, b, t)
                 else:

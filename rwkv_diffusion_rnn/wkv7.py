@@ -162,9 +162,11 @@ def wkv7_torch(r, w, k, v, a, b, scale: float = 1.0, initial_state=None,
     S = (torch.zeros(B, H, K, V, dtype=dt, device=r.device) if initial_state is None
          else initial_state.to(dt))
     starts = []
-    for n in range(N):
+    # unbind (not M[:, :, n]): its backward stacks the N gradients once instead of
+    # materialising a full-size gradient per chunk, which would be quadratic in T.
+    for M_n, C_n in zip(M.unbind(2), C.unbind(2)):
         starts.append(S)
-        S = M[:, :, n] @ S + C[:, :, n]
+        S = M_n @ S + C_n
     S0 = torch.stack(starts, dim=2)                                        # [B,H,N,K,V]
 
     r_s0 = r_ * g.exp()

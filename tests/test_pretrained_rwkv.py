@@ -103,3 +103,12 @@ def test_missing_local_file_and_uncached_hub_file(tmp_path):
     with pytest.raises(OSError, match="not in the local cache.*huggingface-cli download BlinkDL/rwkv7-g1"):
         load_rwkv7("BlinkDL/rwkv7-g1", filename="rwkv7-g1a-0.1b-20250728-ctx4096.pth",
                    cache_dir=str(tmp_path / "hf"), local_files_only=True)
+
+
+def test_default_hub_file_is_the_smallest_newest_model():
+    from rwkv_diffusion_rnn.pretrained_rwkv import pick_default_file
+    files = ["rwkv7-g1-1.5b-20250429-ctx4096.pth", "rwkv7-g1-0.1b-20250307-ctx4096.pth",
+             "rwkv7-g1a-0.1b-20250728-ctx4096.pth", "rwkv7-g1-0.4b-20250324-ctx4096.pth"]
+    assert pick_default_file(files) == "rwkv7-g1a-0.1b-20250728-ctx4096.pth"
+    assert pick_default_file(["only.pth"]) == "only.pth"
+    assert pick_default_file(["a.pth", "b.pth"]) is None

@@ -228,7 +228,7 @@ def test_state_cache_with_a_time_conditioned_model_finishes_and_starts_identical
     assert torch.equal(h_fast[2], h_slow[2])       # the first block runs without a cache
 
 
-def test_text_time_is_the_masked_fraction():
+def test_text_time_is_the_fraction_of_the_fill_still_masked():
     model = tiny("bi")
     seen = []
     handle = model.register_forward_pre_hook(lambda m, a, k: seen.append(a[1].clone()), with_kwargs=True)
@@ -237,7 +237,10 @@ def test_text_time_is_the_masked_fraction():
     finally:
         handle.remove()
     start = prompt(T=10, seed=9, keep=0.5)
-    assert torch.allclose(seen[0], (start == MASK).float().mean(1))
+    n0 = (start == MASK).sum(1).float()
+    assert torch.equal(seen[0], torch.ones(len(n0)))        # everything to fill is masked
+    for t in seen:  # always (still masked) / (masked at the start), as the training rate is
+        assert torch.allclose(t * n0, torch.round(t * n0))
     assert (seen[0] >= seen[1]).all() and (seen[1] >= seen[2]).all() and (seen[2] > 0).all()
 
 

@@ -1,0 +1,128 @@
+"""Checks a composed training config before anything is built, naming the key at fault.
+
+Hydra already refuses keys that do not exist (``Key 'x' is not in struct``); this module refuses
+values that cannot work together, e.g. an unknown mixer, a ``block_size`` that does not divide
+``data.seq_len``, or a ``model.latent_dim`` that differs from the latents on disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the key and what to do."""
+
+
+def _choice(cfg, key, allowed):
+    val = cfg
+    for part in key.split("."):
+        val = val[part]
+    if val not in allowed:
+        raise ConfigError(f"{key}={val!r} is not valid; choose one of {', '.join(map(str, allowed))}")
+
+
+def _positive(cfg, key, allow_none=False):
+    val = cfg
+    for part in key.split("."):
+        val = val[part]
+    if val is None and allow_none:
+        return
+    if not isinstance(val, (int, float)) or val <= 0:
+        raise ConfigError(f"{key}={val!r} must be a positive number")
+
+
+def _first_latent_dim(cfg: DictConfig):
+    """The dimension of the first latent the data would load, or None if it cannot be told."""
+    d = cfg.data
+    candidates = []
+    if d.get("latent_dir") and Path(d.latent_dir).is_dir():
+        candidates = sorted(Path(d.latent_dir).glob("*.npy"))[:1]
+    for path in candidates:
+        try:
+            return int(np.load(path, mmap_mode="r").reshape(-1).shape[0]), path
+        except Exception:
+            return None
+    return None
+
+
+def validate_config(cfg: DictConfig) -> None:
+    from .continuous_diffusion import GaussianDiffusion  # noqa: F401  (import check only)
+    from .diffusion_process import SCHEDULES
+    from .models.mixers import MIXERS
+    from .models.rwkv_denoiser import LATENT_TARGETS, TIME_CONDITIONINGS
+    from .optimizer import SCHEDULES as LR_SCHEDULES
+    from .wkv7 import BACKENDS
+
+    m, tr, d = cfg.model, cfg.training, cfg.data
+    _choice(cfg, "model.mixer", sorted(MIXERS))
+    _choice(cfg, "model.time_conditioning", TIME_CONDITIONINGS)
+    _choice(cfg, "model.latent_target", LATENT_TARGETS)
+    _choice(cfg, "model.bi_fusion", ("sum", "concat", "gated"))
+    _choice(cfg, "model.wkv_backend", BACKENDS)
+    _choice(cfg, "training.dtype", ("fp32", "bf16"))
+    _choice(cfg, "text_noise.schedule", sorted(SCHEDULES))
+    _choice(cfg, "text_noise.loss_type", ("mdlm", "llada", "soft_ce"))
+    _choice(cfg, "text_noise.noise_type", ("mask", "random_replace"))
+    _choice(cfg, "latent_noise.schedule", ("cosine", "linear"))
+    _choice(cfg, "optimizer.schedule", LR_SCHEDULES)
+    _choice(cfg, "data.kind", ("text_latent", "synthetic"))
+    for key in ("training.train_batch_size", "training.eval_batch_size", "training.grad_accum_steps",
+                "optimizer.lr", "logging.log_freq", "data.seq_len"):
+        _positive(cfg, key)
+    _positive(cfg, "training.max_steps", allow_none=True)
+    _positive(cfg, "training.num_epochs", allow_none=True)
+    if not tr.max_steps and not tr.num_epochs:
+        raise ConfigError("set training.max_steps or training.num_epochs (both are null)")
+    if d.kind == "synthetic" and not tr.max_steps:
+        raise ConfigError("data.kind=synthetic is an endless stream: set training.max_steps")
+    if not 0 <= m.mask_id < m.vocab_size:
+        raise ConfigError(f"model.mask_id={m.mask_id} must be below model.vocab_size={m.vocab_size}")
+    if m.rwkv_name is None:
+        for key in ("n_layer", "n_embd", "head_size"):
+            _positive(cfg, f"model.{key}")
+        if m.n_embd % m.head_size:
+            raise ConfigError(f"model.n_embd={m.n_embd} must be a multiple of model.head_size={m.head_size}")
+    if m.mixer == "block_causal":
+        _positive(cfg, "model.block_size")
+        if d.seq_len % m.block_size:
+            raise ConfigError(f"model.block_size={m.block_size} does not divide data.seq_len={d.seq_len}; "
+                              "choose a block size that divides the sequence length")
+    if tr.ema_decay is not None and not 0 < tr.ema_decay < 1:
+        raise ConfigError(f"training.ema_decay={tr.ema_decay} must be in (0, 1) or null")
+    for key in ("clean_text_prob", "clean_latent_prob", "latent_drop_prob"):
+        if not 0 <= tr[key] <= 1:
+            raise ConfigError(f"training.{key}={tr[key]} must be a probability in [0, 1]")
+    if tr.clean_text_prob + tr.clean_latent_prob > 1:
+        raise ConfigError("training.clean_text_prob + training.clean_latent_prob must not exceed 1")
+
+    if d.kind == "synthetic":
+        from .tasks import TASK_NAMES, VOCAB
+        _choice(cfg, "data.task", TASK_NAMES)
+        if m.vocab_size != VOCAB.vocab_size or m.mask_id != VOCAB.mask_id:
+            raise ConfigError(f"data.kind=synthetic uses the task vocabulary: set model.vocab_size="
+                              f"{VOCAB.vocab_size} model.mask_id={VOCAB.mask_id} "
+                              f"(got {m.vocab_size}, {m.mask_id})")
+        if m.latent_prefix_len:
+            raise ConfigError("data.kind=synthetic is text only: set model.latent_prefix_len=0")
+        if m.rwkv_name:
+            raise ConfigError("data.kind=synthetic trains from scratch on a character vocabulary: "
+                              "set model.rwkv_name=null (model=scratch)")
+    else:
+        if d.token_dir is None or not Path(d.token_dir).is_dir():
+            raise ConfigError(f"data.token_dir={d.token_dir!r} is not a directory; run "
+                              "python -m rwkv_diffusion_rnn.preprocess_tokenize_text first or point "
+                              "data.token_dir at its output")
+        if m.latent_prefix_len:
+            if d.latent_dir is None or not Path(d.latent_dir).is_dir():
+                raise ConfigError(f"data.latent_dir={d.latent_dir!r} is not a directory; run "
+                                  "python -m rwkv_diffusion_rnn.prepare_latents first, point "
+                                  "data.latent_dir at its latents, or set model.latent_prefix_len=0")
+            found = _first_latent_dim(cfg)
+            if found is not None and found[0] != m.latent_dim:
+                raise ConfigError(f"model.latent_dim={m.latent_dim} but {found[1]} holds a "
+                                  f"{found[0]}-dim latent; set model.latent_dim={found[0]} or re-run "
+                                  f"prepare_latents with --latent_dim {m.latent_dim}")

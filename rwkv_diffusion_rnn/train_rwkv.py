@@ -1,0 +1,49 @@
+"""Training entry point: ``python -m rwkv_diffusion_rnn.train_rwkv [hydra overrides]``.
+
+Also runnable as ``python rwkv_diffusion_rnn/train_rwkv.py --config-name rwkv_mmdit ...``.
+Configs live in ``configs/`` (primary: ``rwkv_mmdit.yaml``). Writes ``train_log.jsonl``,
+``metrics.json`` and checkpoints under ``logging.save_dir`` (default: Hydra's output dir).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Trains with a composed config and returns the final metrics."""
+    from rwkv_diffusion_rnn.improved_trainer import Trainer
+    trainer = Trainer(cfg)
+    print(f"save_dir: {trainer.save_dir}  params: "
+          f"{sum(p.numel() for p in trainer.model.parameters()):,} "
+          f"(trainable {sum(p.numel() for p in trainer.model.parameters() if p.requires_grad):,})")
+    return trainer.train()
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="rwkv_mmdit", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from rwkv_diffusion_rnn.checkpoints import CheckpointError
+    from rwkv_diffusion_rnn.config_validation import ConfigError
+    from rwkv_diffusion_rnn.data_simple import DataFormatError
+    from rwkv_diffusion_rnn.pretrained_rwkv import CheckpointError as WeightsError
+    try:
+        metrics = run(cfg)
+    except (ConfigError, DataFormatError, CheckpointError, WeightsError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print("final metrics: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in metrics.items()))
+
+
+if __name__ == "__main__":
+    main()

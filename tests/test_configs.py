@@ -1,0 +1,88 @@
+"""Hydra composition of every config group option and experiment, and refusal of bad configs."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from rwkv_diffusion_rnn.config_validation import ConfigError, validate_config
+from rwkv_diffusion_rnn.improved_trainer import denoiser_config
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+GROUPS = {g: sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("*.yaml"))
+          for g in ("model", "text_noise", "latent_noise", "data", "optimizer", "experiment")}
+
+
+def compose_cfg(overrides=()):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="rwkv_mmdit", overrides=list(overrides))
+
+
+def test_every_group_has_options():
+    assert all(GROUPS.values()), GROUPS
+    assert {"struct", "rightcopy", "rightrev", "index", "add"} <= set(GROUPS["experiment"])
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_option_composes_and_resolves(group, option, tmp_path):
+    cfg = compose_cfg([f"{group}={option}", f"logging.save_dir={tmp_path}"])
+    OmegaConf.resolve(cfg)
+    denoiser_config(cfg.model)  # maps to the model's dataclass without error
+
+
+@pytest.mark.parametrize("exp", GROUPS["experiment"])
+def test_every_experiment_is_a_valid_training_config(exp, tmp_path):
+    cfg = compose_cfg([f"experiment={exp}", f"logging.save_dir={tmp_path}"])
+    if cfg.data.kind == "synthetic":
+        validate_config(cfg)
+        assert cfg.data.task == exp
+        assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.head_size, cfg.data.seq_len,
+                cfg.training.train_batch_size) == (2, 128, 32, 64, 32)
+
+
+def test_primary_config_keeps_the_keys_users_know():
+    cfg = compose_cfg(["logging.save_dir=/tmp/x"])
+    assert cfg.model.rwkv_name == "BlinkDL/rwkv7-g1"
+    assert cfg.model.latent_dim == 32 and cfg.model.latent_prefix_len == 1
+    assert cfg.model.time_conditioning == "film" and cfg.model.freeze_backbone is True
+    assert cfg.model.use_rwkv_lm_head is False and cfg.model.mask_id == 65535
+    for key in ("data.token_dir", "data.latent_dir", "training.resume", "model.rwkv_revision",
+                "tokenizer.local_files_only", "training.dtype", "data.num_workers", "data.max_samples",
+                "logging.log_freq", "logging.eval_freq", "training.eval_batch_size"):
+        OmegaConf.select(cfg, key, throw_on_missing=True)
+    primary = OmegaConf.load(Path(CONFIG_DIR) / "rwkv_mmdit.yaml")
+    assert primary.hydra.job.chdir is False
+
+
+def test_unknown_key_is_refused_by_name():
+    with pytest.raises(ConfigCompositionException, match="nonexistent_key"):
+        compose_cfg(["model.nonexistent_key=3"])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.mixer=sideways"], "model.mixer='sideways'"),
+    (["model.mixer=block_causal", "model.block_size=7"], "model.block_size=7 does not divide data.seq_len=64"),
+    (["training.dtype=fp8"], "training.dtype='fp8'"),
+    (["text_noise.schedule=zigzag"], "text_noise.schedule='zigzag'"),
+    (["model.n_embd=100"], "model.n_embd=100 must be a multiple of model.head_size=32"),
+    (["training.max_steps=null"], "training.max_steps"),
+    (["data.task=sudoku"], "data.task='sudoku'"),
+    (["model.latent_prefix_len=1"], "model.latent_prefix_len=0"),
+    (["training.train_batch_size=0"], "training.train_batch_size=0"),
+])
+def test_configs_that_cannot_work_are_refused_naming_the_key(overrides, match, tmp_path):
+    cfg = compose_cfg(["experiment=struct", f"logging.save_dir={tmp_path}", *overrides])
+    with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        validate_config(cfg)
+
+
+def test_latent_dim_that_does_not_match_the_data_is_refused(tmp_path):
+    import numpy as np
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "lat").mkdir()
+    np.save(tmp_path / "lat" / "0.npy", np.zeros(16, dtype=np.float32))
+    cfg = compose_cfg([f"data.token_dir={tmp_path / 'tok'}", f"data.latent_dir={tmp_path / 'lat'}",
+                       f"logging.save_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="model.latent_dim=32 but .*0.npy holds a 16-dim latent"):
+        validate_config(cfg)
