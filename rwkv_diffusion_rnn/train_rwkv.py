@@ -11,8 +11,12 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: python rwkv_diffusion_rnn/train_rwkv.py
+    # Import the package from the checkout, and keep the package's own folder off sys.path so
+    # its modules (tasks, sampling, ...) cannot shadow top-level ones.
+    _here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if not p or str(Path(p).resolve()) != _here]
+    sys.path.insert(0, str(Path(_here).parent))
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
