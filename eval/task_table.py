@@ -79,7 +79,8 @@ def main():
     ap.add_argument("--tasks", nargs="+", default=list(TASKS))
     ap.add_argument("--mixers", nargs="+", default=list(MIXERS))
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("extra", nargs="*", help="further Hydra overrides for every run")
+    ap.add_argument("--overrides", nargs="*", default=[], dest="extra",
+                    help="further Hydra overrides for every run, e.g. eval.fresh=false")
     args = ap.parse_args()
     out = Path(args.out)
     grid = [(t, m, s) for t in args.tasks for m in args.mixers for s in args.seeds]

@@ -125,9 +125,21 @@ CASES = list(itertools.product(["causal", "bi", "dw_jrt", "block_causal"], ["fil
                                ["eps", "x0", "v"]))
 
 
+@pytest.fixture(scope="module")
+def blinkdl_checkpoint(tmp_path_factory):
+    return save_random_blinkdl_checkpoint(tmp_path_factory.mktemp("ck") / "m.pth", n_layer=2,
+                                          n_embd=64, head_size=32, vocab_size=V)
+
+
+@pytest.mark.parametrize("backbone", ["scratch", "blinkdl"])
 @pytest.mark.parametrize("mixer,tc,target", CASES)
-def test_forward_backward_every_combination(mixer, tc, target):
-    model = tiny(mixer, tc, prefix=2, latent_target=target)
+def test_forward_backward_every_combination(mixer, tc, target, backbone, blinkdl_checkpoint):
+    if backbone == "scratch":
+        model = tiny(mixer, tc, prefix=2, latent_target=target)
+    else:  # pretrained weights from a BlinkDL-layout .pth through load_rwkv7
+        cfg = DenoiserConfig(vocab_size=V, mask_id=MASK, latent_dim=D, latent_prefix_len=2,
+                             mixer=mixer, time_conditioning=tc, block_size=4, latent_target=target)
+        model = perturb(build_denoiser(cfg, rwkv_name=str(blinkdl_checkpoint)))
     ids, t, z, s = inputs()
     out = model(ids, t, z, s)
     assert out.logits.shape == (2, 16, V) and out.latent.shape == (2, D)
