@@ -71,12 +71,13 @@ def wkv7_recurrent(r, w, k, v, a, b, scale: float = 1.0, initial_state=None,
     S = (torch.zeros(B, H, K, V, dtype=dt, device=r.device) if initial_state is None
          else initial_state.to(dt))
     outs = []
-    for t in range(T):
-        sa = torch.einsum("bhk,bhkv->bhv", a[:, t], S)                       # a_t^T S_{t-1}
-        S = (S * w[:, t].exp().unsqueeze(-1)
-             + b[:, t].unsqueeze(-1) * sa.unsqueeze(-2)
-             + k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2))
-        outs.append(torch.einsum("bhk,bhkv->bhv", r[:, t] * scale, S))
+    # unbind over time (not x[:, t]), so the backward pass stays linear in T
+    for r_t, w_t, k_t, v_t, a_t, b_t in zip(*(x.unbind(1) for x in (r, w, k, v, a, b))):
+        sa = torch.einsum("bhk,bhkv->bhv", a_t, S)                           # a_t^T S_{t-1}
+        S = (S * w_t.exp().unsqueeze(-1)
+             + b_t.unsqueeze(-1) * sa.unsqueeze(-2)
+             + k_t.unsqueeze(-1) * v_t.unsqueeze(-2))
+        outs.append(torch.einsum("bhk,bhkv->bhv", r_t * scale, S))
     o = torch.stack(outs, dim=1) if T > 0 else v.new_zeros(B, 0, H, V, dtype=dt)
     return o.to(v.dtype), (S if output_final_state else None)
 
