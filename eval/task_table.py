@@ -67,8 +67,9 @@ def fmt(xs):
     if not xs:
         return "-"
     m = statistics.mean(xs)
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{m:.4f} ± {sd:.4f}"
+    if len(xs) == 1:
+        return f"{m:.4f} (1 seed)"
+    return f"{m:.4f} ± {statistics.stdev(xs):.4f} ({len(xs)} seeds)"
 
 
 def main():
