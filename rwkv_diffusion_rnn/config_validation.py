@@ -54,7 +54,7 @@ def validate_config(cfg: DictConfig) -> None:
     from .diffusion_process import SCHEDULES
     from .models.mixers import MIXERS
     from .models.rwkv_denoiser import LATENT_TARGETS, TIME_CONDITIONINGS
-    from .optimizer import SCHEDULES as LR_SCHEDULES
+    from .optimizer import OPTIMIZERS, SCHEDULES as LR_SCHEDULES
     from .wkv7 import BACKENDS
 
     m, tr, d = cfg.model, cfg.training, cfg.data
@@ -68,6 +68,7 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg, "text_noise.loss_type", ("mdlm", "llada", "soft_ce"))
     _choice(cfg, "text_noise.noise_type", ("mask", "random_replace"))
     _choice(cfg, "latent_noise.schedule", ("cosine", "linear"))
+    _choice(cfg, "optimizer.name", OPTIMIZERS)
     _choice(cfg, "optimizer.schedule", LR_SCHEDULES)
     _choice(cfg, "data.kind", ("text_latent", "synthetic"))
     for key in ("training.train_batch_size", "training.eval_batch_size", "training.grad_accum_steps",

@@ -1,10 +1,14 @@
-"""AdamW with parameter groups, and learning-rate schedules with warmup.
+"""Optimizers with parameter groups, and learning-rate schedules with warmup.
 
 Groups: {backbone, new parts} x {weight decay, no weight decay}. No decay on biases, norm
 weights, embeddings (token, token-type, null latent) and RWKV-7's per-channel mixing
 parameters (x_r..x_g, w0, a0, v0, k_k, k_a, r_k, ffn.x_k), which are vectors in disguise.
 The backbone (pretrained weights, and the backward copy of ``bi`` mixers) gets ``lr *
 backbone_lr_mult``.
+
+``optimizer.name``: ``adamw`` (every parameter), or ``muon``: :class:`MuonAdamW`, Muon's
+orthogonalised momentum on the hidden weight matrices (the decay-group 2-D weights other than
+the token embedding and the output heads) and AdamW on everything else, as in modded-nanogpt.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import torch
 import torch.nn as nn
 
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "muon")
 
 _NO_DECAY_SUFFIXES = (".bias", "emb.weight", "type_emb.weight", "null_latent", ".r_k")
+# 2-D weights that stay with AdamW under Muon: token-indexed rows, not linear maps of the stream.
+_NOT_MUON_SUFFIXES = ("emb.weight", "head.weight")
 
 
 def _is_backbone(name: str) -> bool:
@@ -28,10 +35,15 @@ def _no_decay(name: str, p: torch.nn.Parameter, norm_params: set) -> bool:
     return (p.squeeze().dim() < 2 or name in norm_params or name.endswith(_NO_DECAY_SUFFIXES))
 
 
+def _is_muon(name: str, p: torch.nn.Parameter, no_decay: bool) -> bool:
+    return p.dim() == 2 and not no_decay and not name.endswith(_NOT_MUON_SUFFIXES)
+
+
 def param_groups(model: nn.Module, lr: float, weight_decay: float,
-                 backbone_lr_mult: float = 1.0) -> List[Dict]:
-    """Parameter groups for AdamW. Frozen parameters are included (they may be unfrozen later)
-    but skipped by the optimizer while their grad is None."""
+                 backbone_lr_mult: float = 1.0, muon_lr: Optional[float] = None) -> List[Dict]:
+    """Parameter groups. Frozen parameters are included (they may be unfrozen later) but
+    skipped by the optimizer while their grad is None. With ``muon_lr`` set, the hidden weight
+    matrices form groups of their own (``use_muon=True``) with that learning rate."""
     norm_params = set()
     for mod_name, mod in model.named_modules():
         if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
@@ -39,24 +51,104 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
                 norm_params.add(f"{mod_name}.{pn}" if mod_name else pn)
     buckets: Dict[tuple, List] = {}
     for name, p in model.named_parameters():
-        key = (_is_backbone(name), _no_decay(name, p, norm_params))
-        buckets.setdefault(key, []).append((name, p))
+        no_decay = _no_decay(name, p, norm_params)
+        muon = muon_lr is not None and _is_muon(name, p, no_decay)
+        buckets.setdefault((muon, _is_backbone(name), no_decay), []).append((name, p))
     groups = []
-    for (backbone, no_decay), items in sorted(buckets.items()):
+    for (muon, backbone, no_decay), items in sorted(buckets.items()):
+        mult = backbone_lr_mult if backbone else 1.0
         groups.append({
             "params": [p for _, p in items],
             "names": [n for n, _ in items],
-            "lr": lr * (backbone_lr_mult if backbone else 1.0),
-            "lr_mult": backbone_lr_mult if backbone else 1.0,
+            "lr": (muon_lr if muon else lr) * mult,
+            "lr_mult": mult,
             "weight_decay": 0.0 if no_decay else weight_decay,
-            "group_name": f"{'backbone' if backbone else 'new'}_{'no_decay' if no_decay else 'decay'}",
+            "use_muon": muon,
+            "group_name": (f"{'muon_' if muon else ''}{'backbone' if backbone else 'new'}_"
+                           f"{'no_decay' if no_decay else 'decay'}"),
         })
     return groups
 
 
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalise a matrix (U S V^T -> U S' V^T with S' near 1) by Muon's
+    quintic Newton-Schulz iteration, in the matrix's own dtype."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (g.norm() + eps)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        m = x @ x.T
+        x = a * x + (b * m + c * m @ m) @ x
+    return x.T if tall else x
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon on the groups marked ``use_muon``, AdamW (decoupled weight decay) on the others.
+
+    One optimizer object, so one LR scheduler, one ``state_dict`` and one checkpoint cover both.
+    Muon step for a matrix of shape (A, B): momentum buffer ``m = mu m + g``, Nesterov update
+    ``u = g + mu m``, ``p -= lr * max(1, A/B)**0.5 * newton_schulz(u)`` after the decay ``p *=
+    1 - lr * wd`` (the ``adjust_lr_fn="original"`` form of ``torch.optim.Muon``).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.99), eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, use_muon=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, state = p.grad, self.state[p]
+                if wd:
+                    p.mul_(1.0 - lr * wd)
+                if group["use_muon"]:
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    buf = state["momentum_buffer"]
+                    buf.mul_(group["momentum"]).add_(g)
+                    u = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                    scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    p.add_(newton_schulz(u, group["ns_steps"]), alpha=-lr * scale)
+                else:
+                    if "step" not in state:
+                        state["step"] = torch.zeros((), dtype=torch.float32)
+                        state["exp_avg"] = torch.zeros_like(p)
+                        state["exp_avg_sq"] = torch.zeros_like(p)
+                    beta1, beta2 = group["betas"]
+                    state["step"] = state["step"] + 1
+                    t = float(state["step"])
+                    state["exp_avg"].lerp_(g, 1.0 - beta1)
+                    state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                    denom = (state["exp_avg_sq"] / (1.0 - beta2 ** t)).sqrt_().add_(group["eps"])
+                    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1.0 - beta1 ** t))
+        return loss
+
+
 def build_optimizer(model: nn.Module, lr: float = 3e-4, weight_decay: float = 0.01,
-                    betas=(0.9, 0.99), eps: float = 1e-8, backbone_lr_mult: float = 1.0
-                    ) -> torch.optim.AdamW:
+                    betas=(0.9, 0.99), eps: float = 1e-8, backbone_lr_mult: float = 1.0, *,
+                    name: str = "adamw", muon_lr: float = 0.02, muon_momentum: float = 0.95,
+                    muon_ns_steps: int = 5) -> torch.optim.Optimizer:
+    """``name="adamw"``: torch's AdamW over :func:`param_groups`. ``name="muon"``:
+    :class:`MuonAdamW`, with ``muon_lr`` for the hidden matrices and ``lr`` for the rest."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name={name!r}; choose one of {OPTIMIZERS}")
+    if name == "muon":
+        groups = param_groups(model, lr, weight_decay, backbone_lr_mult, muon_lr=muon_lr)
+        return MuonAdamW(groups, lr=lr, betas=betas, eps=eps, momentum=muon_momentum,
+                         ns_steps=muon_ns_steps)
     groups = param_groups(model, lr, weight_decay, backbone_lr_mult)
     # "names" is bookkeeping for logs and tests; AdamW keeps unknown group keys.
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)

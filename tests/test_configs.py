@@ -65,6 +65,7 @@ def test_unknown_key_is_refused_by_name():
     (["model.mixer=block_causal", "model.block_size=7"], "model.block_size=7 does not divide data.seq_len=64"),
     (["training.dtype=fp8"], "training.dtype='fp8'"),
     (["text_noise.schedule=zigzag"], "text_noise.schedule='zigzag'"),
+    (["optimizer.name=sgd"], "optimizer.name='sgd'"),
     (["model.n_embd=100"], "model.n_embd=100 must be a multiple of model.head_size=32"),
     (["training.max_steps=null"], "training.max_steps"),
     (["data.task=sudoku"], "data.task='sudoku'"),

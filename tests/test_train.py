@@ -42,9 +42,10 @@ def test_struct_training_loss_falls_and_metrics_are_written(tmp_path):
     assert saved == metrics and 0.0 <= saved["struct_acc"] <= 1.0 and "struct_exact" in saved
 
 
-def test_resume_is_exact_on_synthetic_data(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_exact_on_synthetic_data(tmp_path, optimizer):
     common = ["experiment=struct", *TINY, "training.max_steps=12", "logging.log_freq=2",
-              "logging.eval_freq=0", "optimizer.warmup_steps=4"]
+              "logging.eval_freq=0", "optimizer.warmup_steps=4", f"optimizer={optimizer}"]
     run(compose_cfg([*common, f"logging.save_dir={tmp_path / 'full'}"]))
     run(compose_cfg([*common, "+training.stop_at_step=6", f"logging.save_dir={tmp_path / 'part'}"]))
     assert (tmp_path / "part" / "step_0000006").is_dir()

@@ -1,0 +1,114 @@
+"""Optimizer groups and MuonAdamW, checked against torch's own Muon and AdamW."""
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+from rwkv_diffusion_rnn.optimizer import MuonAdamW, build_optimizer, newton_schulz, param_groups
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.proj = nn.Linear(8, 12)
+        self.tall = nn.Linear(12, 24, bias=False)       # weight (24, 12): taller than wide
+        self.ln = nn.LayerNorm(24)
+        self.head = nn.Linear(24, 11, bias=False)
+
+    def forward(self, ids):
+        return self.head(self.ln(self.tall(torch.relu(self.proj(self.emb(ids))))))
+
+
+def _train(opt, model, steps=3):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(0, 11, (4, 5), generator=g)
+        loss = nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def test_muon_groups_hold_only_hidden_matrices():
+    groups = param_groups(Tiny(), 1e-3, 0.1, muon_lr=0.05)
+    muon = {n for g in groups if g["use_muon"] for n in g["names"]}
+    assert muon == {"proj.weight", "tall.weight"}
+    for g in groups:
+        assert g["lr"] == (0.05 if g["use_muon"] else 1e-3)
+    assert not any(g["use_muon"] for g in param_groups(Tiny(), 1e-3, 0.1))
+
+
+def test_newton_schulz_makes_singular_values_near_one():
+    g = torch.randn(24, 12, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 5, 12)
+    s = torch.linalg.svdvals(newton_schulz(g))
+    assert s.min() > 0.6 and s.max() < 1.25          # the quintic's band, whatever the input scale
+    assert torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min() > 20
+
+
+def _deltas(model, init):
+    return {n: p.detach() - init[n] for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_adamw_part_matches_torch_adamw(wd):
+    """With the Muon LR at 0 the matrices stay put (wd only decays them), so the other
+    parameters must follow torch's AdamW exactly."""
+    torch.manual_seed(0)
+    ours, ref = Tiny(), Tiny()
+    ref.load_state_dict(ours.state_dict())
+    opt = build_optimizer(ours, lr=3e-3, weight_decay=wd, betas=(0.9, 0.95), name="muon", muon_lr=0.0)
+    assert isinstance(opt, MuonAdamW)
+    ref.proj.weight.requires_grad_(False), ref.tall.weight.requires_grad_(False)
+    adam = torch.optim.AdamW(
+        [{"params": [ref.head.weight], "weight_decay": wd},          # 2-D, kept with AdamW
+         {"params": [ref.emb.weight, ref.proj.bias, ref.ln.weight, ref.ln.bias], "weight_decay": 0.0}],
+        lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    _train(opt, ours)
+    _train(adam, ref)
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_muon_part_matches_torch_muon(wd, monkeypatch):
+    """Two steps on the matrices against torch.optim.Muon. torch orthogonalises in bfloat16,
+    ours in the parameter's dtype; with torch's cast made a no-op the two must agree to fp32
+    rounding."""
+    torch.manual_seed(0)
+    ours, ref = Tiny(), Tiny()
+    ref.load_state_dict(ours.state_dict())
+    init = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    opt = build_optimizer(ours, lr=0.0, weight_decay=wd, name="muon", muon_lr=0.02, muon_momentum=0.9)
+    muon = torch.optim.Muon([ref.proj.weight, ref.tall.weight], lr=0.02, weight_decay=wd,
+                            momentum=0.9, nesterov=True, adjust_lr_fn="original")
+    monkeypatch.setattr(torch.Tensor, "bfloat16", lambda t: t.clone())
+    _train(opt, ours, steps=2)
+    _train(muon, ref, steps=2)
+    d_ours, d_ref = _deltas(ours, init), _deltas(ref, init)
+    for name in ("proj.weight", "tall.weight"):
+        assert d_ref[name].norm() > 0.01
+        torch.testing.assert_close(d_ours[name], d_ref[name], rtol=1e-4, atol=1e-6)
+
+
+def test_muon_adamw_state_dict_round_trip_continues_identically():
+    torch.manual_seed(0)
+    a, b = Tiny(), Tiny()
+    opt_a = build_optimizer(a, lr=3e-3, name="muon")
+    _train(opt_a, a, steps=2)
+    b.load_state_dict(a.state_dict())
+    opt_b = build_optimizer(b, lr=3e-3, name="muon")
+    buf = io.BytesIO()                                  # as a checkpoint does
+    torch.save(opt_a.state_dict(), buf)
+    buf.seek(0)
+    opt_b.load_state_dict(torch.load(buf, weights_only=True))
+    _train(opt_a, a, steps=2)
+    _train(opt_b, b, steps=2)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_unknown_optimizer_name_is_refused():
+    with pytest.raises(ValueError, match="optimizer.name='sgd'"):
+        build_optimizer(Tiny(), name="sgd")
