@@ -193,12 +193,17 @@ def prepare_data(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *, n_train: int
         rebuilt = True
         print(f"      {summary['n_train']} train + {summary['n_val']} held-out latents, "
               f"{100 * summary['explained_variance_total']:.1f}% of the embedding variance kept")
-    # 2b. tokens (tokenize_json skips files that exist unless told to overwrite)
+    # 2b. tokens (tokenize_json skips files that exist; new latents mean new token files)
+    if rebuilt and data.tokens.is_dir():
+        shutil.rmtree(data.tokens)
     for split in ("train", "val"):
         s = tokenize_json(data.latents / f"{split}_data.json", data.tokens, tok, max_length=max_length,
-                          overwrite=rebuilt, tokenizer_name=TOKENIZER, show_progress=show_progress)
-        verb = "reusing" if not s.written else "wrote"
-        print(f"      tokens {split}: {verb} {s.entries} files in {s.output_dir}"
+                          tokenizer_name=TOKENIZER, show_progress=show_progress)
+        if s.written:
+            what = f"wrote {s.written} files" + (f" (kept {s.skipped})" if s.skipped else "")
+        else:
+            what = f"reusing {s.skipped} files"
+        print(f"      tokens {split}: {what} in {s.output_dir}"
               + (f" ({s.truncated} truncated)" if s.truncated else ""))
     return data
 
@@ -416,6 +421,16 @@ def _recovery(texts: Sequence[str], attributes: Sequence[Dict[str, str]]):
     return sum(per.values()) / len(per), per
 
 
+def _strict_recovery(texts: Sequence[str], attributes: Sequence[Dict[str, str]]) -> float:
+    from .demo_corpus import ATTRIBUTES, parse_sentence
+    total = 0
+    for text, attrs in zip(texts, attributes):
+        parsed = parse_sentence(text)
+        if parsed is not None:
+            total += sum(parsed[a] == attrs[a] for a in ATTRIBUTES)
+    return total / (len(ATTRIBUTES) * max(len(texts), 1))
+
+
 def nearest_neighbour_reference(data: DemoData, held: HeldOut) -> float:
     """Fraction of attributes a held-out sentence shares with the training sentence whose latent
     is nearest (cosine): how much of the attributes the 32-dim latents themselves carry."""
@@ -466,6 +481,9 @@ def evaluate(model, diffusion, data: DemoData, *, n_eval: int = 200, text_steps:
         "latent_cosine_shuffled": float(cos_shuf.mean()),
         "attribute_recovery_per_attribute": per,
         "attribute_recovery_per_attribute_shuffled": per_shuf,
+        # the same, counting only outputs that are sentences of the grammar (others score 0)
+        "attribute_recovery_strict": _strict_recovery(gen, held.attributes),
+        "attribute_recovery_strict_shuffled": _strict_recovery(gen_shuf, held.attributes),
         "grammatical_fraction": sum(parse_sentence(t) is not None for t in gen) / N,
         "exact_match_fraction": sum(g == t for g, t in zip(gen, held.texts)) / N,
         "latent_nearest_neighbour_reference": nearest_neighbour_reference(data, held),
@@ -492,6 +510,8 @@ def print_results(r: dict) -> None:
     print(f"  latent -> text attribute recovery: {r['attribute_recovery']:.3f} "
           f"(shuffled latents: {r['attribute_recovery_shuffled']:.3f}; chance for a grammatical "
           f"sentence 0.125)  [{per}]")
+    print(f"  counting grammatical outputs only: {r['attribute_recovery_strict']:.3f} "
+          f"(shuffled: {r['attribute_recovery_strict_shuffled']:.3f})")
     print(f"  grammatical outputs {r['grammatical_fraction']:.3f}, exact reproductions "
           f"{r['exact_match_fraction']:.3f}; the nearest training latent shares "
           f"{r['latent_nearest_neighbour_reference']:.3f} of the attributes")

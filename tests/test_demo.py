@@ -70,6 +70,7 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
         assert saved[key] == pytest.approx(results[key])
     assert 0.0 <= saved["attribute_recovery"] <= 1.0 and 0.0 <= saved["attribute_recovery_shuffled"] <= 1.0
     assert -1.0 <= saved["latent_cosine"] <= 1.0 and -1.0 <= saved["latent_cosine_shuffled"] <= 1.0
+    assert 0.0 <= saved["attribute_recovery_strict"] <= saved["attribute_recovery"]
     assert saved["n_eval"] == 20 and saved["train_steps"] == 5 and len(saved["examples"]) == 2
     assert saved["examples"][0]["source"] in {e["text"] for e in val}
     assert "attribute recovery" in out and "cosine" in out
