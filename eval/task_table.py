@@ -13,13 +13,14 @@ evaluations in ``train_log.jsonl`` (fixed 200-example set, seed 1234). Prints ma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from rwkv_diffusion_rnn.improved_trainer import read_train_log
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,15 +53,8 @@ def run_one(out: Path, task: str, mixer: str, seed: int, steps: int, extra) -> P
 
 def evals(d: Path, task: str):
     """{step: (acc, exact)} from a run's log."""
-    res = {}
-    log = d / "train_log.jsonl"
-    if not log.exists():
-        return res
-    for line in log.read_text().splitlines():
-        r = json.loads(line)
-        if f"{task}_acc" in r:
-            res[r["step"]] = (r[f"{task}_acc"], r[f"{task}_exact"])
-    return res
+    return {r["step"]: (r[f"{task}_acc"], r[f"{task}_exact"])
+            for r in read_train_log(d) if f"{task}_acc" in r}
 
 
 def fmt(xs):

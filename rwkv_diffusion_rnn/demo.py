@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -56,7 +55,6 @@ import torch
 from .pretrained_rwkv import load_rwkv7, save_random_blinkdl_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "configs"
 DEFAULT_DATA_DIR = ROOT / "preprocessed_data" / "demo"
 DEFAULT_SAVE_DIR = ROOT / "checkpoints" / "demo"
 LATENT_NAME = "minilm_32d"
@@ -214,12 +212,11 @@ def prepare_data(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *, n_train: int
 
 def compose_config(overrides: Sequence[str] = (), data: Optional[DemoData] = None):
     """``experiment=demo`` + the data paths of ``data`` + ``overrides`` (the last word)."""
-    from hydra import compose, initialize_config_dir
+    from .train_rwkv import compose_config as compose
     base = ["experiment=demo", f"logging.save_dir={DEFAULT_SAVE_DIR}"]
     if data is not None:
         base += data.overrides()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="rwkv_mmdit", overrides=[*base, *overrides])
+    return compose([*base, *overrides])
 
 
 def _clear_previous_run(save_dir: Path) -> None:

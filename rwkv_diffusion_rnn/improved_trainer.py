@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -75,6 +75,17 @@ def build_latent_diffusion(cfg: DictConfig) -> GaussianDiffusion:
     return GaussianDiffusion(schedule=n.schedule, min_noise_level=n.min_noise_level,
                              max_noise_level=n.max_noise_level, target=n.target,
                              num_train_steps=n.num_train_steps)
+
+
+LOG_FILE = "train_log.jsonl"
+
+
+def read_train_log(save_dir) -> List[Dict[str, Any]]:
+    """The records of ``<save_dir>/train_log.jsonl``, one dict per logged step ([] if none)."""
+    log = Path(save_dir) / LOG_FILE
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines()]
 
 
 class EMA:
@@ -249,7 +260,7 @@ class Trainer:
 
     def _truncate_log(self, step: int):
         """Drops log lines written after the checkpoint we resume from (a killed run's tail)."""
-        log = self.save_dir / "train_log.jsonl"
+        log = self.save_dir / LOG_FILE
         if not log.exists():
             return
         keep = []
@@ -264,7 +275,7 @@ class Trainer:
         os.replace(tmp, log)
 
     def _log(self, record: Dict[str, Any]):
-        with open(self.save_dir / "train_log.jsonl", "a") as f:
+        with open(self.save_dir / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
@@ -429,7 +440,7 @@ class Trainer:
             print(f"epoch {epoch}: backbone unfrozen")
 
     def train(self) -> Dict[str, Any]:
-        cfg, tr, lg = self.cfg, self.cfg.training, self.cfg.logging
+        tr, lg = self.cfg.training, self.cfg.logging
         self._init_wandb()
         old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.model.train()

@@ -7,7 +7,6 @@ Configs live in ``configs/`` (primary: ``rwkv_mmdit.yaml``). Writes ``train_log.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -19,9 +18,16 @@ if __package__ in (None, ""):  # run as a file: python rwkv_diffusion_rnn/train_
     sys.path.insert(0, str(Path(_here).parent))
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+def compose_config(overrides=()) -> DictConfig:
+    """The config the command line builds from these Hydra overrides (for use from Python)."""
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="rwkv_mmdit", overrides=list(overrides))
 
 
 def run(cfg: DictConfig) -> dict:

@@ -2,21 +2,15 @@
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from rwkv_diffusion_rnn.config_validation import ConfigError, validate_config
 from rwkv_diffusion_rnn.improved_trainer import denoiser_config
+from rwkv_diffusion_rnn.train_rwkv import CONFIG_DIR, compose_config as compose_cfg
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 GROUPS = {g: sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("*.yaml"))
           for g in ("model", "text_noise", "latent_noise", "data", "optimizer", "experiment")}
-
-
-def compose_cfg(overrides=()):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="rwkv_mmdit", overrides=list(overrides))
 
 
 def test_every_group_has_options():

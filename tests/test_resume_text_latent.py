@@ -1,15 +1,14 @@
 """Exact resume on the text + latent data path (.npz tokens + .npy latents), and a clear refusal
 to resume from a damaged checkpoint."""
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
 from rwkv_diffusion_rnn.checkpoints import CheckpointError
 from rwkv_diffusion_rnn.data_simple import atomic_save_npy, atomic_save_npz
-from rwkv_diffusion_rnn.train_rwkv import run
+from rwkv_diffusion_rnn.improved_trainer import read_train_log as read_log
+from rwkv_diffusion_rnn.train_rwkv import compose_config as compose_cfg, run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
@@ -41,15 +40,6 @@ def common(data_dir, max_steps):
             f"training.train_batch_size={BATCH}", "training.num_epochs=null", f"training.max_steps={max_steps}",
             "optimizer.warmup_steps=3", "optimizer.backbone_lr_mult=1.0", "logging.log_freq=2",
             "logging.eval_freq=0", "logging.save_epochs=false", "logging.progress_bar=false"]
-
-
-def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="rwkv_mmdit", overrides=list(overrides))
-
-
-def read_log(save_dir):
-    return [json.loads(line) for line in (Path(save_dir) / "train_log.jsonl").read_text().splitlines()]
 
 
 def test_stop_and_resume_gives_the_same_losses_as_one_run(data_dir, tmp_path):

@@ -9,23 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from rwkv_diffusion_rnn.train_rwkv import run
+from rwkv_diffusion_rnn.improved_trainer import read_train_log as read_log
+from rwkv_diffusion_rnn.train_rwkv import compose_config as compose_cfg, run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
 TINY = ["model.n_layer=1", "model.n_embd=64", "training.train_batch_size=16",
         "data.eval_size=16", "eval.sample_steps=4", "logging.progress_bar=false"]
-
-
-def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="rwkv_mmdit", overrides=list(overrides))
-
-
-def read_log(save_dir):
-    return [json.loads(line) for line in (Path(save_dir) / "train_log.jsonl").read_text().splitlines()]
 
 
 def test_struct_training_loss_falls_and_metrics_are_written(tmp_path):
