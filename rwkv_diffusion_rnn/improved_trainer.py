@@ -198,7 +198,8 @@ class Trainer:
                                          muon_ns_steps=o.get("muon_ns_steps", 5))
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, o.schedule, o.warmup_steps,
-                                         self.total_steps, o.min_lr_ratio)
+                                         self.total_steps, o.min_lr_ratio,
+                                         decay_steps=o.get("decay_steps"))
         self.ema = EMA(self.model, tr.ema_decay) if tr.ema_decay else None
         # Training randomness lives in these generators (saved in checkpoints).
         self.noise_gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 OPTIMIZERS = ("adamw", "muon")
 
 _NO_DECAY_SUFFIXES = (".bias", "emb.weight", "type_emb.weight", "null_latent", ".r_k")
@@ -155,19 +155,32 @@ def build_optimizer(model: nn.Module, lr: float = 3e-4, weight_decay: float = 0.
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: Optional[int],
-              min_lr_ratio: float = 0.1):
-    """Multiplier of the base LR at a given optimizer step."""
+              min_lr_ratio: float = 0.1, decay_steps: Optional[int] = None):
+    """Multiplier of the base LR at a given optimizer step.
+
+    Every schedule starts with a linear warmup over ``warmup_steps``. Then ``constant`` stays at
+    1; ``linear`` and ``cosine`` go down to ``min_lr_ratio`` at ``total_steps``; ``wsd``
+    (warmup-stable-decay, modded-nanogpt's "warmdown") stays at 1 and goes down linearly to
+    ``min_lr_ratio`` over the last ``decay_steps`` steps.
+    """
     if schedule not in SCHEDULES:
         raise ValueError(f"optimizer.schedule={schedule!r}; choose one of {SCHEDULES}")
     if schedule != "constant" and not total_steps:
         raise ValueError(f"optimizer.schedule={schedule} needs the total number of steps "
                          "(training.max_steps, or num_epochs with a sized dataset)")
+    if schedule == "wsd" and (decay_steps is None or decay_steps < 1):
+        raise ValueError(f"optimizer.schedule=wsd needs optimizer.decay_steps >= 1 (the steps of "
+                         f"the final decay), got {decay_steps!r}")
 
     def f(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
         if schedule == "constant":
             return 1.0
+        if schedule == "wsd":
+            start = max(warmup_steps, total_steps - decay_steps)
+            progress = min(1.0, max(0, step - start) / max(1, total_steps - start))
+            return 1.0 - (1.0 - min_lr_ratio) * progress
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         if schedule == "linear":
             return 1.0 - (1.0 - min_lr_ratio) * progress
@@ -178,6 +191,7 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: Optional[int],
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str = "cosine",
                     warmup_steps: int = 0, total_steps: Optional[int] = None,
-                    min_lr_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+                    min_lr_ratio: float = 0.1,
+                    decay_steps: Optional[int] = None) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(schedule, warmup_steps, total_steps, min_lr_ratio))
+        optimizer, lr_lambda(schedule, warmup_steps, total_steps, min_lr_ratio, decay_steps))

@@ -60,6 +60,7 @@ def test_unknown_key_is_refused_by_name():
     (["training.dtype=fp8"], "training.dtype='fp8'"),
     (["text_noise.schedule=zigzag"], "text_noise.schedule='zigzag'"),
     (["optimizer.name=sgd"], "optimizer.name='sgd'"),
+    (["optimizer.schedule=wsd", "optimizer.decay_steps=null"], "optimizer.decay_steps=None"),
     (["model.n_embd=100"], "model.n_embd=100 must be a multiple of model.head_size=32"),
     (["training.max_steps=null"], "training.max_steps"),
     (["data.task=sudoku"], "data.task='sudoku'"),

@@ -112,3 +112,24 @@ def test_muon_adamw_state_dict_round_trip_continues_identically():
 def test_unknown_optimizer_name_is_refused():
     with pytest.raises(ValueError, match="optimizer.name='sgd'"):
         build_optimizer(Tiny(), name="sgd")
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    # warmup 10 then: step -> multiplier (total 100 steps, min_lr_ratio 0.2)
+    ("constant", {0: 0.1, 9: 1.0, 50: 1.0, 99: 1.0}),
+    ("linear", {0: 0.1, 10: 1.0, 55: 0.6, 100: 0.2}),
+    ("cosine", {0: 0.1, 10: 1.0, 55: 0.6, 100: 0.2}),
+    # wsd, decay_steps=20: flat until step 80, then linear down to 0.2 at step 100
+    ("wsd", {0: 0.1, 10: 1.0, 80: 1.0, 90: 0.6, 100: 0.2}),
+])
+def test_lr_schedules_by_hand(schedule, expected):
+    from rwkv_diffusion_rnn.optimizer import lr_lambda
+    f = lr_lambda(schedule, warmup_steps=10, total_steps=100, min_lr_ratio=0.2, decay_steps=20)
+    for step, want in expected.items():
+        assert f(step) == pytest.approx(want), (schedule, step)
+
+
+def test_wsd_needs_decay_steps():
+    from rwkv_diffusion_rnn.optimizer import lr_lambda
+    with pytest.raises(ValueError, match="decay_steps"):
+        lr_lambda("wsd", warmup_steps=10, total_steps=100)
