@@ -177,14 +177,12 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: Optional[int],
             return (step + 1) / warmup_steps
         if schedule == "constant":
             return 1.0
-        if schedule == "wsd":
-            start = max(warmup_steps, total_steps - decay_steps)
-            progress = min(1.0, max(0, step - start) / max(1, total_steps - start))
-            return 1.0 - (1.0 - min_lr_ratio) * progress
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        if schedule == "linear":
-            return 1.0 - (1.0 - min_lr_ratio) * progress
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        # the decay starts after the warmup, or (wsd) decay_steps before the end
+        start = max(warmup_steps, total_steps - decay_steps) if schedule == "wsd" else warmup_steps
+        progress = min(1.0, max(0, step - start) / max(1, total_steps - start))
+        if schedule == "cosine":
+            return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - (1.0 - min_lr_ratio) * progress
 
     return f
 
