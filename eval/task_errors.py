@@ -25,7 +25,8 @@ MODES = {"threshold 0.9": dict(steps=32, threshold=0.9),
          "all at once": dict(steps=1, threshold=None)}
 
 
-def breakdown(pred: torch.Tensor, batch, answer_len: int) -> dict:
+def breakdown(task, pred: torch.Tensor, batch) -> dict:
+    score = task.score(pred, batch)
     ok = pred == batch.input_ids
     ans = batch.maskable
     offset = ans.long().cumsum(1) - 1                                  # answer offset per position
@@ -36,9 +37,10 @@ def breakdown(pred: torch.Tensor, batch, answer_len: int) -> dict:
     right[:, :-1] = (pred[:, :-1] == batch.input_ids[:, 1:]) & ans[:, 1:]
     n_err = max(1, int(err.sum()))
     return {
-        "acc": round(float(ok[ans].float().mean()), 4),
-        "exact": round(float((ok | ~ans).all(1).float().mean()), 4),
-        "acc_by_offset": [round(float(ok[ans & (offset == j)].float().mean()), 3) for j in range(answer_len)],
+        "acc": round(score["acc"], 4),
+        "exact": round(score["exact"], 4),
+        "acc_by_offset": [round(float(ok[ans & (offset == j)].float().mean()), 3)
+                          for j in range(task.answer_len)],
         "errors_left_neighbour": round(float((err & left).sum()) / n_err, 3),
         "errors_right_neighbour": round(float((err & right).sum()) / n_err, 3),
     }
@@ -62,7 +64,7 @@ def main() -> None:
     for name, kw in MODES.items():
         kw = dict(kw, steps=kw["steps"] or task.answer_len)
         pred = generate_text(model, prompt_ids=masked, generator=torch.Generator().manual_seed(0), **kw)
-        print(f"{name}: {json.dumps(breakdown(pred, batch, task.answer_len))}", flush=True)
+        print(f"{name}: {json.dumps(breakdown(task, pred, batch))}", flush=True)
 
 
 if __name__ == "__main__":
