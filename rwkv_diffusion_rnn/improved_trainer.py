@@ -193,9 +193,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, lr=o.lr, weight_decay=o.weight_decay,
                                          betas=tuple(o.betas), eps=o.eps,
                                          backbone_lr_mult=o.backbone_lr_mult, name=o.name,
-                                         muon_lr=o.get("muon_lr", 0.02),
-                                         muon_momentum=o.get("muon_momentum", 0.95),
-                                         muon_ns_steps=o.get("muon_ns_steps", 5))
+                                         # only optimizer=muon configs carry these keys
+                                         **{k: o[k] for k in ("muon_lr", "muon_momentum", "muon_ns_steps")
+                                            if k in o})
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, o.schedule, o.warmup_steps,
                                          self.total_steps, o.min_lr_ratio,
