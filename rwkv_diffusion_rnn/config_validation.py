@@ -79,6 +79,8 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("training.train_batch_size", "training.eval_batch_size", "training.grad_accum_steps",
                 "optimizer.lr", "logging.log_freq", "data.seq_len"):
         _positive(cfg, key)
+    if "decay_lr_mult" in cfg.optimizer:
+        _positive(cfg, "optimizer.decay_lr_mult")
     _positive(cfg, "training.max_steps", allow_none=True)
     _positive(cfg, "training.num_epochs", allow_none=True)
     if not tr.max_steps and not tr.num_epochs:

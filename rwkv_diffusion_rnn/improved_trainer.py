@@ -193,6 +193,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, lr=o.lr, weight_decay=o.weight_decay,
                                          betas=tuple(o.betas), eps=o.eps,
                                          backbone_lr_mult=o.backbone_lr_mult, name=o.name,
+                                         decay_lr_mult=o.get("decay_lr_mult", 1.0),
                                          # only optimizer=muon configs carry these keys
                                          **{k: o[k] for k in ("muon_lr", "muon_momentum", "muon_ns_steps")
                                             if k in o})

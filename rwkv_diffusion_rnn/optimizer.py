@@ -4,7 +4,9 @@ Groups: {backbone, new parts} x {weight decay, no weight decay}. No decay on bia
 weights, embeddings (token, token-type, null latent) and RWKV-7's per-channel mixing
 parameters (x_r..x_g, w0, a0, v0, k_k, k_a, r_k, ffn.x_k), which are vectors in disguise.
 The backbone (pretrained weights, and the backward copy of ``bi`` mixers) gets ``lr *
-backbone_lr_mult``.
+backbone_lr_mult``. The time-mix decay bases ``att.w0`` get a further ``decay_lr_mult`` (BlinkDL's
+RWKV-7 trainer uses 2): the decays set how far back each channel remembers, and so how sharply
+the network can tell positions apart.
 
 ``optimizer.name``: ``adamw`` (every parameter), or ``muon``: :class:`MuonAdamW`, Muon's
 orthogonalised momentum on the hidden weight matrices (the decay-group 2-D weights other than
@@ -39,11 +41,17 @@ def _is_muon(name: str, p: torch.nn.Parameter, no_decay: bool) -> bool:
     return p.dim() == 2 and not no_decay and not name.endswith(_NOT_MUON_SUFFIXES)
 
 
+def _is_decay_base(name: str) -> bool:
+    return name.endswith("att.w0")
+
+
 def param_groups(model: nn.Module, lr: float, weight_decay: float,
-                 backbone_lr_mult: float = 1.0, muon_lr: Optional[float] = None) -> List[Dict]:
+                 backbone_lr_mult: float = 1.0, muon_lr: Optional[float] = None,
+                 decay_lr_mult: float = 1.0) -> List[Dict]:
     """Parameter groups. Frozen parameters are included (they may be unfrozen later) but
     skipped by the optimizer while their grad is None. With ``muon_lr`` set, the hidden weight
-    matrices form groups of their own (``use_muon=True``) with that learning rate."""
+    matrices form groups of their own (``use_muon=True``) with that learning rate. With
+    ``decay_lr_mult != 1`` the ``att.w0`` vectors form groups of their own at that multiple."""
     norm_params = set()
     for mod_name, mod in model.named_modules():
         if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
@@ -53,10 +61,11 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
     for name, p in model.named_parameters():
         no_decay = _no_decay(name, p, norm_params)
         muon = muon_lr is not None and _is_muon(name, p, no_decay)
-        buckets.setdefault((muon, _is_backbone(name), no_decay), []).append((name, p))
+        w0 = decay_lr_mult != 1.0 and _is_decay_base(name)
+        buckets.setdefault((muon, _is_backbone(name), no_decay, w0), []).append((name, p))
     groups = []
-    for (muon, backbone, no_decay), items in sorted(buckets.items()):
-        mult = backbone_lr_mult if backbone else 1.0
+    for (muon, backbone, no_decay, w0), items in sorted(buckets.items()):
+        mult = (backbone_lr_mult if backbone else 1.0) * (decay_lr_mult if w0 else 1.0)
         groups.append({
             "params": [p for _, p in items],
             "names": [n for n, _ in items],
@@ -65,7 +74,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
             "weight_decay": 0.0 if no_decay else weight_decay,
             "use_muon": muon,
             "group_name": (f"{'muon_' if muon else ''}{'backbone' if backbone else 'new'}_"
-                           f"{'no_decay' if no_decay else 'decay'}"),
+                           f"{'no_decay' if no_decay else 'decay'}{'_w0' if w0 else ''}"),
         })
     return groups
 
@@ -140,16 +149,17 @@ class MuonAdamW(torch.optim.Optimizer):
 def build_optimizer(model: nn.Module, lr: float = 3e-4, weight_decay: float = 0.01,
                     betas=(0.9, 0.99), eps: float = 1e-8, backbone_lr_mult: float = 1.0, *,
                     name: str = "adamw", muon_lr: float = 0.02, muon_momentum: float = 0.95,
-                    muon_ns_steps: int = 5) -> torch.optim.Optimizer:
+                    muon_ns_steps: int = 5, decay_lr_mult: float = 1.0) -> torch.optim.Optimizer:
     """``name="adamw"``: torch's AdamW over :func:`param_groups`. ``name="muon"``:
     :class:`MuonAdamW`, with ``muon_lr`` for the hidden matrices and ``lr`` for the rest."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={name!r}; choose one of {OPTIMIZERS}")
     if name == "muon":
-        groups = param_groups(model, lr, weight_decay, backbone_lr_mult, muon_lr=muon_lr)
+        groups = param_groups(model, lr, weight_decay, backbone_lr_mult, muon_lr=muon_lr,
+                              decay_lr_mult=decay_lr_mult)
         return MuonAdamW(groups, lr=lr, betas=betas, eps=eps, momentum=muon_momentum,
                          ns_steps=muon_ns_steps)
-    groups = param_groups(model, lr, weight_decay, backbone_lr_mult)
+    groups = param_groups(model, lr, weight_decay, backbone_lr_mult, decay_lr_mult=decay_lr_mult)
     # "names" is bookkeeping for logs and tests; AdamW keeps unknown group keys.
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
 

@@ -61,6 +61,7 @@ def test_unknown_key_is_refused_by_name():
     (["text_noise.schedule=zigzag"], "text_noise.schedule='zigzag'"),
     (["optimizer.name=sgd"], "optimizer.name='sgd'"),
     (["optimizer.schedule=wsd", "optimizer.decay_steps=null"], "optimizer.decay_steps=None"),
+    (["optimizer.decay_lr_mult=0"], "optimizer.decay_lr_mult=0 must be a positive number"),
     (["model.n_embd=100"], "model.n_embd=100 must be a multiple of model.head_size=32"),
     (["training.max_steps=null"], "training.max_steps"),
     (["data.task=sudoku"], "data.task='sudoku'"),

@@ -133,3 +133,22 @@ def test_wsd_needs_decay_steps():
     from rwkv_diffusion_rnn.optimizer import lr_lambda
     with pytest.raises(ValueError, match="decay_steps"):
         lr_lambda("wsd", warmup_steps=10, total_steps=100)
+
+
+def test_decay_lr_mult_scales_only_the_decay_bases():
+    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
+    model = RWKV7(RWKV7Config(n_layer=2, n_embd=64, head_size=32, vocab_size=20))
+    w0 = {n for n, _ in model.named_parameters() if n.endswith("att.w0")}
+    assert len(w0) == 2
+    for muon_lr in (None, 0.05):
+        base = param_groups(model, 1e-3, 0.1, muon_lr=muon_lr)
+        assert not any(g["group_name"].endswith("_w0") for g in base)
+        groups = param_groups(model, 1e-3, 0.1, muon_lr=muon_lr, decay_lr_mult=3.0)
+        lr_of = {n: g["lr"] for g in groups for n in g["names"]}
+        lr_base = {n: g["lr"] for g in base for n in g["names"]}
+        assert lr_of.keys() == lr_base.keys()
+        for n, lr in lr_of.items():
+            assert lr == pytest.approx(lr_base[n] * (3.0 if n in w0 else 1.0)), n
+    opt = build_optimizer(model, lr=1e-3, name="muon", decay_lr_mult=2.0)
+    (g,) = [g for g in opt.param_groups if g["group_name"].endswith("_w0")]
+    assert g["lr"] == pytest.approx(2e-3) and g["weight_decay"] == 0.0 and not g["use_muon"]
