@@ -6,7 +6,10 @@ fixed evaluation set down by answer position and decoding mode.
 For each decoding mode (threshold 0.9 as in the task table, one token per step, all at once) it
 prints token accuracy, exact match, accuracy at each answer offset, and the share of wrong
 characters that equal the answer's left or right neighbour (chance: about 1/9 each), which is
-what a blurred position code produces on the copy tasks.
+what a blurred position code produces on the copy tasks, and, for each given field as long as
+the answer (e.g. X and R of rightcopy), the share of wrong characters that equal that field's
+character at the same offset or at the reversed offset (chance: about 1/10), which shows whether
+the model copies from the wrong field.
 """
 from __future__ import annotations
 
@@ -25,6 +28,21 @@ MODES = {"threshold 0.9": dict(steps=32, threshold=0.9),
          "all at once": dict(steps=1, threshold=None)}
 
 
+def given_fields(task) -> list:
+    """(label, start) of every given (not masked) field of answer length, in the fixed layout:
+    the label is the text just before the field, e.g. ``"l="``."""
+    fields, pos, label = [], 0, ""
+    for piece in task._pieces(1, torch.Generator().manual_seed(0)):
+        if isinstance(piece, str):
+            pos, label = pos + len(piece), piece
+            continue
+        values, maskable = piece
+        if not maskable and values.shape[1] == task.answer_len:
+            fields.append((label, pos))
+        pos += values.shape[1]
+    return fields
+
+
 def breakdown(task, pred: torch.Tensor, batch) -> dict:
     score = task.score(pred, batch)
     ok = pred == batch.input_ids
@@ -36,6 +54,15 @@ def breakdown(task, pred: torch.Tensor, batch) -> dict:
     left[:, 1:] = (pred[:, 1:] == batch.input_ids[:, :-1]) & ans[:, :-1]
     right[:, :-1] = (pred[:, :-1] == batch.input_ids[:, 1:]) & ans[:, 1:]
     n_err = max(1, int(err.sum()))
+    # the answer, its errors and its predictions as [B, answer_len] in answer order
+    a_err = torch.stack([err[i][ans[i]] for i in range(len(err))])
+    a_pred = torch.stack([pred[i][ans[i]] for i in range(len(pred))])
+    L = task.answer_len
+    from_fields = {}
+    for label, start in given_fields(task):
+        field = batch.input_ids[:, start:start + L]
+        from_fields[label] = {"same_offset": round(float((a_err & (a_pred == field)).sum()) / n_err, 3),
+                              "reversed_offset": round(float((a_err & (a_pred == field.flip(1))).sum()) / n_err, 3)}
     return {
         "acc": round(score["acc"], 4),
         "exact": round(score["exact"], 4),
@@ -43,6 +70,7 @@ def breakdown(task, pred: torch.Tensor, batch) -> dict:
                           for j in range(task.answer_len)],
         "errors_left_neighbour": round(float((err & left).sum()) / n_err, 3),
         "errors_right_neighbour": round(float((err & right).sum()) / n_err, 3),
+        "errors_from_given_field": from_fields,
     }
 
 
