@@ -2,6 +2,7 @@
 
     python eval/bench_wkv7.py                       # CPU: torch (chunked) vs recurrent
     python eval/bench_wkv7.py --device cuda         # GPU: fla vs torch
+    python eval/bench_wkv7.py --T 4096 --profile    # also: where the torch backend's time goes
 
 Prints a markdown table of median times over --repeats runs, the speed-up, and the time per
 token (flat per-token time = linear in T).
@@ -50,6 +51,9 @@ def main():
     ap.add_argument("--T", type=int, nargs="+", default=[256, 1024, 4096])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=None, help="chunk size of the torch backend")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the table, profile one forward+backward of the first backend at the "
+                         "largest T and print its most expensive operators")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(torch.get_num_threads())
@@ -77,6 +81,26 @@ def main():
         a, b = res[names[0]], res[names[1]]
         print(f"| {T} | {a * 1e3:.1f} | {b * 1e3:.1f} | {b / a:.1f}x | "
               f"{a * 1e6 / T:.1f} | {b * 1e6 / T:.1f} |", flush=True)
+    if args.profile:
+        profile(runner(names[0]), inputs(args.B, max(args.T), args.H, args.K, args.device, dtype),
+                args.device, names[0])
+
+
+def profile(fn, xs, device, name):
+    """Self time per operator and input shape for one forward+backward (after a warm-up)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    fwd_bwd(fn, xs, device)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        fn(*xs)
+        fwd = time.perf_counter() - t0
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=acts, record_shapes=True) as prof:
+        total = fwd_bwd(fn, xs, device)
+    print(f"\n# {name}: forward alone {fwd * 1e3:.1f} ms; profiled forward+backward {total * 1e3:.1f} ms")
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cuda_time_total" if device == "cuda" else "self_cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":
