@@ -54,10 +54,9 @@ def breakdown(task, pred: torch.Tensor, batch) -> dict:
     left[:, 1:] = (pred[:, 1:] == batch.input_ids[:, :-1]) & ans[:, :-1]
     right[:, :-1] = (pred[:, :-1] == batch.input_ids[:, 1:]) & ans[:, 1:]
     n_err = max(1, int(err.sum()))
-    # the answer, its errors and its predictions as [B, answer_len] in answer order
-    a_err = torch.stack([err[i][ans[i]] for i in range(len(err))])
-    a_pred = torch.stack([pred[i][ans[i]] for i in range(len(pred))])
+    # errors and predictions on the answer as [B, answer_len] (every row has answer_len maskable)
     L = task.answer_len
+    a_err, a_pred = err[ans].view(-1, L), pred[ans].view(-1, L)
     from_fields = {}
     for label, start in given_fields(task):
         field = batch.input_ids[:, start:start + L]
