@@ -71,16 +71,14 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg, "optimizer.name", OPTIMIZERS)
     _choice(cfg, "optimizer.schedule", LR_SCHEDULES)
     if cfg.optimizer.schedule == "wsd":
-        ds = cfg.optimizer.get("decay_steps")
+        ds = cfg.optimizer.decay_steps
         if not isinstance(ds, int) or isinstance(ds, bool) or ds < 1:
             raise ConfigError(f"optimizer.decay_steps={ds!r}: optimizer.schedule=wsd needs the number of "
                               "steps of its final linear decay, e.g. optimizer.decay_steps=50")
     _choice(cfg, "data.kind", ("text_latent", "synthetic"))
     for key in ("training.train_batch_size", "training.eval_batch_size", "training.grad_accum_steps",
-                "optimizer.lr", "logging.log_freq", "data.seq_len"):
+                "optimizer.lr", "optimizer.decay_lr_mult", "logging.log_freq", "data.seq_len"):
         _positive(cfg, key)
-    if "decay_lr_mult" in cfg.optimizer:
-        _positive(cfg, "optimizer.decay_lr_mult")
     _positive(cfg, "training.max_steps", allow_none=True)
     _positive(cfg, "training.num_epochs", allow_none=True)
     if not tr.max_steps and not tr.num_epochs:

@@ -193,14 +193,14 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, lr=o.lr, weight_decay=o.weight_decay,
                                          betas=tuple(o.betas), eps=o.eps,
                                          backbone_lr_mult=o.backbone_lr_mult, name=o.name,
-                                         decay_lr_mult=o.get("decay_lr_mult", 1.0),
+                                         decay_lr_mult=o.decay_lr_mult,
                                          # only optimizer=muon configs carry these keys
                                          **{k: o[k] for k in ("muon_lr", "muon_momentum", "muon_ns_steps")
                                             if k in o})
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, o.schedule, o.warmup_steps,
                                          self.total_steps, o.min_lr_ratio,
-                                         decay_steps=o.get("decay_steps"))
+                                         decay_steps=o.decay_steps)
         self.ema = EMA(self.model, tr.ema_decay) if tr.ema_decay else None
         # Training randomness lives in these generators (saved in checkpoints).
         self.noise_gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)

@@ -1,6 +1,5 @@
 """Exact resume on the text + latent data path (.npz tokens + .npy latents), and a clear refusal
 to resume from a damaged checkpoint."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +9,6 @@ from rwkv_diffusion_rnn.data_simple import atomic_save_npy, atomic_save_npz
 from rwkv_diffusion_rnn.improved_trainer import read_train_log as read_log
 from rwkv_diffusion_rnn.train_rwkv import compose_config as compose_cfg, run
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(ROOT / "configs")
 N_EXAMPLES, BATCH = 38, 8          # 5 batches per epoch, the last one short
 VOCAB, MASK, LATENT_DIM, SEQ = 64, 63, 8, 12
 

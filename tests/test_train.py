@@ -14,7 +14,6 @@ from rwkv_diffusion_rnn.improved_trainer import read_train_log as read_log
 from rwkv_diffusion_rnn.train_rwkv import compose_config as compose_cfg, run
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(ROOT / "configs")
 TINY = ["model.n_layer=1", "model.n_embd=64", "training.train_batch_size=16",
         "data.eval_size=16", "eval.sample_steps=4", "logging.progress_bar=false"]
 
