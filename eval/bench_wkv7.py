@@ -4,6 +4,9 @@
     python eval/bench_wkv7.py --device cuda         # GPU: fla vs torch
     python eval/bench_wkv7.py --T 4096 --profile    # also: where the torch backend's time goes
 
+On glibc, MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 keeps freed memory
+in the process (no page zeroing on every call); eval/README.md gives figures with and without.
+
 Prints a markdown table of median times over --repeats runs, the speed-up, and the time per
 token (flat per-token time = linear in T).
 """

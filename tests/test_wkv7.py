@@ -36,24 +36,47 @@ def test_forward_and_state_match_recurrent(T, dtype, tol):
     assert (S1 - S2).abs().max() <= tol * S1.abs().max()
 
 
-@pytest.mark.parametrize("T", [1, 45])
+def _grads(xs, s0, backend, use_state=True, w_mult=1.0, **kw):
+    inp = [x.clone().requires_grad_(True) for x in xs]
+    st = s0.clone().requires_grad_(True)
+    w = inp[1] * w_mult
+    o, S = wkv7(inp[0], w, *inp[2:], initial_state=st, output_final_state=True, backend=backend,
+                **kw)
+    gen = torch.Generator().manual_seed(7)
+    go = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
+    gS = torch.randn(S.shape, generator=gen, dtype=torch.float64).to(S.dtype)
+    loss = (o * go).sum() + ((S * gS).sum() if use_state else 0)
+    loss.backward()
+    return [x.grad for x in inp] + [st.grad]
+
+
+def _assert_grads_close(g_ref, g_test, tol):
+    for name, g1, g2 in zip("r w k v a b initial_state".split(), g_ref, g_test):
+        assert g1 is not None and g2 is not None, name
+        assert torch.isfinite(g2).all(), name
+        err = (g1 - g2).abs().max() / g1.abs().max().clamp_min(1e-30)
+        assert err <= tol, f"grad of {name}: relative error {err:.2e}"
+
+
+# T = 45 and 100: several chunks of the default size, the last one padded
+@pytest.mark.parametrize("T", [1, 45, 100])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
 def test_gradients_of_every_input_match_recurrent(T, dtype, tol):
     xs, s0 = make_inputs(2, T, 2, 16, dtype=dtype, seed=3 + T)
-    grads = {}
-    for backend in ("recurrent", "torch"):
-        inp = [x.clone().requires_grad_(True) for x in xs]
-        st = s0.clone().requires_grad_(True)
-        o, S = wkv7(*inp, initial_state=st, output_final_state=True, backend=backend)
-        gen = torch.Generator().manual_seed(7)
-        go = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
-        gS = torch.randn(S.shape, generator=gen, dtype=torch.float64).to(S.dtype)
-        ((o * go).sum() + (S * gS).sum()).backward()
-        grads[backend] = [x.grad for x in inp] + [st.grad]
-    for name, g1, g2 in zip("r w k v a b initial_state".split(), grads["recurrent"], grads["torch"]):
-        assert g1 is not None and g2 is not None, name
-        err = (g1 - g2).abs().max() / g1.abs().max().clamp_min(1e-30)
-        assert err <= tol, f"grad of {name}: relative error {err:.2e}"
+    _assert_grads_close(_grads(xs, s0, "recurrent"), _grads(xs, s0, "torch"), tol)
+
+
+def test_gradients_without_the_final_state_in_the_loss():
+    xs, s0 = make_inputs(1, 70, 2, 8, seed=9)
+    _assert_grads_close(_grads(xs, s0, "recurrent", use_state=False),
+                        _grads(xs, s0, "torch", use_state=False), 1e-9)
+
+
+def test_gradients_with_strong_decays_and_a_scale():
+    # log decays down to -18 per token shrink the chunk; the scale multiplies r
+    xs, s0 = make_inputs(1, 70, 2, 8, seed=4)
+    _assert_grads_close(_grads(xs, s0, "recurrent", w_mult=30.0, scale=0.6),
+                        _grads(xs, s0, "torch", w_mult=30.0, scale=0.6), 1e-8)
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64])
