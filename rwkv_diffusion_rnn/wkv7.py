@@ -174,7 +174,7 @@ class _ChunkedWKV7(torch.autograd.Function):
         dZ = torch.bmm(_t(Xq[:, L:]), do_).view(N, G, K, V)        # r'^T dO, completed below
         dP = torch.empty(N, G, K, V, dtype=dt, device=dev)
         W4, Xk4 = W.view(N, G, L, K), Xk.view(N, G, 2 * L, K)
-        dS = torch.zeros(G, K, V, dtype=dt, device=dev) if dS_final is None else dS_final
+        dS = dS_final                  # zeros when the final state is unused (autograd fills them)
         for n in range(N - 1, -1, -1):
             dp = torch.mul(dS, e_out[n], out=dP[n])
             du = dU[n].baddbmm_(Xk4[n, :, :L], dp)
