@@ -97,6 +97,13 @@ def validate_config(cfg: DictConfig) -> None:
         if d.seq_len % m.block_size:
             raise ConfigError(f"model.block_size={m.block_size} does not divide data.seq_len={d.seq_len}; "
                               "choose a block size that divides the sequence length")
+    pel = m.get("pos_emb_len", 0)
+    if not isinstance(pel, int) or isinstance(pel, bool) or pel < 0:
+        raise ConfigError(f"model.pos_emb_len={pel!r} must be an integer >= 0 (0: no position embedding)")
+    if pel and pel < d.seq_len:
+        raise ConfigError(f"model.pos_emb_len={pel} is shorter than data.seq_len={d.seq_len}: the "
+                          f"position embedding must cover every text position; set "
+                          f"model.pos_emb_len={d.seq_len} (or 0 for none)")
     if tr.ema_decay is not None and not 0 < tr.ema_decay < 1:
         raise ConfigError(f"training.ema_decay={tr.ema_decay} must be in (0, 1) or null")
     for key in ("clean_text_prob", "clean_latent_prob", "latent_drop_prob"):

@@ -1,7 +1,7 @@
 """Optimizers with parameter groups, and learning-rate schedules with warmup.
 
 Groups: {backbone, new parts} x {weight decay, no weight decay}. No decay on biases, norm
-weights, embeddings (token, token-type, null latent) and RWKV-7's per-channel mixing
+weights, embeddings (token, token-type, position, null latent) and RWKV-7's per-channel mixing
 parameters (x_r..x_g, w0, a0, v0, k_k, k_a, r_k, ffn.x_k), which are vectors in disguise.
 The backbone (pretrained weights, and the backward copy of ``bi`` mixers) gets ``lr *
 backbone_lr_mult``. The time-mix decay bases ``att.w0`` get a further ``decay_lr_mult`` (BlinkDL's
@@ -24,7 +24,7 @@ import torch.nn as nn
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 OPTIMIZERS = ("adamw", "muon")
 
-_NO_DECAY_SUFFIXES = (".bias", "emb.weight", "type_emb.weight", "null_latent", ".r_k")
+_NO_DECAY_SUFFIXES = (".bias", "emb.weight", "type_emb.weight", "pos_emb", "null_latent", ".r_k")
 # 2-D weights that stay with AdamW under Muon: token-indexed rows, not linear maps of the stream.
 _NOT_MUON_SUFFIXES = ("emb.weight", "head.weight")
 

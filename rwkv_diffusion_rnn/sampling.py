@@ -156,11 +156,12 @@ class _TextDenoiser:
             self.s = torch.full((batch,), fill, device=device) if has_prefix else None
             self.drop = None
 
-    def __call__(self, ids: torch.Tensor, t: torch.Tensor, state=None, return_state: bool = False):
+    def __call__(self, ids: torch.Tensor, t: torch.Tensor, state=None, return_state: bool = False,
+                 pos_offset: int = 0):
         if self.guided:
             ids, t = torch.cat([ids, ids]), torch.cat([t, t])
         out = self.model(ids, t, latent=self.latent_in, s=self.s, latent_drop=self.drop,
-                         state=state, return_state=return_state)
+                         state=state, return_state=return_state, pos_offset=pos_offset)
         logits = out.logits.float()
         if self.guided:
             cond, uncond = logits.chunk(2)
@@ -193,14 +194,15 @@ class _StateCache:
     def logits(self, x: torch.Tensor, a: int, b: int, t: torch.Tensor) -> torch.Tensor:
         """Logits of positions [a, b), feeding x[pos : end of b's model block]."""
         end = min(-(-b // self.g) * self.g, x.shape[1])
-        logits, _ = self.fn(x[:, self.pos:end], t, state=self.state)
+        logits, _ = self.fn(x[:, self.pos:end], t, state=self.state, pos_offset=self.pos)
         return logits[:, a - self.pos:b - self.pos]
 
     def advance(self, x: torch.Tensor, b: int, t: torch.Tensor) -> None:
         """Fold the committed text up to the last model-block boundary <= b into the state."""
         new = (b // self.g) * self.g
         if new > self.pos:
-            _, self.state = self.fn(x[:, self.pos:new], t, state=self.state, return_state=True)
+            _, self.state = self.fn(x[:, self.pos:new], t, state=self.state, return_state=True,
+                                    pos_offset=self.pos)
             self.pos = new
 
 

@@ -103,6 +103,42 @@ def test_block_causal_cached_state_equals_recomputing(prefix):
     assert torch.allclose(pieces, full, atol=1e-5)
 
 
+@pytest.mark.parametrize("mixer", ["causal", "block_causal"])
+def test_position_embedding_follows_a_carried_state(mixer):
+    model = tiny(mixer, prefix=1, pos_emb_len=16)
+    ids, t, z, s = inputs(T=16)
+    with torch.no_grad():
+        full = model(ids, t, z, s).logits
+        a = model(ids[:, :8], t, z, s, return_state=True)
+        b = model(ids[:, 8:], t, z, s, state=a.state, pos_offset=8)
+        wrong = model(ids[:, 8:], t, z, s, state=a.state)          # positions 0..7 again
+    assert torch.allclose(torch.cat([a.logits, b.logits], 1), full, atol=1e-5)
+    assert not torch.allclose(wrong.logits, full[:, 8:], atol=1e-3)
+
+
+def test_position_embedding_starts_at_zero_and_marks_each_position(tmp_path):
+    path = save_random_blinkdl_checkpoint(tmp_path / "m.pth", n_layer=2, n_embd=64, head_size=32,
+                                          vocab_size=V)
+    cfg = DenoiserConfig(vocab_size=V, mask_id=MASK, latent_prefix_len=0, mixer="causal",
+                         time_conditioning="none", use_rwkv_lm_head=True, pos_emb_len=12)
+    backbone = load_rwkv7(path)
+    model = MultimodalRWKVDenoiser(backbone, cfg)
+    assert model.pos_emb.shape == (12, 64) and not model.pos_emb.any()
+    ids = torch.randint(0, V, (2, 12))
+    t = torch.rand(2)
+    with torch.no_grad():
+        assert torch.equal(model(ids, t).logits, backbone(ids))    # zero init: the backbone as is
+        before = model(ids, t).logits
+        model.pos_emb[5].normal_()
+        after = model(ids, t).logits
+    changed = (after - before).abs().amax(dim=(0, 2)) > 1e-4     # chunked WKV: rounding only
+    assert changed.tolist() == [False] * 5 + [True] * 7          # causal: row 5 reaches 5.. only
+    with pytest.raises(ValueError, match=r"text positions 4..15 exceed model.pos_emb_len=12"):
+        model(ids[:, :12], t, pos_offset=4)
+    with pytest.raises(ValueError, match="model.pos_emb_len=-1"):
+        DenoiserConfig(pos_emb_len=-1)
+
+
 def test_causal_state_equals_recomputing():
     model = tiny("causal", prefix=1)
     ids, t, z, s = inputs(T=12)

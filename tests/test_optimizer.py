@@ -152,3 +152,12 @@ def test_decay_lr_mult_scales_only_the_decay_bases():
     opt = build_optimizer(model, lr=1e-3, name="muon", decay_lr_mult=2.0)
     (g,) = [g for g in opt.param_groups if g["group_name"].endswith("_w0")]
     assert g["lr"] == pytest.approx(2e-3) and g["weight_decay"] == 0.0 and not g["use_muon"]
+
+
+def test_position_embedding_is_an_embedding_no_decay_no_muon():
+    from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, build_denoiser
+    model = build_denoiser(DenoiserConfig(vocab_size=20, mask_id=19, latent_prefix_len=0, pos_emb_len=8),
+                           n_layer=1, n_embd=64, head_size=32)
+    for muon_lr in (None, 0.05):
+        (g,) = [g for g in param_groups(model, 1e-3, 0.1, muon_lr=muon_lr) if "pos_emb" in g["names"]]
+        assert g["weight_decay"] == 0.0 and not g["use_muon"]

@@ -3,7 +3,10 @@
 Inputs are partly masked text ids and a noisy sentence latent ``z_s`` [B, latent_dim]. The
 latent is projected to ``latent_prefix_len`` prefix tokens placed before the text; each token
 also gets a token-type embedding (prefix / text; zero-initialised, so a pretrained backbone sees
-its own embeddings at the start). The text time ``t`` and the latent time ``s`` are embedded
+its own embeddings at the start). With ``pos_emb_len > 0`` each text position also gets a
+learned absolute position embedding (zero-initialised as well): RWKV-7 itself knows positions
+only through its token shift and decays, which is slow to learn from scratch when an answer has
+to be fetched from a fixed offset (the synthetic copy tasks). The text time ``t`` and the latent time ``s`` are embedded
 (sinusoidal + MLP) into a conditioning vector that modulates every block, as FiLM or AdaLN-Zero.
 A mixer (``causal``, ``bi``, ``dw_jrt``, ``block_causal``) decides how the blocks read the
 sequence. Two heads: text logits at the text positions, and the latent prediction (eps, x0 or v)
@@ -49,6 +52,7 @@ class DenoiserConfig:
     block_size: int = 16
     use_rwkv_lm_head: bool = False
     freeze_backbone: bool = False
+    pos_emb_len: int = 0                # learned position embedding for this many text positions
 
     def __post_init__(self):
         if self.time_conditioning not in TIME_CONDITIONINGS:
@@ -62,6 +66,8 @@ class DenoiserConfig:
             raise ValueError(f"mask_id={self.mask_id} must be a token id below vocab_size={self.vocab_size}")
         if self.latent_prefix_len < 0 or (self.latent_prefix_len and self.latent_dim < 1):
             raise ValueError("model.latent_prefix_len must be >= 0 and model.latent_dim >= 1")
+        if self.pos_emb_len < 0:
+            raise ValueError(f"model.pos_emb_len={self.pos_emb_len} must be >= 0 (0: no position embedding)")
 
 
 class DenoiserOutput(NamedTuple):
@@ -88,6 +94,8 @@ class MultimodalRWKVDenoiser(nn.Module):
 
         self.type_emb = nn.Embedding(2, C)            # 0: latent prefix, 1: text
         nn.init.zeros_(self.type_emb.weight)
+        if cfg.pos_emb_len:
+            self.pos_emb = nn.Parameter(torch.zeros(cfg.pos_emb_len, C))
         if P:
             self.latent_proj = nn.Sequential(nn.Linear(cfg.latent_dim, C), nn.SiLU(),
                                              nn.Linear(C, P * C))
@@ -156,7 +164,8 @@ class MultimodalRWKVDenoiser(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, t: torch.Tensor, latent: Optional[torch.Tensor] = None,
                 s: Optional[torch.Tensor] = None, latent_drop: Optional[torch.Tensor] = None,
-                state: Optional[List[LayerState]] = None, return_state: bool = False) -> DenoiserOutput:
+                state: Optional[List[LayerState]] = None, return_state: bool = False,
+                pos_offset: int = 0) -> DenoiserOutput:
         """Denoise.
 
         Args:
@@ -169,6 +178,8 @@ class MultimodalRWKVDenoiser(nn.Module):
             state / return_state: continue from / return the forward-scan state (mixers
                 ``causal`` and ``block_causal``). A continuation call has no latent prefix: the
                 prefix was read by the call that produced the state.
+            pos_offset: the text position of ``input_ids[:, 0]`` (a continuation call passes the
+                number of text tokens its state has read); used by the position embedding.
         """
         cfg = self.config
         B, T = input_ids.shape
@@ -178,6 +189,12 @@ class MultimodalRWKVDenoiser(nn.Module):
         if s is None and cfg.latent_prefix_len:
             s = torch.full((B,), 1.0 if latent is None else 0.0, device=t.device)
         x = self.backbone.embed(input_ids) + self.type_emb.weight[1]
+        if cfg.pos_emb_len:
+            if pos_offset + T > cfg.pos_emb_len:
+                raise ValueError(f"text positions {pos_offset}..{pos_offset + T - 1} exceed "
+                                 f"model.pos_emb_len={cfg.pos_emb_len}; train with "
+                                 f"model.pos_emb_len >= the longest text (data.seq_len)")
+            x = x + self.pos_emb[pos_offset:pos_offset + T].to(x.dtype)
         if P:
             prefix = self.embed_prefix(latent, B)
             if latent_drop is not None:
