@@ -104,6 +104,9 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.pos_emb_len={pel} is shorter than data.seq_len={d.seq_len}: the "
                           f"position embedding must cover every text position; set "
                           f"model.pos_emb_len={d.seq_len} (or 0 for none)")
+    std = m.get("pos_emb_init_std", 0.0)
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not std >= 0:
+        raise ConfigError(f"model.pos_emb_init_std={std!r} must be a number >= 0 (0: zeros)")
     if tr.ema_decay is not None and not 0 < tr.ema_decay < 1:
         raise ConfigError(f"training.ema_decay={tr.ema_decay} must be in (0, 1) or null")
     for key in ("clean_text_prob", "clean_latent_prob", "latent_drop_prob"):

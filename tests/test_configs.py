@@ -69,6 +69,7 @@ def test_unknown_key_is_refused_by_name():
     (["training.train_batch_size=0"], "training.train_batch_size=0"),
     (["model.pos_emb_len=32"], "model.pos_emb_len=32 is shorter than data.seq_len=64"),
     (["model.pos_emb_len=-2"], "model.pos_emb_len=-2 must be an integer >= 0"),
+    (["model.pos_emb_init_std=-0.1"], "model.pos_emb_init_std=-0.1 must be a number >= 0"),
 ])
 def test_configs_that_cannot_work_are_refused_naming_the_key(overrides, match, tmp_path):
     cfg = compose_cfg(["experiment=struct", f"logging.save_dir={tmp_path}", *overrides])

@@ -137,6 +137,10 @@ def test_position_embedding_starts_at_zero_and_marks_each_position(tmp_path):
         model(ids[:, :12], t, pos_offset=4)
     with pytest.raises(ValueError, match="model.pos_emb_len=-1"):
         DenoiserConfig(pos_emb_len=-1)
+    torch.manual_seed(0)
+    random_init = MultimodalRWKVDenoiser(load_rwkv7(path), DenoiserConfig(
+        vocab_size=V, mask_id=MASK, latent_prefix_len=0, pos_emb_len=12, pos_emb_init_std=0.3))
+    assert abs(random_init.pos_emb.std().item() - 0.3) < 0.03
 
 
 def test_causal_state_equals_recomputing():

@@ -4,9 +4,10 @@ Inputs are partly masked text ids and a noisy sentence latent ``z_s`` [B, latent
 latent is projected to ``latent_prefix_len`` prefix tokens placed before the text; each token
 also gets a token-type embedding (prefix / text; zero-initialised, so a pretrained backbone sees
 its own embeddings at the start). With ``pos_emb_len > 0`` each text position also gets a
-learned absolute position embedding (zero-initialised as well): RWKV-7 itself knows positions
-only through its token shift and decays, which is slow to learn from scratch when an answer has
-to be fetched from a fixed offset (the synthetic copy tasks). The text time ``t`` and the latent time ``s`` are embedded
+learned absolute position embedding (zero-initialised by default, or normal with
+``pos_emb_init_std``): RWKV-7 itself knows positions only through its token shift and decays,
+which is slow to learn from scratch when an answer has to be fetched from a fixed offset (the
+synthetic copy tasks). The text time ``t`` and the latent time ``s`` are embedded
 (sinusoidal + MLP) into a conditioning vector that modulates every block, as FiLM or AdaLN-Zero.
 A mixer (``causal``, ``bi``, ``dw_jrt``, ``block_causal``) decides how the blocks read the
 sequence. Two heads: text logits at the text positions, and the latent prediction (eps, x0 or v)
@@ -53,6 +54,7 @@ class DenoiserConfig:
     use_rwkv_lm_head: bool = False
     freeze_backbone: bool = False
     pos_emb_len: int = 0                # learned position embedding for this many text positions
+    pos_emb_init_std: float = 0.0       # its initial values: N(0, std^2); 0 = zeros
 
     def __post_init__(self):
         if self.time_conditioning not in TIME_CONDITIONINGS:
@@ -68,6 +70,8 @@ class DenoiserConfig:
             raise ValueError("model.latent_prefix_len must be >= 0 and model.latent_dim >= 1")
         if self.pos_emb_len < 0:
             raise ValueError(f"model.pos_emb_len={self.pos_emb_len} must be >= 0 (0: no position embedding)")
+        if not self.pos_emb_init_std >= 0:
+            raise ValueError(f"model.pos_emb_init_std={self.pos_emb_init_std} must be >= 0")
 
 
 class DenoiserOutput(NamedTuple):
@@ -95,7 +99,8 @@ class MultimodalRWKVDenoiser(nn.Module):
         self.type_emb = nn.Embedding(2, C)            # 0: latent prefix, 1: text
         nn.init.zeros_(self.type_emb.weight)
         if cfg.pos_emb_len:
-            self.pos_emb = nn.Parameter(torch.zeros(cfg.pos_emb_len, C))
+            self.pos_emb = nn.Parameter(torch.randn(cfg.pos_emb_len, C) * cfg.pos_emb_init_std
+                                        if cfg.pos_emb_init_std else torch.zeros(cfg.pos_emb_len, C))
         if P:
             self.latent_proj = nn.Sequential(nn.Linear(cfg.latent_dim, C), nn.SiLU(),
                                              nn.Linear(C, P * C))
