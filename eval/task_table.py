@@ -7,7 +7,7 @@ Each run is ``python -m rwkv_diffusion_rnn.train_rwkv experiment=<task> <mixer o
 seed=<s>`` with its own ``logging.save_dir`` under ``--out`` (default ``eval/out/tasks``); runs
 whose ``metrics.json`` exists are skipped. Accuracy and exact match are read from the
 evaluations in ``train_log.jsonl`` (fixed 200-example set, seed 1234). Prints markdown tables
-(mean +- std over seeds) and writes ``struct_acc_vs_steps.png``.
+(mean +- std over seeds) and writes ``eval/struct_acc_vs_steps.png`` (``--plot``).
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ def main():
     ap.add_argument("--tasks", nargs="+", default=list(TASKS))
     ap.add_argument("--mixers", nargs="+", default=list(MIXERS))
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--plot", default=str(ROOT / "eval" / "struct_acc_vs_steps.png"),
+                    help="where the struct accuracy plot goes")
     ap.add_argument("--overrides", nargs="*", default=[], dest="extra",
                     help="further Hydra overrides for every run, e.g. eval.fresh=false")
     args = ap.parse_args()
@@ -123,9 +125,8 @@ def main():
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        png = ROOT / "eval" / "struct_acc_vs_steps.png"
-        fig.savefig(png, dpi=120)
-        print(f"plot: {png.relative_to(ROOT)}")
+        fig.savefig(args.plot, dpi=120)
+        print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":
