@@ -13,13 +13,14 @@ V, MASK, D = 20, 19, 8
 _MODELS = {}
 
 
-def tiny(mixer="bi", tc="film", prefix=1, target="eps", seed=0):
+def tiny(mixer="bi", tc="film", prefix=1, target="eps", seed=0, pos_emb_len=0):
     """A from-scratch denoiser with every weight perturbed (no path switched off by zero init)."""
-    key = (mixer, tc, prefix, target, seed)
+    key = (mixer, tc, prefix, target, seed, pos_emb_len)
     if key not in _MODELS:
         torch.manual_seed(seed)
         cfg = DenoiserConfig(vocab_size=V, mask_id=MASK, latent_dim=D, latent_prefix_len=prefix,
-                             latent_target=target, mixer=mixer, time_conditioning=tc, block_size=4)
+                             latent_target=target, mixer=mixer, time_conditioning=tc, block_size=4,
+                             pos_emb_len=pos_emb_len)
         model = build_denoiser(cfg, n_layer=2, n_embd=64, head_size=32)
         g = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
@@ -200,11 +201,13 @@ class TokenCounter:
         self.calls += 1
 
 
-@pytest.mark.parametrize("block_length,cfg_scale,mixer", [(4, 0.0, "block_causal"),
-                                                          (6, 1.5, "block_causal"),
-                                                          (8, 0.0, "causal")])
-def test_state_cache_gives_the_same_tokens_with_fewer_tokens_run(block_length, cfg_scale, mixer):
-    model = tiny(mixer, tc="none", prefix=1)
+@pytest.mark.parametrize("block_length,cfg_scale,mixer,pos_emb_len", [(4, 0.0, "block_causal", 0),
+                                                                      (6, 1.5, "block_causal", 0),
+                                                                      (8, 0.0, "causal", 0),
+                                                                      (4, 0.0, "block_causal", 16)])
+def test_state_cache_gives_the_same_tokens_with_fewer_tokens_run(block_length, cfg_scale, mixer,
+                                                                 pos_emb_len):
+    model = tiny(mixer, tc="none", prefix=1, pos_emb_len=pos_emb_len)
     start = prompt(B=2, T=16, seed=8, keep=0.2)
     kw = dict(latent=latent(), prompt_ids=start, steps=8, block_length=block_length, cfg_scale=cfg_scale)
     counter = TokenCounter(model)
