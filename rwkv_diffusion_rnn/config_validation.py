@@ -97,14 +97,14 @@ def validate_config(cfg: DictConfig) -> None:
         if d.seq_len % m.block_size:
             raise ConfigError(f"model.block_size={m.block_size} does not divide data.seq_len={d.seq_len}; "
                               "choose a block size that divides the sequence length")
-    pel = m.get("pos_emb_len", 0)
+    pel = m.pos_emb_len
     if not isinstance(pel, int) or isinstance(pel, bool) or pel < 0:
         raise ConfigError(f"model.pos_emb_len={pel!r} must be an integer >= 0 (0: no position embedding)")
     if pel and pel < d.seq_len:
         raise ConfigError(f"model.pos_emb_len={pel} is shorter than data.seq_len={d.seq_len}: the "
                           f"position embedding must cover every text position; set "
                           f"model.pos_emb_len={d.seq_len} (or 0 for none)")
-    std = m.get("pos_emb_init_std", 0.0)
+    std = m.pos_emb_init_std
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not std >= 0:
         raise ConfigError(f"model.pos_emb_init_std={std!r} must be a number >= 0 (0: zeros)")
     if tr.ema_decay is not None and not 0 < tr.ema_decay < 1:

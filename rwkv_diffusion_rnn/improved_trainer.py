@@ -47,8 +47,8 @@ def denoiser_config(m: DictConfig) -> DenoiserConfig:
         dw_jrt_scale=m.dw_jrt_scale, dw_jrt_learnable_alpha=m.dw_jrt_learnable_alpha,
         dw_jrt_alpha_init=m.dw_jrt_alpha_init, dw_jrt_layer_start=m.dw_jrt_layer_start,
         block_size=m.block_size, use_rwkv_lm_head=m.use_rwkv_lm_head,
-        freeze_backbone=m.freeze_backbone, pos_emb_len=m.get("pos_emb_len", 0),
-        pos_emb_init_std=float(m.get("pos_emb_init_std", 0.0)))
+        freeze_backbone=m.freeze_backbone, pos_emb_len=m.pos_emb_len,
+        pos_emb_init_std=float(m.pos_emb_init_std))
 
 
 def build_model(cfg: DictConfig) -> MultimodalRWKVDenoiser:
