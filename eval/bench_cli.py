@@ -110,7 +110,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from rwkv_diffusion_rnn.tokenizer import load_tokenizer
+    from rwkv_diffusion_rnn.data.tokenizer import load_tokenizer
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {args.device}, "

@@ -23,7 +23,7 @@ import random
 import sysconfig
 import time
 
-from rwkv_diffusion_rnn import tokenizer as tk
+from rwkv_diffusion_rnn.data import tokenizer as tk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE = os.path.join(HERE, "..", "..", "shared", "data", "tinyshakespeare.txt")

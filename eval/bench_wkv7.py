@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from rwkv_diffusion_rnn.wkv7 import wkv7, wkv7_torch
+from rwkv_diffusion_rnn.ops.wkv7 import wkv7, wkv7_torch
 
 
 def inputs(B, T, H, K, device, dtype):

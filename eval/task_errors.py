@@ -19,8 +19,8 @@ import tempfile
 
 import torch
 
-from rwkv_diffusion_rnn.improved_trainer import Trainer
-from rwkv_diffusion_rnn.sampling import generate_text
+from rwkv_diffusion_rnn.training.improved_trainer import Trainer
+from rwkv_diffusion_rnn.diffusion.sampling import generate_text
 from rwkv_diffusion_rnn.train_rwkv import compose_config
 
 MODES = {"threshold 0.9": dict(steps=32, threshold=0.9),

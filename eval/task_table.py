@@ -20,7 +20,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from rwkv_diffusion_rnn.improved_trainer import read_train_log
+from rwkv_diffusion_rnn.training.improved_trainer import read_train_log
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ rm -rf "$W"; mkdir -p "$W"
 echo "\$ head -n 2 $W/my_corpus.jsonl"
 $PY - "$W/my_corpus.jsonl" <<'EOF'
 import json, sys
-from rwkv_diffusion_rnn.demo_corpus import make_corpus
+from rwkv_diffusion_rnn.data.demo_corpus import make_corpus
 with open(sys.argv[1], "w") as f:
     for s in make_corpus(600, seed=7):
         f.write(json.dumps({"text": s.text}) + "\n")
@@ -36,7 +36,7 @@ for split in train val; do
 done
 
 echo; echo "\$ python -c 'save_random_blinkdl_checkpoint(\"$W/rwkv7-tiny.pth\", ...)'   # stand-in for rwkv7-g1"
-$PY -c "from rwkv_diffusion_rnn.pretrained_rwkv import save_random_blinkdl_checkpoint as s; \
+$PY -c "from rwkv_diffusion_rnn.weights.pretrained_rwkv import save_random_blinkdl_checkpoint as s; \
 print(s('$W/rwkv7-tiny.pth', n_layer=2, n_embd=64, head_size=32, vocab_size=65536))"
 
 TRAIN=(model.rwkv_name="$W/rwkv7-tiny.pth" tokenizer.name=BlinkDL/rwkv7-g1

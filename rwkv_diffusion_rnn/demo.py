@@ -3,7 +3,7 @@
 Trains a small text + latent diffusion model on a corpus whose content is known, then measures
 whether the model learned to write text from a sentence latent and to infer a latent from text.
 
-1. **Corpus.** Sentences from the attribute grammar of :mod:`rwkv_diffusion_rnn.demo_corpus`
+1. **Corpus.** Sentences from the attribute grammar of :mod:`rwkv_diffusion_rnn.data.demo_corpus`
    ("the red fox sleeps in the garden."): subject, colour, action, place, 8 values each, five
    templates. 4,200 distinct sentences (deterministic by ``--seed``), written with their
    attributes to ``<data_dir>/corpus.jsonl``.
@@ -15,7 +15,7 @@ whether the model learned to write text from a sentence latent and to infer a la
    ``<data_dir>/rwkv_tokens/``. Steps whose outputs exist are skipped on a re-run.
 3. **Training.** The config ``experiment=demo`` (``configs/experiment/demo.yaml``) composed with
    the command line's Hydra overrides, trained by the project's
-   :class:`~rwkv_diffusion_rnn.improved_trainer.Trainer` (what ``train_rwkv`` runs) into
+   :class:`~rwkv_diffusion_rnn.training.improved_trainer.Trainer` (what ``train_rwkv`` runs) into
    ``logging.save_dir`` (default ``checkpoints/demo``). A fresh run clears an earlier demo run
    there; ``training.resume=latest`` continues it instead.
 4. **Evaluation** on the held-out sentences:
@@ -52,7 +52,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .pretrained_rwkv import load_rwkv7, save_random_blinkdl_checkpoint
+from .weights.pretrained_rwkv import load_rwkv7, save_random_blinkdl_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = ROOT / "preprocessed_data" / "demo"
@@ -144,11 +144,11 @@ def prepare_data(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *, n_train: int
                  show_progress: bool = True) -> DemoData:
     """Corpus, latents and tokens under ``data_dir``; each step is skipped when its outputs exist
     and were made with the same settings (a changed corpus rebuilds everything after it)."""
-    from . import demo_corpus as grammar
-    from .data_simple import atomic_write_json
+    from .data import demo_corpus as grammar
+    from .data.data_simple import atomic_write_json
     from .prepare_latents import prepare_latents
     from .preprocess_tokenize_text import tokenize_json
-    from .tokenizer import load_tokenizer
+    from .data.tokenizer import load_tokenizer
 
     root = Path(data_dir).resolve()
     n = n_train + n_heldout
@@ -221,7 +221,7 @@ def compose_config(overrides: Sequence[str] = (), data: Optional[DemoData] = Non
 
 def _clear_previous_run(save_dir: Path) -> None:
     """A fresh demo run starts from an empty save_dir: drop an earlier run's log and checkpoints."""
-    from . import checkpoints as ckpt
+    from .training import checkpoints as ckpt
     old = ckpt.list_checkpoints(save_dir)
     files = [save_dir / f for f in ("train_log.jsonl", "metrics.json", RESULTS_FILE) if (save_dir / f).exists()]
     if not old and not files:
@@ -279,8 +279,8 @@ class _LogEcho(threading.Thread):
 def train(cfg, echo: bool = False):
     """Train with the project's Trainer; returns it (model, diffusion, metrics) after making sure
     the final weights are in a checkpoint. ``echo`` prints log records while training."""
-    from . import checkpoints as ckpt
-    from .improved_trainer import Trainer
+    from .training import checkpoints as ckpt
+    from .training.improved_trainer import Trainer
     save_dir = Path(cfg.logging.save_dir)
     if not cfg.training.resume:
         _clear_previous_run(save_dir)
@@ -305,8 +305,8 @@ def train(cfg, echo: bool = False):
 
 def load_trained(cfg):
     """(model, latent diffusion) from the newest checkpoint in ``logging.save_dir``."""
-    from . import checkpoints as ckpt
-    from .improved_trainer import _resolve_device, build_latent_diffusion, build_model
+    from .training import checkpoints as ckpt
+    from .training.improved_trainer import _resolve_device, build_latent_diffusion, build_model
     path = ckpt.resolve_resume("latest", cfg.logging.save_dir)
     saved = ckpt.load_config(path)
     if saved is not None:
@@ -332,8 +332,8 @@ class HeldOut:
 
 
 def load_heldout(data: DemoData, n: Optional[int] = None) -> HeldOut:
-    from . import demo_corpus as grammar
-    from .data_simple import read_data_json, resolve_data_path
+    from .data import demo_corpus as grammar
+    from .data.data_simple import read_data_json, resolve_data_path
     corpus = grammar.read_jsonl(data.corpus)
     json_path = data.latents / "val_data.json"
     entries = read_data_json(json_path)[:n]
@@ -377,7 +377,7 @@ def text_from_latents(model, latents: torch.Tensor, lengths: Sequence[int], *, s
                       batch_size: int, tokenizer, desc: str, show_progress: bool = True) -> List[str]:
     """Decode row i from ``latents[i]`` at ``lengths[i]`` tokens (greedy, lowest-confidence remasking)."""
     from tqdm.auto import tqdm
-    from .sampling import generate_text
+    from .diffusion.sampling import generate_text
     device = next(model.parameters()).device
     out: List[Optional[str]] = [None] * len(lengths)
     chunks = list(_by_length(lengths, batch_size))
@@ -393,7 +393,7 @@ def latents_from_text(model, diffusion, ids: Sequence[torch.Tensor], *, steps: i
                       seed: int = 0, desc: str = "text -> latent", show_progress: bool = True) -> torch.Tensor:
     """A latent for every clean text by the DDIM sampler (start noise seeded per row)."""
     from tqdm.auto import tqdm
-    from .sampling import generate_latent
+    from .diffusion.sampling import generate_latent
     device = next(model.parameters()).device
     dim = model.config.latent_dim
     noise = torch.randn(len(ids), dim, generator=torch.Generator().manual_seed(seed))
@@ -407,7 +407,7 @@ def latents_from_text(model, diffusion, ids: Sequence[torch.Tensor], *, steps: i
 
 
 def _recovery(texts: Sequence[str], attributes: Sequence[Dict[str, str]]):
-    from .demo_corpus import ATTRIBUTES, words_to_attributes
+    from .data.demo_corpus import ATTRIBUTES, words_to_attributes
     per = {a: 0 for a in ATTRIBUTES}
     for text, attrs in zip(texts, attributes):
         named = words_to_attributes(text)
@@ -419,7 +419,7 @@ def _recovery(texts: Sequence[str], attributes: Sequence[Dict[str, str]]):
 
 
 def _strict_recovery(texts: Sequence[str], attributes: Sequence[Dict[str, str]]) -> float:
-    from .demo_corpus import ATTRIBUTES, parse_sentence
+    from .data.demo_corpus import ATTRIBUTES, parse_sentence
     total = 0
     for text, attrs in zip(texts, attributes):
         parsed = parse_sentence(text)
@@ -431,8 +431,8 @@ def _strict_recovery(texts: Sequence[str], attributes: Sequence[Dict[str, str]])
 def nearest_neighbour_reference(data: DemoData, held: HeldOut) -> float:
     """Fraction of attributes a held-out sentence shares with the training sentence whose latent
     is nearest (cosine): how much of the attributes the 32-dim latents themselves carry."""
-    from . import demo_corpus as grammar
-    from .data_simple import read_data_json, resolve_data_path
+    from .data import demo_corpus as grammar
+    from .data.data_simple import read_data_json, resolve_data_path
     corpus = grammar.read_jsonl(data.corpus)
     json_path = data.latents / "train_data.json"
     entries = read_data_json(json_path)
@@ -450,8 +450,8 @@ def evaluate(model, diffusion, data: DemoData, *, n_eval: int = 200, text_steps:
              latent_steps: int = 50, batch_size: int = 100, seed: int = 0, n_examples: int = 5,
              show_progress: bool = True) -> dict:
     """The four numbers of the demo (and a few more) on ``n_eval`` held-out sentences."""
-    from .demo_corpus import parse_sentence
-    from .tokenizer import load_tokenizer
+    from .data.demo_corpus import parse_sentence
+    from .data.tokenizer import load_tokenizer
     tok = load_tokenizer(TOKENIZER)
     held = load_heldout(data, n_eval)
     N = len(held.texts)
@@ -557,9 +557,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-    from .checkpoints import CheckpointError
-    from .config_validation import ConfigError
-    from .data_simple import DataFormatError
+    from .training.checkpoints import CheckpointError
+    from .training.config_validation import ConfigError
+    from .data.data_simple import DataFormatError
     from .prepare_latents import LatentPrepError
 
     t_start = time.perf_counter()

@@ -57,7 +57,7 @@ if __package__ in (None, ""):  # run as a file: python rwkv_diffusion_rnn/prepar
 
 from tqdm.auto import tqdm
 
-from rwkv_diffusion_rnn.data_simple import (
+from rwkv_diffusion_rnn.data.data_simple import (
     DataFormatError,
     atomic_save_npy,
     atomic_write_bytes,

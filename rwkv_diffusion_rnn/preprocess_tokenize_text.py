@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a file: python rwkv_diffusion_rnn/prepro
 
 from tqdm.auto import tqdm
 
-from rwkv_diffusion_rnn.data_simple import (
+from rwkv_diffusion_rnn.data.data_simple import (
     DataFormatError,
     atomic_save_npz,
     atomic_write_json,
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from rwkv_diffusion_rnn.tokenizer import load_tokenizer
+    from rwkv_diffusion_rnn.data.tokenizer import load_tokenizer
 
     try:
         tok = load_tokenizer(

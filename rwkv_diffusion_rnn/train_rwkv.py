@@ -32,7 +32,7 @@ def compose_config(overrides=()) -> DictConfig:
 
 def run(cfg: DictConfig) -> dict:
     """Trains with a composed config and returns the final metrics."""
-    from rwkv_diffusion_rnn.improved_trainer import Trainer
+    from rwkv_diffusion_rnn.training.improved_trainer import Trainer
     trainer = Trainer(cfg)
     print(f"save_dir: {trainer.save_dir}  params: "
           f"{sum(p.numel() for p in trainer.model.parameters()):,} "
@@ -42,10 +42,10 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="rwkv_mmdit", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from rwkv_diffusion_rnn.checkpoints import CheckpointError
-    from rwkv_diffusion_rnn.config_validation import ConfigError
-    from rwkv_diffusion_rnn.data_simple import DataFormatError
-    from rwkv_diffusion_rnn.pretrained_rwkv import CheckpointError as WeightsError
+    from rwkv_diffusion_rnn.training.checkpoints import CheckpointError
+    from rwkv_diffusion_rnn.training.config_validation import ConfigError
+    from rwkv_diffusion_rnn.data.data_simple import DataFormatError
+    from rwkv_diffusion_rnn.weights.pretrained_rwkv import CheckpointError as WeightsError
     try:
         metrics = run(cfg)
     except (ConfigError, DataFormatError, CheckpointError, WeightsError, FileNotFoundError, OSError) as e:

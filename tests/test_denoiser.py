@@ -8,7 +8,7 @@ import torch
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
 from rwkv_diffusion_rnn.models.rwkv_denoiser import (DenoiserConfig, MultimodalRWKVDenoiser,
                                                      build_denoiser)
-from rwkv_diffusion_rnn.pretrained_rwkv import load_rwkv7, save_random_blinkdl_checkpoint
+from rwkv_diffusion_rnn.weights.pretrained_rwkv import load_rwkv7, save_random_blinkdl_checkpoint
 
 V, MASK, D = 40, 39, 8
 

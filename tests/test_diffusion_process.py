@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rwkv_diffusion_rnn.diffusion_process import (
+from rwkv_diffusion_rnn.diffusion.diffusion_process import (
     SCHEDULES,
     MaskedDiffusion,
     make_schedule,

@@ -4,7 +4,7 @@ import importlib.util
 import pytest
 import torch
 
-from rwkv_diffusion_rnn.wkv7 import wkv7
+from rwkv_diffusion_rnn.ops.wkv7 import wkv7
 from test_wkv7 import make_inputs
 
 pytestmark = [

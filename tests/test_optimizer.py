@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from rwkv_diffusion_rnn.optimizer import MuonAdamW, build_optimizer, newton_schulz, param_groups
+from rwkv_diffusion_rnn.training.optimizer import MuonAdamW, build_optimizer, newton_schulz, param_groups
 
 
 class Tiny(nn.Module):
@@ -123,14 +123,14 @@ def test_unknown_optimizer_name_is_refused():
     ("wsd", {0: 0.1, 10: 1.0, 80: 1.0, 90: 0.6, 100: 0.2}),
 ])
 def test_lr_schedules_by_hand(schedule, expected):
-    from rwkv_diffusion_rnn.optimizer import lr_lambda
+    from rwkv_diffusion_rnn.training.optimizer import lr_lambda
     f = lr_lambda(schedule, warmup_steps=10, total_steps=100, min_lr_ratio=0.2, decay_steps=20)
     for step, want in expected.items():
         assert f(step) == pytest.approx(want), (schedule, step)
 
 
 def test_wsd_needs_decay_steps():
-    from rwkv_diffusion_rnn.optimizer import lr_lambda
+    from rwkv_diffusion_rnn.training.optimizer import lr_lambda
     with pytest.raises(ValueError, match="decay_steps"):
         lr_lambda("wsd", warmup_steps=10, total_steps=100)
 

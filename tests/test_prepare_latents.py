@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from rwkv_diffusion_rnn import prepare_latents as pl
-from rwkv_diffusion_rnn.data_simple import resolve_data_path
+from rwkv_diffusion_rnn.data.data_simple import resolve_data_path
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = ("the a cat dog sat on mat ran far quick brown fox jumps over lazy river mountain sun moon "

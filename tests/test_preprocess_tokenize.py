@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rwkv_diffusion_rnn import preprocess_tokenize_text as ptt
-from rwkv_diffusion_rnn.tokenizer import load_tokenizer
+from rwkv_diffusion_rnn.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TEXTS = [
@@ -136,7 +136,7 @@ def test_runs_as_a_file(tmp_path):
 
 def test_pipeline_pairs_with_latents(tmp_path, tok):
     """prepare_latents -> preprocess_tokenize_text -> TextLatentDataset, both JSON and directory pairing."""
-    from rwkv_diffusion_rnn.data_simple import TextLatentDataset
+    from rwkv_diffusion_rnn.data.data_simple import TextLatentDataset
     from rwkv_diffusion_rnn.prepare_latents import main as prepare_main
 
     texts = [f"sentence number {i} about {'cats' if i % 2 else 'dogs'}" for i in range(12)]

@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rwkv_diffusion_rnn.pretrained_rwkv import (CheckpointError, load_rwkv7,
+from rwkv_diffusion_rnn.weights.pretrained_rwkv import (CheckpointError, load_rwkv7,
                                                 random_blinkdl_state_dict,
                                                 save_random_blinkdl_checkpoint)
 
@@ -106,7 +106,7 @@ def test_missing_local_file_and_uncached_hub_file(tmp_path):
 
 
 def test_default_hub_file_is_the_smallest_newest_model():
-    from rwkv_diffusion_rnn.pretrained_rwkv import pick_default_file
+    from rwkv_diffusion_rnn.weights.pretrained_rwkv import pick_default_file
     files = ["rwkv7-g1-1.5b-20250429-ctx4096.pth", "rwkv7-g1-0.1b-20250307-ctx4096.pth",
              "rwkv7-g1a-0.1b-20250728-ctx4096.pth", "rwkv7-g1-0.4b-20250324-ctx4096.pth"]
     assert pick_default_file(files) == "rwkv7-g1a-0.1b-20250728-ctx4096.pth"

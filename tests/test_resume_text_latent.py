@@ -4,9 +4,9 @@ to resume from a damaged checkpoint."""
 import numpy as np
 import pytest
 
-from rwkv_diffusion_rnn.checkpoints import CheckpointError
-from rwkv_diffusion_rnn.data_simple import atomic_save_npy, atomic_save_npz
-from rwkv_diffusion_rnn.improved_trainer import read_train_log as read_log
+from rwkv_diffusion_rnn.training.checkpoints import CheckpointError
+from rwkv_diffusion_rnn.data.data_simple import atomic_save_npy, atomic_save_npz
+from rwkv_diffusion_rnn.training.improved_trainer import read_train_log as read_log
 from rwkv_diffusion_rnn.train_rwkv import compose_config as compose_cfg, run
 
 N_EXAMPLES, BATCH = 38, 8          # 5 batches per epoch, the last one short

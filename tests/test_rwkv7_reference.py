@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from rwkv_diffusion_rnn.pretrained_rwkv import load_rwkv7, save_random_blinkdl_checkpoint
+from rwkv_diffusion_rnn.weights.pretrained_rwkv import load_rwkv7, save_random_blinkdl_checkpoint
 
 rwkv_model = pytest.importorskip("rwkv.model", reason="the `rwkv` reference package is not installed")
 

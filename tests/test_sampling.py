@@ -4,9 +4,9 @@ guidance, state caching of block_causal, latent sampling and joint generation.""
 import pytest
 import torch
 
-from rwkv_diffusion_rnn.continuous_diffusion import GaussianDiffusion
+from rwkv_diffusion_rnn.diffusion.continuous_diffusion import GaussianDiffusion
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, build_denoiser
-from rwkv_diffusion_rnn.sampling import (fill_masks, generate_joint, generate_latent, generate_text,
+from rwkv_diffusion_rnn.diffusion.sampling import (fill_masks, generate_joint, generate_latent, generate_text,
                                          guided_logits, propose_tokens)
 
 V, MASK, D = 20, 19, 8

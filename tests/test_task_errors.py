@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from rwkv_diffusion_rnn.tasks import make_task
+from rwkv_diffusion_rnn.data.tasks import make_task
 
 _spec = importlib.util.spec_from_file_location(
     "task_errors", Path(__file__).resolve().parents[1] / "eval" / "task_errors.py")

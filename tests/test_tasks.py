@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from rwkv_diffusion_rnn.tasks import (
+from rwkv_diffusion_rnn.data.tasks import (
     TASK_NAMES,
     VOCAB,
     CharVocab,

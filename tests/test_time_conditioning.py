@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from rwkv_diffusion_rnn.time_conditioning import (
+from rwkv_diffusion_rnn.models.time_conditioning import (
     AdaLNParams,
     AdaLNZero,
     FiLM,

@@ -6,8 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from rwkv_diffusion_rnn import tokenizer as tk
-from rwkv_diffusion_rnn.tokenizer import (
+from rwkv_diffusion_rnn.data import tokenizer as tk
+from rwkv_diffusion_rnn.data.tokenizer import (
     HFTokenizer,
     RWKVWorldTokenizer,
     load_tokenizer,

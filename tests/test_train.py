@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rwkv_diffusion_rnn.improved_trainer import read_train_log as read_log
+from rwkv_diffusion_rnn.training.improved_trainer import read_train_log as read_log
 from rwkv_diffusion_rnn.train_rwkv import compose_config as compose_cfg, run
 
 ROOT = Path(__file__).resolve().parents[1]

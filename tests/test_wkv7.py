@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from rwkv_diffusion_rnn.wkv7 import wkv7, wkv7_torch
+from rwkv_diffusion_rnn.ops.wkv7 import wkv7, wkv7_torch
 
 
 def make_inputs(B, T, H, K, V=None, dtype=torch.float64, seed=0, with_state=True):

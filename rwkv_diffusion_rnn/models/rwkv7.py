@@ -7,7 +7,7 @@ BlinkDL ``.pth`` state dict loads with ``load_state_dict`` and means what it mea
 The forward pass follows BlinkDL's RWKV-7 time-mix exactly: token shift, LoRA decay / in-context
 learning rate ``a`` / value residual / gate, ``k_k`` normalisation, ``k_a``, the ``v_first``
 residual from layer 0, the ``r_k`` bonus and a per-head GroupNorm (eps 64e-5). The WKV
-recurrence itself is :func:`rwkv_diffusion_rnn.wkv7.wkv7` (fla on CUDA, chunked torch on CPU).
+recurrence itself is :func:`rwkv_diffusion_rnn.ops.wkv7.wkv7` (fla on CUDA, chunked torch on CPU).
 
 State: one ``LayerState`` per layer (time-mix shift ``[B, C]``, WKV state ``[B, H, K, V]`` in
 float32, channel-mix shift ``[B, C]``), so a long sequence can be fed in pieces and generation can
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..wkv7 import wkv7
+from ..ops.wkv7 import wkv7
 
 # log decay = -DECAY_SCALE * sigmoid(.): per-token decay in (exp(-e^-0.5), 1) = (0.545, 1)
 DECAY_SCALE = math.exp(-0.5)
@@ -47,7 +47,7 @@ class RWKV7Config:
     aaa_lora: Optional[int] = None
     mv_lora: Optional[int] = None
     gate_lora: Optional[int] = None
-    wkv_backend: str = "auto"              # see rwkv_diffusion_rnn.wkv7.BACKENDS
+    wkv_backend: str = "auto"              # see rwkv_diffusion_rnn.ops.wkv7.BACKENDS
 
     def __post_init__(self):
         if self.n_embd % self.head_size:

@@ -25,7 +25,7 @@ from typing import List, NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from ..time_conditioning import AdaLNZero, FiLM, TimeConditioner
+from .time_conditioning import AdaLNZero, FiLM, TimeConditioner
 from .mixers import MIXERS, Modulation, build_mixer
 from .rwkv7 import RWKV7, LayerState, RWKV7Config
 
@@ -231,7 +231,7 @@ def build_denoiser(cfg: DenoiserConfig, *, rwkv_name: Optional[str] = None,
     """A denoiser over pretrained RWKV-7 weights (``rwkv_name``: path or Hub repo) or over a
     backbone built from scratch with the given sizes (``rwkv_name=None``)."""
     if rwkv_name:
-        from ..pretrained_rwkv import load_rwkv7
+        from ..weights.pretrained_rwkv import load_rwkv7
         backbone = load_rwkv7(rwkv_name, filename=rwkv_filename, revision=rwkv_revision,
                               cache_dir=cache_dir, local_files_only=local_files_only,
                               wkv_backend=wkv_backend)

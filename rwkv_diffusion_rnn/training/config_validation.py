@@ -50,12 +50,12 @@ def _first_latent_dim(cfg: DictConfig):
 
 
 def validate_config(cfg: DictConfig) -> None:
-    from .continuous_diffusion import GaussianDiffusion  # noqa: F401  (import check only)
-    from .diffusion_process import SCHEDULES
-    from .models.mixers import MIXERS
-    from .models.rwkv_denoiser import LATENT_TARGETS, TIME_CONDITIONINGS
+    from ..diffusion.continuous_diffusion import GaussianDiffusion  # noqa: F401  (import check only)
+    from ..diffusion.diffusion_process import SCHEDULES
+    from ..models.mixers import MIXERS
+    from ..models.rwkv_denoiser import LATENT_TARGETS, TIME_CONDITIONINGS
     from .optimizer import OPTIMIZERS, SCHEDULES as LR_SCHEDULES
-    from .wkv7 import BACKENDS
+    from ..ops.wkv7 import BACKENDS
 
     m, tr, d = cfg.model, cfg.training, cfg.data
     _choice(cfg, "model.mixer", sorted(MIXERS))
@@ -116,7 +116,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("training.clean_text_prob + training.clean_latent_prob must not exceed 1")
 
     if d.kind == "synthetic":
-        from .tasks import TASK_NAMES, VOCAB
+        from ..data.tasks import TASK_NAMES, VOCAB
         _choice(cfg, "data.task", TASK_NAMES)
         if m.vocab_size != VOCAB.vocab_size or m.mask_id != VOCAB.mask_id:
             raise ConfigError(f"data.kind=synthetic uses the task vocabulary: set model.vocab_size="

@@ -23,7 +23,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from .models.rwkv7 import RWKV7, RWKV7Config
+from ..models.rwkv7 import RWKV7, RWKV7Config
 
 StateDict = Dict[str, torch.Tensor]
 

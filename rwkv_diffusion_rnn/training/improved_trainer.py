@@ -27,11 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoints as ckpt
 from .config_validation import ConfigError, validate_config
-from .continuous_diffusion import GaussianDiffusion
-from .diffusion_process import MaskedDiffusion
-from .models.rwkv_denoiser import DenoiserConfig, MultimodalRWKVDenoiser, build_denoiser
+from ..diffusion.continuous_diffusion import GaussianDiffusion
+from ..diffusion.diffusion_process import MaskedDiffusion
+from ..models.rwkv_denoiser import DenoiserConfig, MultimodalRWKVDenoiser, build_denoiser
 from .optimizer import build_optimizer, build_scheduler
-from .sampling import generate_latent, generate_text
+from ..diffusion.sampling import generate_latent, generate_text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ class SyntheticData:
     """An endless stream of synthetic-task batches; its position is a generator state."""
 
     def __init__(self, cfg: DictConfig, batch_size: int, seed: int):
-        from .tasks import make_task
+        from ..data.tasks import make_task
         d = cfg.data
         self.task = make_task(d.task, seq_len=d.seq_len, struct_len=d.struct_len, seed=seed)
         self.batch_size = batch_size
@@ -142,7 +142,7 @@ class SyntheticData:
 
 class TextLatentData:
     def __init__(self, cfg: DictConfig, batch_size: int, eval_batch_size: int, seed: int, pad_id: int):
-        from .data_simple import build_dataloaders
+        from ..data.data_simple import build_dataloaders
         d = cfg.data
         self.train, self.val = build_dataloaders(
             token_dir=d.token_dir, latent_dir=d.latent_dir, json_path=d.json_path,

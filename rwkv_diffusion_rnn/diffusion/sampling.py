@@ -6,7 +6,7 @@ Four entry points, all batched, run without gradients and reproducible under a `
   ``mask_id`` positions of a prompt (any pattern: prefix prompt, gaps, scattered tokens);
 * :func:`fill_masks`: the same, named for infilling;
 * :func:`generate_latent`: a latent from (possibly partly masked) text, by the Gaussian
-  diffusion samplers of :class:`~rwkv_diffusion_rnn.continuous_diffusion.GaussianDiffusion`;
+  diffusion samplers of :class:`~rwkv_diffusion_rnn.diffusion.continuous_diffusion.GaussianDiffusion`;
 * :func:`generate_joint`: text and latent together, latent first (see its docstring).
 
 Text decoding (masked diffusion, as in LLaDA / MDLM)

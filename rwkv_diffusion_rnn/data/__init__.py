@@ -1,0 +1,1 @@
+"""Tokenizers, the text + latent dataset, the synthetic tasks, the demo grammar."""

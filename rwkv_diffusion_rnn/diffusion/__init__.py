@@ -1,0 +1,1 @@
+"""Masked text diffusion, Gaussian latent diffusion, sampling; knows no trainer."""

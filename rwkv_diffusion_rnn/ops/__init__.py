@@ -1,0 +1,1 @@
+"""The WKV-7 operator; knows no model."""

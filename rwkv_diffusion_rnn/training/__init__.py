@@ -1,0 +1,1 @@
+"""From config to objects, the training loop, optimizer, checkpoints, validation."""

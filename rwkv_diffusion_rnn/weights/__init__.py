@@ -1,0 +1,1 @@
+"""Pretrained RWKV-7 weights: BlinkDL .pth, fla/HF safetensors, Hub download."""
