@@ -18,8 +18,10 @@ Backends:
 * ``"torch"``: a chunked pure-PyTorch form (diagonal-plus-low-rank / WY representation).
   Inside a chunk everything is dense matrix algebra; only a ``[K, V]`` state crosses chunks.
   Differentiable once (a hand-written backward, no double backward); this is the CPU path.
-* ``"fla"``: fla's Triton ``chunk_rwkv7`` kernel, CUDA only. fla and Triton are imported
-  when this backend runs, never at package import.
+* ``"fla"``: fla's Triton ``chunk_rwkv7`` kernel, for CUDA tensors (or CPU tensors under
+  Triton's interpreter, ``TRITON_INTERPRET=1``: slow, for tests). fla and Triton are imported
+  when this backend runs, never at package import. With 16-bit inputs it uses the faster
+  settings of fla's own RWKV-7 layer, which rely on ``w >= -exp(-0.5)`` (see :func:`wkv7_fla`).
 * ``"auto"``: ``"fla"`` for CUDA tensors, ``"torch"`` otherwise.
 
 Internally the torch and recurrent backends compute in float32 (float64 if the inputs are
@@ -28,6 +30,8 @@ float64), return ``o`` in the input dtype and the final state in the compute dty
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -259,21 +263,47 @@ def wkv7_torch(r, w, k, v, a, b, scale: float = 1.0, initial_state=None,
     return o.to(out_dtype), (S.view(B, H, K, V) if output_final_state else None)
 
 
+# fla's fast RWKV-7 settings (those of its own RWKV-7 layer): RWKV-7's log decay bound, and
+# the chunk length that bound licenses.
+FLA_LOWER_BOUND = -math.exp(-0.5)
+FLA_FAST_CHUNK_SIZE = 64
+
+
 def wkv7_fla(r, w, k, v, a, b, scale: float = 1.0, initial_state=None,
-             output_final_state: bool = False):
-    """fla's Triton kernel (CUDA only)."""
-    if not r.is_cuda:
+             output_final_state: bool = False, fast: Optional[bool] = None):
+    """fla's Triton kernel: CUDA tensors, or CPU tensors under Triton's interpreter.
+
+    CPU tensors are accepted only when ``TRITON_INTERPRET=1`` is set before triton is first
+    imported (then every Triton kernel runs as numpy code: seconds per call, for tests only).
+
+    ``fast``: the settings fla's own RWKV-7 layer uses, ``safe_gate=True``,
+    ``lower_bound=-exp(-0.5)``, ``chunk_size=64``. They are safe for RWKV-7 because its log
+    decay is ``-exp(-0.5) * sigmoid(.)``, so ``w >= -exp(-0.5)`` always (to float32 rounding;
+    bf16 / fp16 round it inwards): with that bound the centred decay exponentials of a
+    64-token chunk stay far inside float32's range (fla's limit is |w| <= 2.6 at that chunk
+    length). fla does not check the bound; much stronger decays may overflow.
+    The cost is precision: that path inverts the intra-chunk matrix in float16 blocks, about
+    1e-4 relative error against a float64 recurrence (measured under the interpreter; the
+    default path is near 1e-6). ``None`` (the default) picks it for 16-bit inputs, whose own
+    rounding is larger, and the default path for float32.
+    """
+    if not r.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("wkv7 backend 'fla' needs CUDA tensors; use backend='torch' on CPU "
-                           "(or 'auto', which picks it)")
+                           "(or 'auto', which picks it). On CPU it runs only under Triton's "
+                           "interpreter: TRITON_INTERPRET=1 set before triton is imported")
     try:
         from fla.ops.rwkv7 import chunk_rwkv7
     except ImportError as e:  # pragma: no cover - depends on the machine
         raise ImportError("wkv7 backend 'fla' needs flash-linear-attention and triton: "
                           "pip install flash-linear-attention triton") from e
+    if fast is None:
+        fast = r.dtype in (torch.bfloat16, torch.float16)
+    opts = (dict(safe_gate=True, lower_bound=FLA_LOWER_BOUND, chunk_size=FLA_FAST_CHUNK_SIZE)
+            if fast else {})
     # The kernel reads every input in float32 internally; it is given one dtype throughout.
     w, k, v, a, b = (x.to(r.dtype) for x in (w, k, v, a, b))
     o, S = chunk_rwkv7(r, w, k, v, a, b, scale=scale, initial_state=initial_state,
-                       output_final_state=output_final_state)
+                       output_final_state=output_final_state, **opts)
     return o, S
 
 
