@@ -2,6 +2,7 @@
 # Set-up and entry points. Creates .venv on first use (torch 2.13.0 first, then this project).
 #   bash dev.sh demo [hydra overrides]   the main job
 #   bash dev.sh test [pytest args]       the test suite
+#   bash dev.sh gpu-check [args]         the GPU checks, one table (eval/gpu_check.py; needs CUDA)
 #   bash dev.sh setup                    only create / update .venv
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -34,5 +35,8 @@ case "$cmd" in
   demo)
     setup
     exec "$VENV/bin/python" -m rwkv_diffusion_rnn.demo "$@" ;;
-  *) echo "usage: bash dev.sh {demo|test|setup} [args]" >&2; exit 2 ;;
+  gpu-check)
+    setup
+    exec "$VENV/bin/python" eval/gpu_check.py "$@" ;;
+  *) echo "usage: bash dev.sh {demo|test|gpu-check|setup} [args]" >&2; exit 2 ;;
 esac
