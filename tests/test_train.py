@@ -45,24 +45,33 @@ def test_resume_is_exact_on_synthetic_data(tmp_path, optimizer):
     assert [r["loss"] for r in part] == [r["loss"] for r in full]
 
 
-def cli(args, **kw):
+def cli(args, hydra_dir, **kw):
+    """Runs a command line; Hydra's own run folder goes to ``hydra_dir`` (a tmp path)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300, **kw)
+    return subprocess.run([sys.executable, *args, f"hydra.run.dir={hydra_dir}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def hydra_outputs():
+    return set((ROOT / "outputs").rglob("*")) if (ROOT / "outputs").exists() else set()
 
 
 def test_cli_as_file_and_module_and_bad_override(tmp_path):
+    before = hydra_outputs()
     r = cli(["rwkv_diffusion_rnn/train_rwkv.py", "--config-name", "rwkv_mmdit", "experiment=struct",
-             *TINY, "training.max_steps=2", "logging.eval_freq=0", f"logging.save_dir={tmp_path / 'a'}"])
+             *TINY, "training.max_steps=2", "logging.eval_freq=0", f"logging.save_dir={tmp_path / 'a'}"],
+            tmp_path / "hydra_a")
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "a" / "metrics.json").exists()
+    assert (tmp_path / "hydra_a" / ".hydra" / "config.yaml").exists()
     r = cli(["-m", "rwkv_diffusion_rnn.train_rwkv", "experiment=struct", "model.mixer=diagonal",
-             f"logging.save_dir={tmp_path / 'b'}"])
+             f"logging.save_dir={tmp_path / 'b'}"], tmp_path / "hydra_b")
     assert r.returncode != 0
     assert "model.mixer='diagonal'" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "b" / "train_log.jsonl").exists()
-    r = cli(["-m", "rwkv_diffusion_rnn.train_rwkv", "experiment=struct", "training.lr=0.1"])
+    r = cli(["-m", "rwkv_diffusion_rnn.train_rwkv", "experiment=struct", "training.lr=0.1"], tmp_path / "hydra_c")
     assert r.returncode != 0 and "training.lr" in r.stderr
+    assert hydra_outputs() == before, "a command line run wrote Hydra's outputs/ into the repository"
 
 
 def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(tmp_path):
@@ -72,7 +81,8 @@ def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(tmp_pa
     part = tmp_path / "part"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "rwkv_diffusion_rnn.train_rwkv", *common,
-                             "training.max_steps=16", f"logging.save_dir={part}"],
+                             "training.max_steps=16", f"logging.save_dir={part}",
+                             f"hydra.run.dir={tmp_path / 'hydra'}"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and not (part / "step_0000008").is_dir():
@@ -84,3 +94,19 @@ def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(tmp_pa
     full, resumed = read_log(tmp_path / "full"), read_log(part)
     assert [r["step"] for r in resumed] == list(range(1, 17))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+
+
+@pytest.mark.parametrize("mixer,backend", [("causal", "torch"), ("bi", "torch"), ("dw_jrt", "torch"),
+                                           ("block_causal", "torch"), ("bi", "recurrent")])
+def test_bf16_autocast_trains_five_steps_on_cpu(tmp_path, mixer, backend):
+    common = ["experiment=struct", *TINY, f"model.mixer={mixer}", f"model.wkv_backend={backend}",
+              "training.train_batch_size=4", "training.max_steps=5", "logging.log_freq=1",
+              "logging.eval_freq=0", "eval.sample_steps=2", "data.eval_size=4", "training.device=cpu"]
+    run(compose_cfg([*common, "training.dtype=bf16", f"logging.save_dir={tmp_path / 'bf16'}"]))
+    run(compose_cfg([*common, "training.dtype=fp32", f"logging.save_dir={tmp_path / 'fp32'}"]))
+    bf16, fp32 = read_log(tmp_path / "bf16"), read_log(tmp_path / "fp32")
+    assert [r["step"] for r in bf16] == [1, 2, 3, 4, 5]
+    losses = [r["loss"] for r in bf16]
+    assert all(l == l and l < 100 for l in losses), losses             # finite
+    assert losses != [r["loss"] for r in fp32]                          # autocast was on
+    assert abs(losses[0] - fp32[0]["loss"]) < 0.05 * fp32[0]["loss"]    # and computes the same loss

@@ -25,7 +25,8 @@ Backends:
 * ``"auto"``: ``"fla"`` for CUDA tensors, ``"torch"`` otherwise.
 
 Internally the torch and recurrent backends compute in float32 (float64 if the inputs are
-float64), return ``o`` in the input dtype and the final state in the compute dtype.
+float64), also inside a bf16 autocast region, return ``o`` in the input dtype and the final
+state in the compute dtype.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+@torch.autocast("cpu", enabled=False)
+@torch.autocast("cuda", enabled=False)
 def wkv7_recurrent(r, w, k, v, a, b, scale: float = 1.0, initial_state=None,
                    output_final_state: bool = False):
     """Reference: the plain per-token recurrence (see module docstring)."""
@@ -114,6 +117,8 @@ class _ChunkedWKV7(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.autocast("cpu", enabled=False)
+    @torch.autocast("cuda", enabled=False)
     def forward(ctx, r, w, k, v, a, b, s):
         N, G, L, K = r.shape
         V = v.shape[-1]
@@ -132,7 +137,7 @@ class _ChunkedWKV7(torch.autograd.Function):
         torch.mul(b, inv, out=Xk[:, :, :L])               # b'
         torch.mul(k, inv, out=Xk[:, :, L:])               # k'
         Xq, Xk = Xq.view(NG, 2 * L, K), Xk.view(NG, 2 * L, K)
-        a_, r_, b_, k_ = Xq[:, :L], Xq[:, L:], Xk[:, :L], Xk[:, L:]
+        a_, r_, k_ = Xq[:, :L], Xq[:, L:], Xk[:, L:]
         M = torch.bmm(Xq, _t(Xk)).masked_fill_(_masks(L, dev), 0)
         A_ab, A_ak = M[:, :L, :L], M[:, :L, L:]
         eye = torch.eye(L, dtype=dt, device=dev)
@@ -162,6 +167,8 @@ class _ChunkedWKV7(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @torch.autocast("cpu", enabled=False)
+    @torch.autocast("cuda", enabled=False)
     def backward(ctx, do, dS_final):
         e_gp, e_ref, inv, Xq, Xk, M, T_inv, W, UV, Z, P, e_in, e_out = ctx.saved_tensors
         N, G, L, K = e_gp.shape
@@ -183,7 +190,7 @@ class _ChunkedWKV7(torch.autograd.Function):
             dp = torch.mul(dS, e_out[n], out=dP[n])
             du = dU[n].baddbmm_(Xk4[n, :, :L], dp)
             dS = dZ[n].add_(dp).baddbmm_(_t(W4[n]), du).mul(e_in[n])
-        dP_, dZ_, dU_ = dP.view(NG, K, V), dZ.view(NG, K, V), dU.view(NG, L, V)
+        dP_, dU_ = dP.view(NG, K, V), dU.view(NG, L, V)
         torch.bmm(_t(T_inv), dU_, out=DY[:, :L])
         # Gradient of M = [[A_ab, A_ak], [A_rb, A_rk]]: [dY; dO] [U; v]^T, masked like M.
         dM = torch.bmm(DY, _t(UV)).masked_fill_(_masks(L, dev), 0)
