@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, build_denoiser
+from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig
+from rwkv_diffusion_rnn.weights.pretrained_rwkv import build_denoiser
 
 MIXERS = [("causal", {}), ("bi", {"bi_fusion": "sum"}), ("bi", {"bi_fusion": "concat"}),
           ("bi", {"bi_fusion": "gated"}), ("bi", {"bi_share_weights": False}),

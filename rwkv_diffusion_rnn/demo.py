@@ -277,9 +277,8 @@ class _LogEcho(threading.Thread):
 
 
 def train(cfg, echo: bool = False):
-    """Train with the project's Trainer; returns it (model, diffusion, metrics) after making sure
-    the final weights are in a checkpoint. ``echo`` prints log records while training."""
-    from .training import checkpoints as ckpt
+    """Train with the project's Trainer (which ends with a checkpoint of the last step); returns it
+    (model, diffusion, metrics). ``echo`` prints log records while training."""
     from .training.improved_trainer import Trainer
     save_dir = Path(cfg.logging.save_dir)
     if not cfg.training.resume:
@@ -298,15 +297,13 @@ def train(cfg, echo: bool = False):
         if watcher:
             watcher.done.set()
             watcher.join()
-    if trainer.global_step and not (trainer.save_dir / ckpt.step_dir_name(trainer.global_step)).is_dir():
-        trainer.save(ckpt.step_dir_name(trainer.global_step))
     return trainer
 
 
 def load_trained(cfg):
     """(model, latent diffusion) from the newest checkpoint in ``logging.save_dir``."""
     from .training import checkpoints as ckpt
-    from .training.improved_trainer import _resolve_device, build_latent_diffusion, build_model
+    from .training.builders import build_latent_diffusion, build_model, resolve_device
     path = ckpt.resolve_resume("latest", cfg.logging.save_dir)
     saved = ckpt.load_config(path)
     if saved is not None:
@@ -316,7 +313,7 @@ def load_trained(cfg):
     model = build_model(cfg)
     ckpt.load_checkpoint(path, model=model, restore_rng=False)
     print(f"loaded {path}")
-    return model.to(_resolve_device(cfg.training.device)), build_latent_diffusion(cfg)
+    return model.to(resolve_device(cfg.training.device)), build_latent_diffusion(cfg)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,13 +42,12 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="rwkv_mmdit", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from rwkv_diffusion_rnn.training.checkpoints import CheckpointError
     from rwkv_diffusion_rnn.training.config_validation import ConfigError
     from rwkv_diffusion_rnn.data.data_simple import DataFormatError
-    from rwkv_diffusion_rnn.weights.pretrained_rwkv import CheckpointError as WeightsError
+    from rwkv_diffusion_rnn.weights.pretrained_rwkv import CheckpointError
     try:
         metrics = run(cfg)
-    except (ConfigError, DataFormatError, CheckpointError, WeightsError, FileNotFoundError, OSError) as e:
+    except (ConfigError, DataFormatError, CheckpointError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print("final metrics: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"

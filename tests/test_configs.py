@@ -6,7 +6,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from rwkv_diffusion_rnn.training.config_validation import ConfigError, validate_config
-from rwkv_diffusion_rnn.training.improved_trainer import denoiser_config
+from rwkv_diffusion_rnn.training.builders import denoiser_config
 from rwkv_diffusion_rnn.train_rwkv import CONFIG_DIR, compose_config as compose_cfg
 
 GROUPS = {g: sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("*.yaml"))
@@ -70,6 +70,12 @@ def test_unknown_key_is_refused_by_name():
     (["model.pos_emb_len=32"], "model.pos_emb_len=32 is shorter than data.seq_len=64"),
     (["model.pos_emb_len=-2"], "model.pos_emb_len=-2 must be an integer >= 0"),
     (["model.pos_emb_init_std=-0.1"], "model.pos_emb_init_std=-0.1 must be a number >= 0"),
+    (["text_noise.sft=true"], "text_noise.sft=true: supervised fine-tuning"),
+    (["model.latent_in_cond=true"], "model.latent_in_cond=true adds the latent"),
+    (["model.bi_fusion=max"], "model.bi_fusion='max'"),
+    (["text_noise.loss_type=hinge"], "text_noise.loss_type='hinge'"),
+    (["latent_noise.schedule=sqrt"], "latent_noise.schedule='sqrt'"),
+    (["training.device=tpu"], "training.device='tpu'"),
 ])
 def test_configs_that_cannot_work_are_refused_naming_the_key(overrides, match, tmp_path):
     cfg = compose_cfg(["experiment=struct", f"logging.save_dir={tmp_path}", *overrides])
@@ -86,3 +92,29 @@ def test_latent_dim_that_does_not_match_the_data_is_refused(tmp_path):
                        f"logging.save_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="model.latent_dim=32 but .*0.npy holds a 16-dim latent"):
         validate_config(cfg)
+
+
+def test_choice_lists_are_the_implementing_modules_own(tmp_path):
+    """A choice a module adds is accepted without touching the validation (one source of truth)."""
+    from rwkv_diffusion_rnn.diffusion import diffusion_process
+    from rwkv_diffusion_rnn.models.mixers.base import Fusion
+    cfg = compose_cfg(["experiment=struct", f"logging.save_dir={tmp_path}", "model.bi_fusion=max",
+                       "text_noise.loss_type=hinge"])
+    old_kinds, old_losses = Fusion.KINDS, diffusion_process.LOSS_TYPES
+    try:
+        Fusion.KINDS = (*old_kinds, "max")
+        diffusion_process.LOSS_TYPES = (*old_losses, "hinge")
+        validate_config(cfg)
+    finally:
+        Fusion.KINDS, diffusion_process.LOSS_TYPES = old_kinds, old_losses
+
+
+def test_the_padding_id_is_the_named_tokenizers(tmp_path):
+    from rwkv_diffusion_rnn.data.tokenizer import load_tokenizer
+    from rwkv_diffusion_rnn.training.builders import pad_id
+    cfg = compose_cfg([f"logging.save_dir={tmp_path}", "tokenizer.name=BlinkDL/rwkv7-g1"])
+    assert pad_id(cfg) == load_tokenizer("BlinkDL/rwkv7-g1").pad_id
+    cfg = compose_cfg([f"logging.save_dir={tmp_path}", "tokenizer.name=/no/such/tokenizer",
+                       "tokenizer.local_files_only=true"])
+    with pytest.raises(ConfigError, match="tokenizer.name='/no/such/tokenizer'"):
+        pad_id(cfg)

@@ -7,9 +7,7 @@ import torch
 
 from rwkv_diffusion_rnn.diffusion.continuous_diffusion import (
     GaussianDiffusion,
-    NullLatent,
     cfg_combine,
-    drop_latent,
 )
 
 SCHEDULES = ["cosine", "linear"]
@@ -163,28 +161,6 @@ def test_samplers_run_without_grad():
 
 
 # ---- classifier-free guidance -----------------------------------------------------------
-
-
-def test_drop_latent_p0_p1_and_gradient_to_null():
-    null = NullLatent(32)
-    assert isinstance(null.null, torch.nn.Parameter) and null.null.shape == (32,)
-    latent = torch.randn(5, 32)
-    out, dropped = null(latent, p_drop=0.0)
-    assert torch.equal(out, latent) and not dropped.any()
-    out, dropped = null(latent, p_drop=1.0, generator=torch.Generator().manual_seed(0))
-    assert dropped.all() and torch.equal(out, null.null.detach().expand(5, 32))
-    out.sum().backward()
-    assert torch.equal(null.null.grad, torch.full((32,), 5.0))
-    force = torch.tensor([True, False, False, True, False])
-    out, dropped = drop_latent(latent, 0.0, null.null, drop=force)
-    assert torch.equal(dropped, force)
-    assert torch.equal(out[~force], latent[~force]) and torch.equal(out[0], null.null.detach())
-
-
-def test_drop_latent_rate():
-    out, dropped = drop_latent(torch.randn(4000, 32), 0.1, torch.zeros(32), generator=torch.Generator().manual_seed(1))
-    assert dropped.float().mean().item() == pytest.approx(0.1, abs=0.02)
-    assert (out[dropped] == 0).all()
 
 
 def test_cfg_combine():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
-from rwkv_diffusion_rnn.models.rwkv_denoiser import (DenoiserConfig, MultimodalRWKVDenoiser,
-                                                     build_denoiser)
+from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, MultimodalRWKVDenoiser
+from rwkv_diffusion_rnn.weights.pretrained_rwkv import build_denoiser
 from rwkv_diffusion_rnn.weights.pretrained_rwkv import load_rwkv7, save_random_blinkdl_checkpoint
 
 V, MASK, D = 40, 39, 8
@@ -250,3 +250,34 @@ def test_bad_configuration_is_named():
     backbone = RWKV7(RWKV7Config(vocab_size=V, n_layer=1, n_embd=64, head_size=32))
     with pytest.raises(ValueError, match="use_rwkv_lm_head"):
         MultimodalRWKVDenoiser(backbone, DenoiserConfig(vocab_size=V - 1, mask_id=3, use_rwkv_lm_head=True))
+
+
+def test_a_mixer_refuses_options_it_does_not_take():
+    from rwkv_diffusion_rnn.models.mixers import build_mixer, mixer_options
+    assert mixer_options("causal") == ()
+    assert mixer_options("bi") == ("n_embd", "bi_fusion", "bi_share_weights")
+    backbone = RWKV7(RWKV7Config(vocab_size=V, n_layer=1, n_embd=64, head_size=32))
+    with pytest.raises(TypeError, match="model.mixer=causal takes \\[\\], not \\['block_size'\\]"):
+        build_mixer("causal", backbone.blocks, block_size=4)
+
+
+@pytest.mark.parametrize("latent_in_cond", [False, True])
+def test_latent_in_cond_conditions_a_continuation_call_on_the_latent(latent_in_cond):
+    """A continuation call reads no prefix: its latent argument matters only through the
+    conditioning vector, i.e. with latent_in_cond."""
+    model = tiny("causal", "film", latent_in_cond=latent_in_cond)
+    ids, t, z, s = inputs()
+    with torch.no_grad():
+        state = model(ids[:, :8], t, z, s, return_state=True).state
+        a = model(ids[:, 8:], t, z, s, state=state).logits
+        b = model(ids[:, 8:], t, z + 1.0, s, state=state).logits
+    assert (not torch.equal(a, b)) == latent_in_cond
+    if latent_in_cond:
+        assert (a - b).abs().amax(-1).min() > 0        # every position moved
+
+
+def test_latent_in_cond_needs_a_latent_and_a_conditioning_path():
+    with pytest.raises(ValueError, match="latent_in_cond"):
+        DenoiserConfig(latent_in_cond=True, time_conditioning="none")
+    with pytest.raises(ValueError, match="latent_in_cond"):
+        DenoiserConfig(latent_in_cond=True, latent_prefix_len=0)

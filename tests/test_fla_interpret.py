@@ -22,7 +22,6 @@ The interpreter takes seconds per kernel call, so the shapes are small.
 """
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys

@@ -155,7 +155,8 @@ def test_decay_lr_mult_scales_only_the_decay_bases():
 
 
 def test_position_embedding_is_an_embedding_no_decay_no_muon():
-    from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, build_denoiser
+    from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig
+    from rwkv_diffusion_rnn.weights.pretrained_rwkv import build_denoiser
     model = build_denoiser(DenoiserConfig(vocab_size=20, mask_id=19, latent_prefix_len=0, pos_emb_len=8),
                            n_layer=1, n_embd=64, head_size=32)
     for muon_lr in (None, 0.05):

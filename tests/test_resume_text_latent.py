@@ -74,3 +74,33 @@ def test_corrupted_newest_checkpoint_is_named_with_the_intact_one(data_dir, tmp_
     msg = str(e.value)
     assert str(newest) in msg and "model.safetensors" in msg
     assert str(earlier.resolve()) in msg and "training.resume=" in msg
+
+
+def test_an_epoch_run_ends_with_its_epoch_checkpoint_and_resumes_from_it(data_dir, tmp_path):
+    """README steps 3 and 4: train one epoch, then resume from epoch_000 for a second one."""
+    save = tmp_path / "run"
+    one_epoch = [*common(data_dir, 1), "training.max_steps=null", "training.num_epochs=1",
+                 "logging.save_epochs=true", f"logging.save_dir={save}"]
+    run(compose_cfg(one_epoch))
+    assert sorted(p.name for p in save.iterdir() if p.is_dir()) == ["epoch_000"]  # nothing else needed
+    assert (save / "epoch_000" / "model.safetensors").is_file()
+    run(compose_cfg([*one_epoch, "training.num_epochs=2", f"training.resume={save / 'epoch_000'}"]))
+    log = read_log(save)
+    assert [r["step"] for r in log] == [2, 4, 5, 6, 8, 10]     # 5 steps an epoch; the last of each logged
+    assert [r["epoch"] for r in log] == [0, 0, 0, 1, 1, 1]
+    assert (save / "epoch_001").is_dir()
+
+
+def test_a_max_steps_run_ends_with_a_checkpoint_of_its_last_step(data_dir, tmp_path):
+    from rwkv_diffusion_rnn.training.checkpoints import load_checkpoint
+    from rwkv_diffusion_rnn.training.builders import build_model
+    save = tmp_path / "run"
+    cfg = compose_cfg([*common(data_dir, 7), f"logging.save_dir={save}"])   # mid-epoch, no save_every
+    run(cfg)
+    assert sorted(p.name for p in save.iterdir() if p.is_dir()) == ["step_0000007"]
+    model = build_model(cfg)
+    state, _ = load_checkpoint(save / "step_0000007", model=model)
+    assert state["global_step"] == 7
+    run(compose_cfg([*common(data_dir, 9), "training.resume=latest", f"logging.save_dir={save}"]))
+    assert [r["step"] for r in read_log(save)][-2:] == [8, 9]
+    assert (save / "step_0000009").is_dir()

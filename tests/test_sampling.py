@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from rwkv_diffusion_rnn.diffusion.continuous_diffusion import GaussianDiffusion
-from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, build_denoiser
+from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig
+from rwkv_diffusion_rnn.weights.pretrained_rwkv import build_denoiser
 from rwkv_diffusion_rnn.diffusion.sampling import (fill_masks, generate_joint, generate_latent, generate_text,
                                          guided_logits, propose_tokens)
 

@@ -524,6 +524,11 @@ class ResumableDataLoader:
         return self._epoch
 
     @property
+    def at_epoch_end(self) -> bool:
+        """Every batch of the current epoch has been handed out (the next one starts a new epoch)."""
+        return self._consumed >= len(self.sampler)
+
+    @property
     def batch_size(self) -> int:
         return self.sampler.batch_size
 

@@ -20,8 +20,9 @@ latent) or ``v = alpha eps - sigma x0``; :meth:`GaussianDiffusion.predict_x0` an
 Sampling runs from ``s = 1`` (started from N(0, I)) to ``s = 0`` on a uniform grid of ``steps``
 intervals; the last step returns the model's prediction of x0.
 
-Classifier-free guidance: :class:`NullLatent` / :func:`drop_latent` swap a row's latent for a
-learned null vector during training; :func:`cfg_combine` mixes the two predictions at sampling time.
+Classifier-free guidance: the denoiser's learned null latent stands in for a row's latent during
+training (``training.latent_drop_prob``); :func:`cfg_combine` mixes the two predictions at
+sampling time.
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ import math
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn as nn
 
-__all__ = ["GaussianDiffusion", "NullLatent", "drop_latent", "cfg_combine", "LATENT_SCHEDULES", "TARGETS"]
+__all__ = ["GaussianDiffusion", "cfg_combine", "LATENT_SCHEDULES", "TARGETS"]
 
 LATENT_SCHEDULES = ("cosine", "linear")
 TARGETS = ("eps", "x0", "v")
@@ -254,39 +254,6 @@ class GaussianDiffusion:
 # --------------------------------------------------------------------------------------------
 # Classifier-free guidance
 # --------------------------------------------------------------------------------------------
-
-
-def drop_latent(latent: torch.Tensor, p_drop: float, null_latent: torch.Tensor, generator=None,
-                drop: Optional[torch.Tensor] = None):
-    """Replace each row of ``latent`` [B, D] by ``null_latent`` [D] with probability ``p_drop``.
-
-    ``drop`` (optional [B] bool) forces which rows are replaced instead of drawing them (e.g. all
-    True for the unconditional pass at sampling time). Returns ``(latent, dropped)``; gradients
-    reach ``null_latent`` through the replaced rows.
-    """
-    if not 0.0 <= p_drop <= 1.0:
-        raise ValueError(f"p_drop must be in [0, 1], got {p_drop}")
-    B = latent.shape[0]
-    if drop is None:
-        if p_drop == 0.0:
-            return latent, torch.zeros(B, dtype=torch.bool, device=latent.device)
-        drop = _rand((B,), generator, latent.device) < p_drop
-    drop = drop.to(latent.device)
-    null = null_latent.to(latent.dtype).expand_as(latent)
-    return torch.where(_per_row(drop, latent), null, latent), drop
-
-
-class NullLatent(nn.Module):
-    """The learned "no latent" vector of classifier-free guidance, a parameter of shape [dim]."""
-
-    def __init__(self, dim: int, init_std: float = 0.02):
-        super().__init__()
-        self.null = nn.Parameter(torch.randn(dim) * init_std)
-
-    def forward(self, latent: torch.Tensor, p_drop: float = 0.0, generator=None,
-                drop: Optional[torch.Tensor] = None):
-        """See :func:`drop_latent`; returns ``(latent, dropped)``."""
-        return drop_latent(latent, p_drop, self.null, generator=generator, drop=drop)
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:

@@ -9,28 +9,30 @@ learned absolute position embedding (zero-initialised by default, or normal with
 which is slow to learn from scratch when an answer has to be fetched from a fixed offset (the
 synthetic copy tasks). The text time ``t`` and the latent time ``s`` are embedded
 (sinusoidal + MLP) into a conditioning vector that modulates every block, as FiLM or AdaLN-Zero.
-A mixer (``causal``, ``bi``, ``dw_jrt``, ``block_causal``) decides how the blocks read the
+With ``latent_in_cond`` the latent's prefix embedding is added to that vector too (as DiT adds
+the class embedding to the time embedding), so every block at every position reads the latent
+directly instead of only through the scan from the prefix. A mixer (``causal``, ``bi``, ``dw_jrt``, ``block_causal``) decides how the blocks read the
 sequence. Two heads: text logits at the text positions, and the latent prediction (eps, x0 or v)
 from the prefix positions.
 
-Build one with :func:`build_denoiser` (pretrained rwkv7 weights or sizes from scratch) or pass
-an :class:`~rwkv_diffusion_rnn.models.rwkv7.RWKV7` backbone directly.
+Build one with :func:`~rwkv_diffusion_rnn.weights.pretrained_rwkv.build_denoiser` (pretrained
+rwkv7 weights or sizes from scratch) or pass an :class:`~rwkv_diffusion_rnn.models.rwkv7.RWKV7`
+backbone directly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 
 from .time_conditioning import AdaLNZero, FiLM, TimeConditioner
-from .mixers import MIXERS, Modulation, build_mixer
+from .mixers import MIXERS, Modulation, build_mixer, mixer_options
 from .rwkv7 import RWKV7, LayerState, RWKV7Config
 
 TIME_CONDITIONINGS = ("film", "adaln_zero", "none")
-LATENT_TARGETS = ("eps", "x0", "v")
 
 
 @dataclass
@@ -40,7 +42,7 @@ class DenoiserConfig:
     mask_id: int = 65535
     latent_dim: int = 32
     latent_prefix_len: int = 1          # 0: a text-only model (no latent input or head)
-    latent_target: str = "eps"          # what the latent head predicts: eps | x0 | v
+    latent_target: str = "eps"          # what the latent head predicts (GaussianDiffusion.TARGETS)
     time_conditioning: str = "film"     # film | adaln_zero | none
     adaln_identity_init: bool = True    # AdaLN gates start at 1 (pretrained) or 0 (DiT)
     mixer: str = "bi"
@@ -55,13 +57,12 @@ class DenoiserConfig:
     freeze_backbone: bool = False
     pos_emb_len: int = 0                # learned position embedding for this many text positions
     pos_emb_init_std: float = 0.0       # its initial values: N(0, std^2); 0 = zeros
+    latent_in_cond: bool = False        # also add the latent's embedding to the conditioning vector
 
     def __post_init__(self):
         if self.time_conditioning not in TIME_CONDITIONINGS:
             raise ValueError(f"model.time_conditioning={self.time_conditioning!r}; choose one of "
                              f"{TIME_CONDITIONINGS}")
-        if self.latent_target not in LATENT_TARGETS:
-            raise ValueError(f"model.latent_target={self.latent_target!r}; choose one of {LATENT_TARGETS}")
         if self.mixer not in MIXERS:
             raise ValueError(f"model.mixer={self.mixer!r}; choose one of {sorted(MIXERS)}")
         if not 0 <= self.mask_id < self.vocab_size:
@@ -72,6 +73,9 @@ class DenoiserConfig:
             raise ValueError(f"model.pos_emb_len={self.pos_emb_len} must be >= 0 (0: no position embedding)")
         if not self.pos_emb_init_std >= 0:
             raise ValueError(f"model.pos_emb_init_std={self.pos_emb_init_std} must be >= 0")
+        if self.latent_in_cond and (self.time_conditioning == "none" or not self.latent_prefix_len):
+            raise ValueError("model.latent_in_cond=true needs a latent (model.latent_prefix_len >= 1) and "
+                             "a conditioning path (model.time_conditioning=film or adaln_zero)")
 
 
 class DenoiserOutput(NamedTuple):
@@ -113,6 +117,8 @@ class MultimodalRWKVDenoiser(nn.Module):
 
         if cfg.time_conditioning != "none":
             self.time_cond = TimeConditioner(C, latent_time=P > 0)
+            if cfg.latent_in_cond:
+                self.latent_cond = nn.Linear(C, C)
             if cfg.time_conditioning == "film":
                 self.cond = nn.ModuleList(nn.ModuleList([FiLM(C, C), FiLM(C, C)])
                                           for _ in range(bc.n_layer))
@@ -120,13 +126,10 @@ class MultimodalRWKVDenoiser(nn.Module):
                 self.cond = nn.ModuleList(AdaLNZero(C, C, identity_init=cfg.adaln_identity_init)
                                           for _ in range(bc.n_layer))
 
-        self.mixer = build_mixer(cfg.mixer, backbone.blocks, n_embd=C, n_head=bc.n_head,
-                                 bi_fusion=cfg.bi_fusion, bi_share_weights=cfg.bi_share_weights,
-                                 dw_jrt_scale=cfg.dw_jrt_scale,
-                                 dw_jrt_learnable_alpha=cfg.dw_jrt_learnable_alpha,
-                                 dw_jrt_alpha_init=cfg.dw_jrt_alpha_init,
-                                 dw_jrt_layer_start=cfg.dw_jrt_layer_start,
-                                 block_size=cfg.block_size)
+        sizes = {"n_embd": C, "n_head": bc.n_head}
+        self.mixer = build_mixer(cfg.mixer, backbone.blocks,
+                                 **{k: sizes[k] if k in sizes else getattr(cfg, k)
+                                    for k in mixer_options(cfg.mixer)})
         if not cfg.use_rwkv_lm_head:
             self.text_head = nn.Linear(C, cfg.vocab_size, bias=False)
             nn.init.normal_(self.text_head.weight, std=C ** -0.5)
@@ -200,16 +203,20 @@ class MultimodalRWKVDenoiser(nn.Module):
                                  f"model.pos_emb_len={cfg.pos_emb_len}; train with "
                                  f"model.pos_emb_len >= the longest text (data.seq_len)")
             x = x + self.pos_emb[pos_offset:pos_offset + T].to(x.dtype)
-        if P:
+        prefix = None
+        if P or cfg.latent_in_cond:  # a continuation call reads no prefix, but may condition on it
             prefix = self.embed_prefix(latent, B)
             if latent_drop is not None:
                 null = self.embed_prefix(None, B)
                 prefix = torch.where(latent_drop.view(B, 1, 1), null, prefix)
+        if P:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
 
         c = None
         if cfg.time_conditioning != "none":
             c = self.time_cond(t.float(), s.float() if cfg.latent_prefix_len else None)
+            if cfg.latent_in_cond:
+                c = c + self.latent_cond(prefix.float().mean(1))
         x, new_state = self.mixer(self.backbone.blocks, x, self._modulations(c), state=state,
                                   return_state=return_state, prefix_len=P)
 
@@ -221,22 +228,3 @@ class MultimodalRWKVDenoiser(nn.Module):
             h_lat = self.latent_out_norm(x[:, :P]).reshape(B, P * self.n_embd)
             latent_out = self.latent_head(h_lat)
         return DenoiserOutput(logits, latent_out, new_state)
-
-
-def build_denoiser(cfg: DenoiserConfig, *, rwkv_name: Optional[str] = None,
-                   rwkv_filename: Optional[str] = None, rwkv_revision: Optional[str] = None,
-                   cache_dir: Optional[str] = None, local_files_only: bool = False,
-                   n_layer: int = 2, n_embd: int = 128, head_size: int = 32,
-                   wkv_backend: str = "auto", **backbone_kwargs) -> MultimodalRWKVDenoiser:
-    """A denoiser over pretrained RWKV-7 weights (``rwkv_name``: path or Hub repo) or over a
-    backbone built from scratch with the given sizes (``rwkv_name=None``)."""
-    if rwkv_name:
-        from ..weights.pretrained_rwkv import load_rwkv7
-        backbone = load_rwkv7(rwkv_name, filename=rwkv_filename, revision=rwkv_revision,
-                              cache_dir=cache_dir, local_files_only=local_files_only,
-                              wkv_backend=wkv_backend)
-        backbone.train()
-    else:
-        backbone = RWKV7(RWKV7Config(vocab_size=cfg.vocab_size, n_layer=n_layer, n_embd=n_embd,
-                                     head_size=head_size, wkv_backend=wkv_backend, **backbone_kwargs))
-    return MultimodalRWKVDenoiser(backbone, cfg)

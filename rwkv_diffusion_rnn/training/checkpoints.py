@@ -7,7 +7,6 @@ file per stateful part of a training run:
     ema.safetensors      EMA copy of the model, when the run keeps one
     optimizer.pt         optimizer.state_dict()
     scheduler.pt         lr_scheduler.state_dict()
-    scaler.pt            GradScaler.state_dict()
     rng.pt               python `random`, numpy, torch CPU and CUDA generator states
     extra.pt             tensors the trainer adds (e.g. the state of the data generator)
     trainer_state.json   global_step, epoch, position in the epoch, sampler state, metrics so far
@@ -42,6 +41,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..weights.pretrained_rwkv import CheckpointError
+
 __all__ = [
     "CheckpointError",
     "epoch_dir_name",
@@ -71,18 +72,10 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 
 # Parts restored with `obj.load_state_dict(torch.load(file))`: (argument name, file).
-STATE_DICT_PARTS = (("optimizer", "optimizer.pt"), ("scheduler", "scheduler.pt"), ("scaler", "scaler.pt"))
+STATE_DICT_PARTS = (("optimizer", "optimizer.pt"), ("scheduler", "scheduler.pt"))
 
 # Prefixes of the working directories inside save_dir (never listed as checkpoints).
 _TMP, _OLD, _TRASH = ".tmp-", ".old-", ".trash-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, corrupted or does not fit the run.
-
-    The message names the checkpoint directory or file, what is wrong with it and, when the
-    save_dir holds one, which earlier checkpoint is intact and how to resume from it.
-    """
 
 
 def epoch_dir_name(epoch: int) -> str:
@@ -104,7 +97,6 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer=None,
     scheduler=None,
-    scaler=None,
     ema: torch.nn.Module | None = None,
     trainer_state: dict,
     extra_tensors: dict | None = None,
@@ -131,7 +123,7 @@ def save_checkpoint(
     config_text = _config_yaml(config) if config is not None else None
     pt_parts = {}
     for arg, fname in STATE_DICT_PARTS:
-        obj = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}[arg]
+        obj = {"optimizer": optimizer, "scheduler": scheduler}[arg]
         if obj is not None:
             pt_parts[fname] = obj.state_dict()
             _check_loadable(pt_parts[fname], f"{arg}.state_dict()")
@@ -242,7 +234,6 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer=None,
     scheduler=None,
-    scaler=None,
     ema: torch.nn.Module | None = None,
     map_location="cpu",
     restore_rng: bool = True,
@@ -251,7 +242,7 @@ def load_checkpoint(
     ``(trainer_state, extra_tensors)``.
 
     Weights are read on the CPU and copied into the model's own device and dtype;
-    ``map_location`` applies to the optimizer, scheduler, scaler and extra tensors.
+    ``map_location`` applies to the optimizer, scheduler and extra tensors.
     A part passed here but absent from the checkpoint is an error.
     """
     path = Path(path)
@@ -267,7 +258,7 @@ def load_checkpoint(
             )
         _load_weights(path / EMA_FILE, _unwrap(ema))
 
-    parts = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    parts = {"optimizer": optimizer, "scheduler": scheduler}
     for arg, fname in STATE_DICT_PARTS:
         obj = parts[arg]
         if obj is None:

@@ -50,24 +50,32 @@ def _first_latent_dim(cfg: DictConfig):
 
 
 def validate_config(cfg: DictConfig) -> None:
-    from ..diffusion.continuous_diffusion import GaussianDiffusion  # noqa: F401  (import check only)
-    from ..diffusion.diffusion_process import SCHEDULES
+    from ..diffusion.continuous_diffusion import LATENT_SCHEDULES, TARGETS
+    from ..diffusion.diffusion_process import LOSS_TYPES, NOISE_TYPES, SCHEDULES
     from ..models.mixers import MIXERS
-    from ..models.rwkv_denoiser import LATENT_TARGETS, TIME_CONDITIONINGS
-    from .optimizer import OPTIMIZERS, SCHEDULES as LR_SCHEDULES
+    from ..models.mixers.base import Fusion
+    from ..models.rwkv_denoiser import TIME_CONDITIONINGS
     from ..ops.wkv7 import BACKENDS
+    from .builders import AUTOCAST_DTYPES, DATA_KINDS, DEVICES
+    from .optimizer import OPTIMIZERS, SCHEDULES as LR_SCHEDULES
 
     m, tr, d = cfg.model, cfg.training, cfg.data
     _choice(cfg, "model.mixer", sorted(MIXERS))
     _choice(cfg, "model.time_conditioning", TIME_CONDITIONINGS)
-    _choice(cfg, "model.latent_target", LATENT_TARGETS)
-    _choice(cfg, "model.bi_fusion", ("sum", "concat", "gated"))
+    _choice(cfg, "model.latent_target", TARGETS)
+    _choice(cfg, "model.bi_fusion", Fusion.KINDS)
     _choice(cfg, "model.wkv_backend", BACKENDS)
-    _choice(cfg, "training.dtype", ("fp32", "bf16"))
+    _choice(cfg, "training.dtype", tuple(AUTOCAST_DTYPES))
+    if not (tr.device in DEVICES or str(tr.device).startswith("cuda:")):
+        raise ConfigError(f"training.device={tr.device!r} is not valid; choose one of {', '.join(DEVICES)} "
+                          "(or cuda:N)")
     _choice(cfg, "text_noise.schedule", sorted(SCHEDULES))
-    _choice(cfg, "text_noise.loss_type", ("mdlm", "llada", "soft_ce"))
-    _choice(cfg, "text_noise.noise_type", ("mask", "random_replace"))
-    _choice(cfg, "latent_noise.schedule", ("cosine", "linear"))
+    _choice(cfg, "text_noise.loss_type", LOSS_TYPES)
+    _choice(cfg, "text_noise.noise_type", NOISE_TYPES)
+    if cfg.text_noise.sft:
+        raise ConfigError("text_noise.sft=true: supervised fine-tuning on conversation data is not wired into "
+                          "the trainer yet (its data has no prompt lengths); set text_noise.sft=false")
+    _choice(cfg, "latent_noise.schedule", LATENT_SCHEDULES)
     _choice(cfg, "optimizer.name", OPTIMIZERS)
     _choice(cfg, "optimizer.schedule", LR_SCHEDULES)
     if cfg.optimizer.schedule == "wsd":
@@ -75,7 +83,7 @@ def validate_config(cfg: DictConfig) -> None:
         if not isinstance(ds, int) or isinstance(ds, bool) or ds < 1:
             raise ConfigError(f"optimizer.decay_steps={ds!r}: optimizer.schedule=wsd needs the number of "
                               "steps of its final linear decay, e.g. optimizer.decay_steps=50")
-    _choice(cfg, "data.kind", ("text_latent", "synthetic"))
+    _choice(cfg, "data.kind", DATA_KINDS)
     for key in ("training.train_batch_size", "training.eval_batch_size", "training.grad_accum_steps",
                 "optimizer.lr", "optimizer.decay_lr_mult", "logging.log_freq", "data.seq_len"):
         _positive(cfg, key)
@@ -114,6 +122,9 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"training.{key}={tr[key]} must be a probability in [0, 1]")
     if tr.clean_text_prob + tr.clean_latent_prob > 1:
         raise ConfigError("training.clean_text_prob + training.clean_latent_prob must not exceed 1")
+    if m.latent_in_cond and (not m.latent_prefix_len or m.time_conditioning == "none"):
+        raise ConfigError("model.latent_in_cond=true adds the latent to the time conditioning: it needs "
+                          "model.latent_prefix_len >= 1 and model.time_conditioning=film or adaln_zero")
 
     if d.kind == "synthetic":
         from ..data.tasks import TASK_NAMES, VOCAB

@@ -24,6 +24,7 @@ from typing import Dict, Optional, Union
 import torch
 
 from ..models.rwkv7 import RWKV7, RWKV7Config
+from ..models.rwkv_denoiser import DenoiserConfig, MultimodalRWKVDenoiser
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -31,7 +32,10 @@ DEFAULT_REPO = "BlinkDL/rwkv7-g1"
 
 
 class CheckpointError(ValueError):
-    """A file that cannot be read as an RWKV-7 checkpoint; the message says why and what to do."""
+    """A checkpoint that cannot be used: pretrained RWKV-7 weights that cannot be read, or a
+    training checkpoint of this project that is missing, incomplete, corrupted or does not fit
+    the run. The message names the file or directory, what is wrong and what to do (for a
+    training checkpoint, which earlier one in the save_dir is intact and how to resume from it)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,3 +345,21 @@ def save_random_blinkdl_checkpoint(path: Union[str, os.PathLike], **kwargs) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(random_blinkdl_state_dict(**kwargs), path)
     return path
+
+
+def build_denoiser(cfg: DenoiserConfig, *, rwkv_name: Optional[str] = None,
+                   rwkv_filename: Optional[str] = None, rwkv_revision: Optional[str] = None,
+                   cache_dir: Optional[str] = None, local_files_only: bool = False,
+                   n_layer: int = 2, n_embd: int = 128, head_size: int = 32,
+                   wkv_backend: str = "auto", **backbone_kwargs) -> MultimodalRWKVDenoiser:
+    """A denoiser over pretrained RWKV-7 weights (``rwkv_name``: path or Hub repo) or over a
+    backbone built from scratch with the given sizes (``rwkv_name=None``)."""
+    if rwkv_name:
+        backbone = load_rwkv7(rwkv_name, filename=rwkv_filename, revision=rwkv_revision,
+                              cache_dir=cache_dir, local_files_only=local_files_only,
+                              wkv_backend=wkv_backend)
+        backbone.train()
+    else:
+        backbone = RWKV7(RWKV7Config(vocab_size=cfg.vocab_size, n_layer=n_layer, n_embd=n_embd,
+                                     head_size=head_size, wkv_backend=wkv_backend, **backbone_kwargs))
+    return MultimodalRWKVDenoiser(backbone, cfg)

@@ -16,9 +16,7 @@ from .base import Fusion, layer_mods, run_block
 
 
 class BiMixer(nn.Module):
-    supports_state = False
-
-    def __init__(self, blocks, n_embd: int, bi_fusion: str = "sum", bi_share_weights: bool = True, **_):
+    def __init__(self, blocks, n_embd: int, bi_fusion: str = "sum", bi_share_weights: bool = True):
         super().__init__()
         self.share = bi_share_weights
         if not bi_share_weights:

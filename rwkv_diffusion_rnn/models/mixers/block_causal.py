@@ -21,10 +21,8 @@ from .base import Fusion, layer_mods, run_block
 
 
 class BlockCausalMixer(nn.Module):
-    supports_state = True
-
     def __init__(self, blocks, n_embd: int, block_size: int = 16, bi_fusion: str = "sum",
-                 bi_share_weights: bool = True, **_):
+                 bi_share_weights: bool = True):
         super().__init__()
         if block_size < 1:
             raise ValueError(f"model.block_size must be >= 1, got {block_size}")

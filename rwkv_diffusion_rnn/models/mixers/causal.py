@@ -8,9 +8,7 @@ from .base import layer_mods, run_block
 
 
 class CausalMixer(nn.Module):
-    supports_state = True
-
-    def __init__(self, blocks, **_):
+    def __init__(self, blocks):
         super().__init__()
 
     def forward(self, blocks, x, mods=None, state=None, return_state=False, prefix_len=0):

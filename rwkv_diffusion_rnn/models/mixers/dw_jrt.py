@@ -13,7 +13,6 @@ fast take in more. Only layers >= ``dw_jrt_layer_start`` (and > 0) receive a sta
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -23,11 +22,9 @@ from .base import layer_mods, run_block
 
 
 class DWJRTMixer(nn.Module):
-    supports_state = False
-
     def __init__(self, blocks, n_head: int, dw_jrt_scale: float = 1.0,
                  dw_jrt_learnable_alpha: bool = False, dw_jrt_alpha_init: float = 0.0,
-                 dw_jrt_layer_start: int = 1, **_):
+                 dw_jrt_layer_start: int = 1):
         super().__init__()
         self.scale = dw_jrt_scale
         self.layer_start = max(1, dw_jrt_layer_start)

@@ -1,0 +1,123 @@
+"""The training objective of text + latent diffusion: which rows learn what, and their losses.
+
+Every row of a batch gets one role, drawn per row from one uniform number ``u``:
+
+* **text -> latent** (``u < clean_text_prob``): the text is clean (``t = 0``, nothing masked) and
+  carries no text loss; the latent is noised and trained.
+* **latent -> text** (next ``clean_latent_prob``): the latent is clean conditioning (``s = 0``)
+  and carries no latent loss; the text is masked and trained.
+* **joint** (the rest): both are noised, both are trained.
+
+Independently, ``latent_drop_prob`` of the rows see the denoiser's learned null latent instead
+of their own (classifier-free guidance); they carry no latent loss. Without a latent prefix
+every row is a text row. The total is ``text_loss + latent_loss_weight * latent_loss``.
+
+All draws come from the one generator the caller passes, in a fixed order (truncation, ``t``,
+``s``, roles, drops, latent noise, masks), so a run is reproduced by that generator's state.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
+
+import torch
+
+from .continuous_diffusion import GaussianDiffusion
+from .diffusion_process import MaskedDiffusion
+
+
+@dataclass
+class ObjectiveConfig:
+    clean_text_prob: float = 0.25       # rows trained as text -> latent
+    clean_latent_prob: float = 0.25     # rows trained as latent -> text
+    latent_drop_prob: float = 0.1       # rows that see the null latent
+    latent_loss_weight: float = 1.0
+
+    def __post_init__(self):
+        for name in ("clean_text_prob", "clean_latent_prob", "latent_drop_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"training.{name}={getattr(self, name)} must be a probability in [0, 1]")
+        if self.clean_text_prob + self.clean_latent_prob > 1.0:
+            raise ValueError("training.clean_text_prob + training.clean_latent_prob must not exceed 1")
+
+
+class NoisyBatch(NamedTuple):
+    """A batch after noising; every tensor on the CPU, rows as in the input batch."""
+    x0: torch.Tensor                    # [B, T] clean ids (after truncation)
+    xt: torch.Tensor                    # [B, T] noised ids
+    is_masked: torch.Tensor             # [B, T] positions noised (these carry the text loss)
+    valid: torch.Tensor                 # [B, T] real tokens (not padding)
+    t: torch.Tensor                     # [B] text time (0 on text -> latent rows)
+    text_rows: torch.Tensor             # [B] rows with a text loss
+    z0: Optional[torch.Tensor] = None   # [B, D] clean latent
+    zs: Optional[torch.Tensor] = None   # [B, D] noised latent (= z0 where s = 0)
+    s: Optional[torch.Tensor] = None    # [B] latent time (0 on latent -> text rows)
+    eps: Optional[torch.Tensor] = None  # [B, D] the latent noise
+    drop: Optional[torch.Tensor] = None  # [B] rows given the null latent
+    latent_rows: Optional[torch.Tensor] = None  # [B] rows with a latent loss
+
+
+class DiffusionObjective:
+    """Noises a batch, runs the denoiser, and returns ``(loss, stats)`` (see the module docstring).
+
+    ``latent`` is None for a text-only model."""
+
+    def __init__(self, text: MaskedDiffusion, latent: Optional[GaussianDiffusion],
+                 config: ObjectiveConfig = ObjectiveConfig()):
+        self.text, self.latent, self.config = text, latent, config
+
+    def noise(self, batch: Dict[str, torch.Tensor], generator: torch.Generator) -> NoisyBatch:
+        c, g = self.config, generator
+        x0 = batch["input_ids"]
+        valid = batch["attention_mask"].bool()
+        maskable = batch.get("maskable", valid).bool()
+        x0, valid, maskable = self.text.maybe_truncate(x0, valid, maskable, generator=g)
+        B = x0.shape[0]
+        t = self.text.sample_t(B, generator=g)
+        clean_text = torch.zeros(B, dtype=torch.bool)
+        lat = {}
+        if self.latent is not None:
+            z0 = batch["latent"].float()
+            s = self.latent.sample_s(B, generator=g)
+            u = torch.rand(B, generator=g)
+            clean_text = u < c.clean_text_prob
+            clean_latent = (u >= c.clean_text_prob) & (u < c.clean_text_prob + c.clean_latent_prob)
+            s = torch.where(clean_latent, torch.zeros_like(s), s)
+            drop = torch.rand(B, generator=g) < c.latent_drop_prob
+            eps = torch.randn(z0.shape, generator=g)
+            lat = dict(z0=z0, zs=self.latent.q_sample(z0, s, eps), s=s, eps=eps, drop=drop,
+                       latent_rows=(s > 0) & ~drop)
+        xt, is_masked = self.text.noise(x0, t, maskable=maskable & ~clean_text.view(B, 1), generator=g)
+        t = torch.where(clean_text, torch.zeros_like(t), t)
+        return NoisyBatch(x0, xt, is_masked, valid, t, ~clean_text, **lat)
+
+    def loss(self, out, nb: NoisyBatch) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """The loss of the denoiser output ``out`` (``.logits``, ``.latent``) on ``nb``."""
+        dev = out.logits.device
+        rows = nb.text_rows
+        if rows.any():
+            text_loss, _ = self.text.loss(out.logits[rows], nb.x0[rows].to(dev), nb.is_masked[rows].to(dev),
+                                          nb.t[rows].to(dev), valid=nb.valid[rows].to(dev))
+        else:  # keeps the graph, so backward() works on a batch without text rows
+            text_loss = out.logits.sum() * 0.0
+        loss = text_loss
+        latent_loss = torch.zeros((), device=dev)
+        if self.latent is not None and nb.latent_rows.any():
+            latent_loss = self.latent.loss(out.latent.float(), nb.z0.to(dev), nb.eps.to(dev), nb.s.to(dev),
+                                           row_mask=nb.latent_rows.to(dev))
+            loss = loss + self.config.latent_loss_weight * latent_loss
+        return loss, {"text_loss": float(text_loss.detach()), "latent_loss": float(latent_loss.detach()),
+                      "tokens": int(nb.valid.sum())}
+
+    def __call__(self, model, batch: Dict[str, torch.Tensor], generator: torch.Generator,
+                 device: torch.device = torch.device("cpu"),
+                 autocast: Callable = nullcontext) -> Tuple[torch.Tensor, Dict[str, float]]:
+        nb = self.noise(batch, generator)
+        has_latent = nb.zs is not None
+        with autocast():
+            out = model(nb.xt.to(device), nb.t.to(device), nb.zs.to(device) if has_latent else None,
+                        nb.s.to(device) if has_latent else None,
+                        latent_drop=nb.drop.to(device) if has_latent else None)
+        return self.loss(out, nb)

@@ -1,0 +1,187 @@
+"""From a composed config (``configs/rwkv_mmdit.yaml``) to the objects a run is made of.
+
+The only place that reads config groups into constructors: modules take plain arguments or a
+small dataclass, never the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig
+
+from ..diffusion.continuous_diffusion import GaussianDiffusion
+from ..diffusion.diffusion_process import MaskedDiffusion
+from ..diffusion.objective import DiffusionObjective, ObjectiveConfig
+from ..models.rwkv_denoiser import DenoiserConfig, MultimodalRWKVDenoiser
+from ..weights.pretrained_rwkv import build_denoiser
+from . import rng
+from .config_validation import ConfigError
+from .optimizer import build_optimizer, build_scheduler
+
+
+DEVICES = ("auto", "cpu", "cuda")                             # training.device (or cuda:N)
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}        # training.dtype
+DATA_KINDS = ("text_latent", "synthetic")                        # data.kind
+
+
+def resolve_device(name: str) -> torch.device:
+    """``training.device``: auto | cpu | cuda[:N]."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("training.device=cuda but no CUDA device is visible; use training.device=cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def denoiser_config(m: DictConfig) -> DenoiserConfig:
+    """``DenoiserConfig`` from the ``model`` group: each dataclass field from the key of its name."""
+    values = {}
+    for f in dataclasses.fields(DenoiserConfig):
+        v = m[f.name]
+        values[f.name] = float(v) if isinstance(f.default, float) else v
+    return DenoiserConfig(**values)
+
+
+def build_model(cfg: DictConfig) -> MultimodalRWKVDenoiser:
+    m = cfg.model
+    return build_denoiser(denoiser_config(m), rwkv_name=m.rwkv_name, rwkv_filename=m.rwkv_filename,
+                          rwkv_revision=m.rwkv_revision, cache_dir=m.cache_dir,
+                          local_files_only=m.local_files_only, n_layer=m.n_layer or 2,
+                          n_embd=m.n_embd or 128, head_size=m.head_size or 32,
+                          wkv_backend=m.wkv_backend)
+
+
+# ---------------------------------------------------------------------------------------------- diffusion
+
+
+def build_text_diffusion(cfg: DictConfig) -> MaskedDiffusion:
+    n = cfg.text_noise
+    return MaskedDiffusion(
+        schedule=n.schedule, mask_id=cfg.model.mask_id, vocab_size=cfg.model.vocab_size,
+        schedule_kwargs=dict(n.schedule_kwargs or {}), noise_type=n.noise_type,
+        min_masking_rate=n.min_masking_rate, span_prob=n.span_prob,
+        mean_span_length=n.mean_span_length, truncate_prob=n.truncate_prob,
+        loss_type=n.loss_type, label_smoothing=n.label_smoothing, reweight_cap=n.reweight_cap,
+        low_discrepancy=n.low_discrepancy)
+
+
+def build_latent_diffusion(cfg: DictConfig) -> GaussianDiffusion:
+    n = cfg.latent_noise
+    return GaussianDiffusion(schedule=n.schedule, min_noise_level=n.min_noise_level,
+                             max_noise_level=n.max_noise_level, target=n.target,
+                             num_train_steps=n.num_train_steps, low_discrepancy=n.low_discrepancy)
+
+
+def build_objective(cfg: DictConfig, text: MaskedDiffusion,
+                    latent: Optional[GaussianDiffusion]) -> DiffusionObjective:
+    tr = cfg.training
+    return DiffusionObjective(text, latent if cfg.model.latent_prefix_len else None, ObjectiveConfig(
+        clean_text_prob=tr.clean_text_prob, clean_latent_prob=tr.clean_latent_prob,
+        latent_drop_prob=tr.latent_drop_prob, latent_loss_weight=tr.latent_loss_weight))
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+
+
+def build_optimizer_and_scheduler(cfg: DictConfig, model: torch.nn.Module, total_steps: Optional[int]):
+    o = cfg.optimizer
+    optimizer = build_optimizer(model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
+                                eps=o.eps, backbone_lr_mult=o.backbone_lr_mult, name=o.name,
+                                decay_lr_mult=o.decay_lr_mult,
+                                # only optimizer=muon configs carry these keys
+                                **{k: o[k] for k in ("muon_lr", "muon_momentum", "muon_ns_steps") if k in o})
+    scheduler = build_scheduler(optimizer, o.schedule, o.warmup_steps, total_steps, o.min_lr_ratio,
+                                decay_steps=o.decay_steps)
+    return optimizer, scheduler
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class SyntheticData:
+    """An endless stream of synthetic-task batches; its position is a generator state."""
+
+    def __init__(self, cfg: DictConfig, batch_size: int, seed: int):
+        from ..data.tasks import make_task
+        d = cfg.data
+        self.task = make_task(d.task, seq_len=d.seq_len, struct_len=d.struct_len, seed=seed)
+        self.batch_size = batch_size
+        self.gen = rng.generator("task_examples", seed)
+        self.eval_set = self.task.fixed_eval_set(n=d.eval_size, seed=d.eval_seed)
+        self.epoch = 0
+        self.val = None
+        self.at_epoch_end = False           # an endless stream has no epochs
+
+    def epoch_batches(self):
+        while True:
+            b = self.task.sample_batch(self.batch_size, generator=self.gen)
+            yield {"input_ids": b.input_ids, "maskable": b.maskable, "attention_mask": b.attention_mask}
+
+    def state(self):
+        return {}, {"data_rng": self.gen.get_state()}
+
+    def load(self, state, tensors):
+        self.gen.set_state(tensors["data_rng"])
+
+
+class TextLatentData:
+    """Tokenized text (+ latents) from disk: a resumable training loader and a validation loader."""
+
+    def __init__(self, cfg: DictConfig, batch_size: int, eval_batch_size: int, seed: int, pad_id: int):
+        from ..data.data_simple import build_dataloaders
+        d = cfg.data
+        self.train, self.val = build_dataloaders(
+            token_dir=d.token_dir, latent_dir=d.latent_dir, json_path=d.json_path,
+            val_token_dir=d.val_token_dir, val_latent_dir=d.val_latent_dir,
+            val_json_path=d.val_json_path, val_fraction=d.val_fraction, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, seq_len=d.seq_len,
+            latent_dim=cfg.model.latent_dim if cfg.model.latent_prefix_len else None,
+            max_samples=d.max_samples, num_workers=d.num_workers, seed=rng.seed_of("data_order", seed),
+            pad_id=pad_id, shuffle=d.shuffle)
+
+    @property
+    def epoch(self):
+        return self.train.epoch
+
+    @property
+    def at_epoch_end(self):
+        return self.train.at_epoch_end
+
+    def epoch_batches(self):
+        """The rest of the current epoch."""
+        return iter(self.train)
+
+    def state(self):
+        return {"loader": self.train.state_dict()}, {}
+
+    def load(self, state, tensors):
+        self.train.load_state_dict(state["loader"])
+
+
+def pad_id(cfg: DictConfig) -> int:
+    """The padding id of the tokenizer ``tokenizer.name`` (0 when no tokenizer is named)."""
+    t = cfg.tokenizer
+    if not t.name:
+        return 0
+    from ..data.tokenizer import load_tokenizer
+    try:
+        tok = load_tokenizer(t.name, revision=t.revision, cache_dir=t.cache_dir,
+                             local_files_only=t.local_files_only, trust_remote_code=t.trust_remote_code)
+    except OSError as e:
+        raise ConfigError(f"tokenizer.name={t.name!r} (the tokenizer whose padding id the batches use) "
+                          f"cannot be loaded: {e}") from e
+    return int(tok.pad_id)
+
+
+def build_data(cfg: DictConfig):
+    """``data.kind``: ``synthetic`` (the tasks) or ``text_latent`` (tokenized files + latents)."""
+    tr = cfg.training
+    if cfg.data.kind == "synthetic":
+        return SyntheticData(cfg, tr.train_batch_size, cfg.seed)
+    return TextLatentData(cfg, tr.train_batch_size, tr.eval_batch_size, cfg.seed, pad_id=pad_id(cfg))
