@@ -94,3 +94,23 @@ def test_bad_arguments_are_refused(capsys):
 def test_smoke():
     assert demo.smoke(seq_len=32) < 1e-4
     assert demo.main(["--smoke"])["max_abs_diff"] < 1e-4
+
+
+def test_demo_scores_hand_made_outputs_as_counted_by_hand():
+    """The demo's scoring functions on outputs whose scores are known."""
+    truth = grammar.render("fox", "red", "sleep", "garden", 0)
+    attrs = [truth.attributes] * 5
+    outputs = [
+        truth.text,                                   # 4/4, grammatical
+        "the blue fox sleeps in the garden.",         # 3/4, grammatical
+        "fox red sleeps garden the in.",              # 4/4 named, not a sentence: strict 0
+        "the red blue fox sleeps in the garden.",     # two colours: no colour credit (3/4), strict 0
+        "",                                           # nothing
+    ]
+    rec, per = demo._recovery(outputs, attrs)
+    assert rec == pytest.approx((4 + 3 + 4 + 3 + 0) / 20)
+    assert per == {"subject": 4 / 5, "colour": 2 / 5, "action": 4 / 5, "place": 4 / 5}
+    assert demo._strict_recovery(outputs, attrs) == pytest.approx((4 + 3) / 20)
+    assert grammar.attribute_matches("the red blue fox sleeps in the garden.", truth.attributes)["colour"] is False
+    perm = demo.derangement(7, seed=3)
+    assert sorted(perm.tolist()) == list(range(7)) and all(perm[i] != i for i in range(7))

@@ -10,7 +10,7 @@ of a few templates::
 Eight values per attribute and five templates give 8**4 * 5 = 20,480 distinct sentences.
 :func:`make_corpus` draws distinct ones deterministically from a seed; :func:`parse_sentence`
 reads the attributes back from a sentence of the grammar (None when the text is not one), and
-:func:`attribute_hits` counts how many given attributes a free text mentions, which is how the demo
+:func:`attribute_hits` counts how many given attributes a free text names unambiguously, which is how the demo
 scores text generated from a latent. Word forms never collide across attributes and no attribute
 word occurs in the templates, so a word identifies its attribute and value.
 """
@@ -26,7 +26,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 
 __all__ = ["ATTRIBUTES", "VALUES", "TEMPLATES", "Sentence", "render", "make_corpus", "parse_sentence",
-           "words_to_attributes", "attribute_hits", "write_jsonl", "read_jsonl"]
+           "words_to_attributes", "attribute_matches", "attribute_hits", "write_jsonl", "read_jsonl"]
 
 ATTRIBUTES = ("subject", "colour", "action", "place")
 
@@ -163,10 +163,16 @@ def words_to_attributes(text: str) -> Dict[str, List[str]]:
     return found
 
 
-def attribute_hits(text: str, attributes: Dict[str, str]) -> int:
-    """How many of the four ``attributes`` the text names (0..4), each counted once."""
+def attribute_matches(text: str, attributes: Dict[str, str]) -> Dict[str, bool]:
+    """Per attribute: the text names the given value and no other value of that attribute (a
+    text that lists several colours has not said which one)."""
     named = words_to_attributes(text)
-    return sum(attributes[name] in named[name] for name in ATTRIBUTES)
+    return {name: named[name] == [attributes[name]] for name in ATTRIBUTES}
+
+
+def attribute_hits(text: str, attributes: Dict[str, str]) -> int:
+    """How many of the four ``attributes`` the text names unambiguously (0..4)."""
+    return sum(attribute_matches(text, attributes).values())
 
 
 def write_jsonl(path: str | Path, sentences: Iterable[Sentence]) -> Path:
