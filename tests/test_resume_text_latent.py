@@ -104,3 +104,47 @@ def test_a_max_steps_run_ends_with_a_checkpoint_of_its_last_step(data_dir, tmp_p
     run(compose_cfg([*common(data_dir, 9), "training.resume=latest", f"logging.save_dir={save}"]))
     assert [r["step"] for r in read_log(save)][-2:] == [8, 9]
     assert (save / "step_0000009").is_dir()
+
+
+def test_readme_steps_3_and_4_run_as_written_at_toy_size(tmp_path):
+    """README step 3 (the DiffRwkv command, one epoch) then step 4 (resume from epoch_000 for a
+    second epoch), as command lines, with a tiny random rwkv7 .pth and 32-dim latents."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from rwkv_diffusion_rnn.weights.pretrained_rwkv import save_random_blinkdl_checkpoint
+    root = Path(__file__).resolve().parents[1]
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        ids = np.zeros(SEQ, dtype=np.int32)
+        ids[:8] = rng.integers(1, 1000, size=8)
+        atomic_save_npz(tmp_path / "tokens" / f"{i:08d}.npz", input_ids=ids,
+                        attention_mask=(ids > 0).astype(np.uint8))
+        atomic_save_npy(tmp_path / "latents" / f"{i:08d}.npy", rng.standard_normal(32).astype(np.float32))
+    pth = save_random_blinkdl_checkpoint(tmp_path / "rwkv7-tiny.pth", n_layer=1, n_embd=64, head_size=32,
+                                         vocab_size=65536)
+    step3 = ["rwkv_diffusion_rnn/train_rwkv.py", "--config-name", "rwkv_mmdit", "training.num_epochs=1",
+             "training.train_batch_size=1", "training.eval_batch_size=1", "training.dtype=fp32",
+             "data.num_workers=0", "data.max_samples=10", "logging.log_freq=1", "logging.eval_freq=100000",
+             "tokenizer.local_files_only=false",
+             # the toy stand-ins for the Hub weights and the user's data
+             f"model.rwkv_name={pth}", "data.json_path=null", f"data.token_dir={tmp_path / 'tokens'}",
+             f"data.latent_dir={tmp_path / 'latents'}", f"data.seq_len={SEQ}", "eval.latent_steps=4",
+             f"logging.save_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'hydra'}",
+             "logging.progress_bar=false"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, *step3], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    assert (run_dir / "epoch_000" / "model.safetensors").is_file()
+    steps_one_epoch = [rec["step"] for rec in read_log(run_dir)]
+    r = subprocess.run([sys.executable, *step3, "training.num_epochs=2",
+                        f"training.resume={run_dir / 'epoch_000'}"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {run_dir / 'epoch_000'}" in r.stdout
+    steps = [rec["step"] for rec in read_log(run_dir)]
+    n = len(steps_one_epoch)
+    assert n >= 8 and steps == list(range(1, 2 * n + 1))
+    assert (run_dir / "epoch_001").is_dir()

@@ -616,9 +616,11 @@ class HFTokenizer:
 
 
 def is_rwkv_world_name(name: str) -> bool:
-    """True when ``name`` means the RWKV World vocabulary (a BlinkDL RWKV name or a vocab .txt)."""
+    """True when ``name`` means the RWKV World vocabulary: a BlinkDL RWKV name, a BlinkDL ``.pth``
+    checkpoint (``tokenizer.name`` follows ``model.rwkv_name``, and BlinkDL's checkpoints all use
+    that vocabulary) or a vocabulary .txt."""
     lowered = str(name).lower()
-    if lowered.startswith(_RWKV_WORLD_PREFIXES):
+    if lowered.startswith(_RWKV_WORLD_PREFIXES) or lowered.endswith(".pth"):
         return True
     return lowered.endswith(".txt") and os.path.isfile(name)
 
