@@ -65,8 +65,8 @@ class DiffusionObjective:
     ``latent`` is None for a text-only model."""
 
     def __init__(self, text: MaskedDiffusion, latent: Optional[GaussianDiffusion],
-                 config: ObjectiveConfig = ObjectiveConfig()):
-        self.text, self.latent, self.config = text, latent, config
+                 config: Optional[ObjectiveConfig] = None):
+        self.text, self.latent, self.config = text, latent, config or ObjectiveConfig()
 
     def noise(self, batch: Dict[str, torch.Tensor], generator: torch.Generator) -> NoisyBatch:
         c, g = self.config, generator

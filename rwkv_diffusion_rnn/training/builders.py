@@ -115,7 +115,6 @@ class SyntheticData:
         self.gen = rng.generator("task_examples", seed)
         self.eval_set = self.task.fixed_eval_set(n=d.eval_size, seed=d.eval_seed)
         self.epoch = 0
-        self.val = None
         self.at_epoch_end = False           # an endless stream has no epochs
 
     def epoch_batches(self):
