@@ -11,8 +11,8 @@ synthetic copy tasks). The text time ``t`` and the latent time ``s`` are embedde
 (sinusoidal + MLP) into a conditioning vector that modulates every block, as FiLM or AdaLN-Zero.
 With ``latent_in_cond`` the latent's prefix embedding is added to that vector too (as DiT adds
 the class embedding to the time embedding), so every block at every position reads the latent
-directly instead of only through the scan from the prefix. A mixer (``causal``, ``bi``, ``dw_jrt``, ``block_causal``) decides how the blocks read the
-sequence. Two heads: text logits at the text positions, and the latent prediction (eps, x0 or v)
+directly instead of only through the scan from the prefix. A mixer (``causal``, ``bi``,
+``dw_jrt``, ``block_causal``) decides how the blocks read the sequence. Two heads: text logits at the text positions, and the latent prediction (eps, x0 or v)
 from the prefix positions.
 
 Build one with :func:`~rwkv_diffusion_rnn.weights.pretrained_rwkv.build_denoiser` (pretrained
@@ -74,8 +74,8 @@ class DenoiserConfig:
         if not self.pos_emb_init_std >= 0:
             raise ValueError(f"model.pos_emb_init_std={self.pos_emb_init_std} must be >= 0")
         if self.latent_in_cond and (self.time_conditioning == "none" or not self.latent_prefix_len):
-            raise ValueError("model.latent_in_cond=true needs a latent (model.latent_prefix_len >= 1) and "
-                             "a conditioning path (model.time_conditioning=film or adaln_zero)")
+            raise ValueError("model.latent_in_cond=true adds the latent to the time conditioning: it needs "
+                             "model.latent_prefix_len >= 1 and model.time_conditioning=film or adaln_zero")
 
 
 class DenoiserOutput(NamedTuple):

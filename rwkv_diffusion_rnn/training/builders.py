@@ -78,12 +78,16 @@ def build_latent_diffusion(cfg: DictConfig) -> GaussianDiffusion:
                              num_train_steps=n.num_train_steps, low_discrepancy=n.low_discrepancy)
 
 
+def objective_config(tr: DictConfig) -> ObjectiveConfig:
+    """``ObjectiveConfig`` from the ``training`` group."""
+    return ObjectiveConfig(clean_text_prob=tr.clean_text_prob, clean_latent_prob=tr.clean_latent_prob,
+                           latent_drop_prob=tr.latent_drop_prob, latent_loss_weight=tr.latent_loss_weight)
+
+
 def build_objective(cfg: DictConfig, text: MaskedDiffusion,
                     latent: Optional[GaussianDiffusion]) -> DiffusionObjective:
-    tr = cfg.training
-    return DiffusionObjective(text, latent if cfg.model.latent_prefix_len else None, ObjectiveConfig(
-        clean_text_prob=tr.clean_text_prob, clean_latent_prob=tr.clean_latent_prob,
-        latent_drop_prob=tr.latent_drop_prob, latent_loss_weight=tr.latent_loss_weight))
+    return DiffusionObjective(text, latent if cfg.model.latent_prefix_len else None,
+                              objective_config(cfg.training))
 
 
 # ---------------------------------------------------------------------------------------------- optimizer

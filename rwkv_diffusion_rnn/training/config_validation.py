@@ -56,7 +56,7 @@ def validate_config(cfg: DictConfig) -> None:
     from ..models.mixers.base import Fusion
     from ..models.rwkv_denoiser import TIME_CONDITIONINGS
     from ..ops.wkv7 import BACKENDS
-    from .builders import AUTOCAST_DTYPES, DATA_KINDS, DEVICES
+    from .builders import AUTOCAST_DTYPES, DATA_KINDS, DEVICES, denoiser_config, objective_config
     from .optimizer import OPTIMIZERS, SCHEDULES as LR_SCHEDULES
 
     m, tr, d = cfg.model, cfg.training, cfg.data
@@ -117,14 +117,12 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.pos_emb_init_std={std!r} must be a number >= 0 (0: zeros)")
     if tr.ema_decay is not None and not 0 < tr.ema_decay < 1:
         raise ConfigError(f"training.ema_decay={tr.ema_decay} must be in (0, 1) or null")
-    for key in ("clean_text_prob", "clean_latent_prob", "latent_drop_prob"):
-        if not 0 <= tr[key] <= 1:
-            raise ConfigError(f"training.{key}={tr[key]} must be a probability in [0, 1]")
-    if tr.clean_text_prob + tr.clean_latent_prob > 1:
-        raise ConfigError("training.clean_text_prob + training.clean_latent_prob must not exceed 1")
-    if m.latent_in_cond and (not m.latent_prefix_len or m.time_conditioning == "none"):
-        raise ConfigError("model.latent_in_cond=true adds the latent to the time conditioning: it needs "
-                          "model.latent_prefix_len >= 1 and model.time_conditioning=film or adaln_zero")
+    # the dataclasses' own checks (their messages name the config keys)
+    try:
+        objective_config(tr)
+        denoiser_config(m)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     if d.kind == "synthetic":
         from ..data.tasks import TASK_NAMES, VOCAB
