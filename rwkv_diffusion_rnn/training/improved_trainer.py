@@ -312,14 +312,10 @@ class Trainer:
         self.window = _empty_window()
         self._t_window = time.perf_counter()
 
-    def _save_step(self, epoch_finished: Optional[int] = None) -> bool:
-        """Checkpoints due now: at an epoch's end (``logging.save_epochs``), every
-        ``logging.save_every`` steps, and on a requested stop. True when the run should stop."""
+    def _save_step(self) -> bool:
+        """Checkpoints due after a step: every ``logging.save_every`` steps, and on a requested
+        stop. True when the run should stop."""
         lg, step = self.cfg.logging, self.global_step
-        if epoch_finished is not None:
-            if lg.save_epochs:
-                self.save(ckpt.epoch_dir_name(epoch_finished))
-            return False
         stop_at = self.cfg.training.get("stop_at_step")
         stop = self.stop_requested or bool(stop_at and step >= stop_at)
         if (lg.save_every and step % lg.save_every == 0) or stop:
@@ -358,8 +354,9 @@ class Trainer:
                         return self.metrics
                     if self._done():
                         break
-                if self.data.epoch != epoch or self.data.at_epoch_end:
-                    self._save_step(epoch_finished=epoch)
+                epoch_finished = self.data.epoch != epoch or self.data.at_epoch_end
+                if epoch_finished and lg.save_epochs:
+                    self.save(ckpt.epoch_dir_name(epoch))
         finally:
             if pbar is not None:
                 pbar.close()
