@@ -28,11 +28,10 @@ sys.path.insert(0, str(REPO))
 from rwkv_diffusion_rnn.demo import prepare_data  # noqa: E402
 
 
-def run_variant(repo: Path, data_dir: Path, out: Path, backend: str, threads: str, steps: int,
+def run_variant(repo: Path, data_overrides, out: Path, backend: str, threads: str, steps: int,
                 overrides=()) -> list:
-    data = prepare_data(data_dir, show_progress=False)
     env = dict(os.environ, OMP_NUM_THREADS=threads, PYTHONPATH=str(repo))
-    cmd = [sys.executable, "-m", "rwkv_diffusion_rnn.train_rwkv", "experiment=demo", *data.overrides(),
+    cmd = [sys.executable, "-m", "rwkv_diffusion_rnn.train_rwkv", "experiment=demo", *data_overrides,
            f"model.wkv_backend={backend}", f"+training.stop_at_step={steps}", "logging.log_freq=1",
            "logging.eval_freq=0", "logging.progress_bar=false", f"logging.save_dir={out}",
            f"hydra.run.dir={out / 'hydra'}", *overrides]
@@ -48,14 +47,15 @@ def main():
     p.add_argument("--data_dir", default=str(REPO / "preprocessed_data" / "demo"))
     p.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides for every run")
     args = p.parse_args()
+    data = prepare_data(Path(args.data_dir), show_progress=False).overrides()
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for v in args.variants:
             backend, threads = v.split(":")
-            runs[v] = run_variant(REPO, Path(args.data_dir), Path(tmp) / v.replace(":", "_"), backend,
+            runs[v] = run_variant(REPO, data, Path(tmp) / v.replace(":", "_"), backend,
                                   threads, args.steps, args.overrides)
         for i, r in enumerate(args.repo):
-            runs[f"{r} torch:1"] = run_variant(Path(r), Path(args.data_dir), Path(tmp) / f"repo{i}",
+            runs[f"{r} torch:1"] = run_variant(Path(r), data, Path(tmp) / f"repo{i}",
                                                "torch", "1", args.steps, args.overrides)
     ref_name, ref = next(iter(runs.items()))
     print(f"| variant (reference: {ref_name}) | rel. diff at step 1 | first step > 1e-4 | largest rel. diff |")
