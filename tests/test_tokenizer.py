@@ -303,3 +303,169 @@ def test_bad_vocabulary_file_names_the_line(tmp_path):
     path.write_text("\n".join(lines[:-1] + ["65535 'ab' 2"]), encoding="utf-8")
     with pytest.raises(ValueError, match="mask"):
         RWKVWorldTokenizer(str(path))
+
+
+# ---- character-level tokenizers, specs ----------------------------------------------------------
+from rwkv_diffusion_rnn.data.tokenizer import (  # noqa: E402
+    ByteTokenizer,
+    CharTokenizer,
+    UnknownCharacterError,
+    tokenizer_from_spec,
+    tokenizer_spec,
+)
+
+MIXED = "Hello, world!\nnaïve café — 你好世界 😀👍🏽\tend"
+
+
+def _tiny_hf_tokenizer_dir(path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "</s>": 1, "hello": 2, "world": 3}
+    raw = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="</s>")
+    fast.save_pretrained(path)
+    return str(path)
+
+
+def test_char_tokenizer_ids_follow_the_sorted_vocabulary():
+    t = CharTokenizer.from_text(["banana", "cab\n"])
+    assert t.chars == "\nabcn" and t.name == "chars"
+    assert t.encode("cab") == [3, 1, 2]
+    assert (t.eos_id, t.mask_id, t.pad_id, t.vocab_size, len(t)) == (5, 6, 5, 7, 7)
+    arr = t.encode_array("banana")
+    assert arr.dtype == np.int64 and arr.tolist() == t.encode("banana")
+    assert t.encode_batch(["ab", "", "n"]) == [[1, 2], [], [4]]
+    assert t.decode([t.eos_id, 3, t.mask_id, 1, 2, t.eos_id]) == "cab"
+    assert t.decode(np.array([2, 1])) == "ba" and t.decode_batch([[1], [4, 1]]) == ["a", "na"]
+    assert t.count_chars([3, t.eos_id, 1, t.mask_id]) == 2
+    with pytest.raises(ValueError, match="outside"):
+        t.decode([7])
+    assert "5 chars" in repr(t)
+
+
+def test_char_tokenizer_refuses_unsorted_or_repeated_chars():
+    with pytest.raises(ValueError, match="sorted"):
+        CharTokenizer("ba")
+    with pytest.raises(ValueError, match="repeated"):
+        CharTokenizer("aab")
+    assert CharTokenizer.from_text([MIXED]).decode(CharTokenizer.from_text([MIXED]).encode(MIXED)) == MIXED
+
+
+def test_unknown_character_names_the_character_its_position_and_the_vocabulary_size():
+    t = CharTokenizer("abc")
+    for text, char, pos in [("abcz", "z", 3), ("a😀", "😀", 1), ("\x00", "\x00", 0)]:
+        with pytest.raises(UnknownCharacterError) as err:
+            t.encode(text)
+        assert err.value.char == char and err.value.position == pos
+        msg = str(err.value)
+        assert repr(char) in msg and f"U+{ord(char):04X}" in msg and "3 characters" in msg
+        assert isinstance(err.value, ValueError)
+    with pytest.raises(UnknownCharacterError):
+        t.encode_batch(["ab", "ad"])
+
+
+def test_char_tokenizer_encodes_a_megabyte_quickly():
+    import time
+
+    rng = random.Random(8)
+    text = "".join(rng.choice("abcdefghij klmnop\nQRSTUVWXYZ,.;é你") for _ in range(1_100_000))
+    t = CharTokenizer.from_text([text])
+    start = time.perf_counter()
+    ids = t.encode_array(text)
+    assert time.perf_counter() - start < 0.5
+    assert len(ids) == len(text) and t.decode(ids[:1000]) == text[:1000]
+
+
+def test_byte_tokenizer_encodes_utf8_bytes():
+    b = ByteTokenizer()
+    assert (b.eos_id, b.mask_id, b.pad_id, b.vocab_size, len(b), b.name) == (256, 257, 256, 258, 258, "bytes")
+    assert b.encode("aé") == [97, 0xC3, 0xA9]
+    assert b.encode_array(MIXED).tolist() == list(MIXED.encode()) and b.encode_array("").dtype == np.int64
+    assert b.encode_batch(["a", ""]) == [[97], []]
+    assert b.decode([b.eos_id] + b.encode(MIXED) + [b.mask_id]) == MIXED
+    assert b.decode(b.encode("中")[:2]) == "\ufffd"  # an incomplete character
+    assert b.decode_batch([[104, 105], []]) == ["hi", ""]
+    with pytest.raises(ValueError, match="outside"):
+        b.decode([258])
+
+
+@pytest.mark.parametrize("kind", ["chars", "bytes", "world"])
+def test_count_chars_adds_up_over_consecutive_pieces(kind):
+    rng = random.Random(9)
+    text = MIXED * 20 + random_text(rng, 3000)
+    tok = {"chars": lambda: CharTokenizer.from_text([text]), "bytes": ByteTokenizer,
+           "world": lambda: load_tokenizer("BlinkDL/rwkv7-g1")}[kind]()
+    ids = tok.encode(text) + [tok.eos_id]
+    assert tok.count_chars(ids) == len(text)
+    for size in (1, 2, 3, 7, 64):
+        pieces = [ids[i : i + size] for i in range(0, len(ids), size)]
+        assert sum(tok.count_chars(p) for p in pieces) == len(text)
+    assert tok.count_chars(np.array(ids[:50])) == tok.count_chars(ids[:50])
+
+
+def test_world_tokenizer_encode_array_is_encode():
+    t = load_tokenizer("BlinkDL/rwkv7-g1")
+    arr = t.encode_array(MIXED)
+    assert arr.dtype == np.int64 and arr.tolist() == t.encode(MIXED)
+
+
+def test_hf_tokenizer_knows_no_characters_and_keeps_its_revision(tmp_path):
+    path = _tiny_hf_tokenizer_dir(tmp_path)
+    t = load_tokenizer(path, local_files_only=True)
+    assert t.count_chars([2, 3]) is None and t.revision is None
+    assert t.encode_array("hello world").tolist() == [2, 3]
+    spec = tokenizer_spec(t)
+    assert spec == {"name": path, "kind": "hf", "vocab_size": 5, "eos_id": 1, "mask_id": 4, "pad_id": 1}
+    again = tokenizer_from_spec(spec)
+    assert isinstance(again, HFTokenizer) and again.encode("world hello") == [3, 2]
+    t.revision = "main"
+    assert tokenizer_spec(t)["revision"] == "main"
+
+
+def test_load_tokenizer_gives_the_character_level_tokenizers():
+    assert isinstance(load_tokenizer("bytes"), ByteTokenizer)
+    t = load_tokenizer("chars", chars="abc")
+    assert isinstance(t, CharTokenizer) and t.chars == "abc"
+    with pytest.raises(ValueError) as err:
+        load_tokenizer("chars")
+    msg = str(err.value)
+    assert "training text" in msg and "prepare_corpus" in msg and "tokenizer.json" in msg
+
+
+def test_tokenizer_spec_round_trips_every_kind(vocab_file):
+    import json
+
+    cases = [CharTokenizer("\n ab"), ByteTokenizer(), load_tokenizer("BlinkDL/rwkv7-g1"),
+             load_tokenizer(vocab_file)]
+    for tok in cases:
+        spec = tokenizer_spec(tok)
+        assert json.loads(json.dumps(spec)) == spec
+        for key in ("name", "kind", "vocab_size", "eos_id", "mask_id", "pad_id"):
+            assert key in spec
+        again = tokenizer_from_spec(spec)
+        assert type(again) is type(tok) and tokenizer_spec(again) == spec
+        assert again.encode("ab") == tok.encode("ab")
+    assert tokenizer_spec(cases[0])["chars"] == "\n ab"
+    world, by_file = (tokenizer_spec(t) for t in cases[2:])
+    assert world["kind"] == "rwkv_world" and world["name"] == "BlinkDL/rwkv7-g1" and "vocab_file" not in world
+    assert by_file["vocab_file"] == os.path.abspath(vocab_file)
+    with pytest.raises(TypeError, match="not one of"):
+        tokenizer_spec(object())
+
+
+def test_tokenizer_from_spec_names_a_missing_key_an_unknown_kind_or_a_mismatch():
+    spec = tokenizer_spec(CharTokenizer("abc"))
+    for key in ("kind", "vocab_size", "mask_id"):
+        broken = {k: v for k, v in spec.items() if k != key}
+        with pytest.raises(ValueError, match=repr(key)):
+            tokenizer_from_spec(broken)
+    with pytest.raises(ValueError, match="'chars'"):
+        tokenizer_from_spec({k: v for k, v in spec.items() if k != "chars"})
+    with pytest.raises(ValueError, match="kind.*'sentencepiece'"):
+        tokenizer_from_spec(dict(spec, kind="sentencepiece"))
+    with pytest.raises(ValueError, match="vocab_size=5 but the spec says vocab_size=6"):
+        tokenizer_from_spec(dict(spec, vocab_size=6))
+    with pytest.raises(ValueError, match="mask_id=257 but the spec says mask_id=1"):
+        tokenizer_from_spec(dict(tokenizer_spec(ByteTokenizer()), mask_id=1))

@@ -13,8 +13,22 @@ Both read the vocabulary file that an installed package ships (``rwkv``, else ``
 Special ids: 0 is end of text (RWKV's document separator, also used for padding) and 65535 is the
 mask token of masked diffusion; no text ever encodes to either.
 
-``load_tokenizer(name)`` returns an ``RWKVWorldTokenizer`` for RWKV World names and otherwise wraps
-``transformers.AutoTokenizer`` in ``HFTokenizer``, which has the same interface.
+Two character-level tokenizers, for language modelling on small corpora (nanoGPT's
+shakespeare_char):
+
+* ``CharTokenizer``: one id per character of a fixed vocabulary (the sorted characters of the
+  training text), then end of text and mask;
+* ``ByteTokenizer``: one id per UTF-8 byte (0..255), then end of text (256) and mask (257).
+
+``load_tokenizer(name)`` returns an ``RWKVWorldTokenizer`` for RWKV World names, the character-level
+tokenizers for ``"chars"`` and ``"bytes"``, and otherwise wraps ``transformers.AutoTokenizer`` in
+``HFTokenizer``; all have the same interface. ``tokenizer_spec`` describes a tokenizer as JSON and
+``tokenizer_from_spec`` rebuilds it (checkpoints and corpus caches store the spec).
+
+``count_chars(ids)`` is the number of characters the ids stand for, counted so that the counts over
+consecutive pieces of one token stream add up to the characters of its text (a character split
+between two pieces counts where it starts); bits per character are computed from it. It is None
+for Hugging Face tokenizers, whose ids need not map onto characters.
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ import importlib.util
 import os
 import threading
 from itertools import chain
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, Union
 
 import numpy as np
 
@@ -436,6 +450,23 @@ def _as_id_list(ids) -> list:
     return ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy array, torch tensor
 
 
+def _as_id_array(ids) -> np.ndarray:
+    if hasattr(ids, "detach"):  # torch tensor
+        ids = ids.detach().cpu().numpy()
+    arr = np.asarray(ids)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
+    return arr.reshape(-1).astype(np.int64, copy=False)
+
+
+def _count_utf8_starts(data: bytes) -> int:
+    """Bytes of ``data`` that start a UTF-8 character (all but the continuation bytes 10xxxxxx)."""
+    arr = np.frombuffer(data, dtype=np.uint8)
+    return int(np.count_nonzero((arr & 0xC0) != 0x80))
+
+
 class RWKVWorldTokenizer:
     """The RWKV World tokenizer (rwkv7-g1's vocabulary) with end-of-text id 0 and mask id 65535.
 
@@ -516,6 +547,10 @@ class RWKVWorldTokenizer:
             return self._rust.encode(text)
         return self._python.encode(text.encode("utf-8"))
 
+    def encode_array(self, text: str) -> np.ndarray:
+        """``encode`` as an int64 array."""
+        return np.asarray(self.encode(text), dtype=np.int64)
+
     def encode_bytes(self, data: bytes) -> list[int]:
         """Encode raw bytes (which need not be valid UTF-8) with our own encoder."""
         return self._python.encode(bytes(data))
@@ -541,6 +576,11 @@ class RWKVWorldTokenizer:
     def decode_batch(self, batch) -> list[str]:
         return [self.decode(ids) for ids in batch]
 
+    def count_chars(self, ids) -> int:
+        """Characters that ``ids`` stand for: the bytes of their tokens that start a UTF-8
+        character (a token may hold part of a character; the part holding its first byte counts)."""
+        return _count_utf8_starts(self.decode_bytes(ids))
+
     def token_bytes(self, idx: int) -> bytes | None:
         """The bytes of token ``idx``, or None when the id has no token."""
         return self._id_to_token[idx] if 0 <= idx < len(self._id_to_token) else None
@@ -558,9 +598,10 @@ class HFTokenizer:
     one larger). End of text: the eos token, else sep, else pad.
     """
 
-    def __init__(self, hf_tokenizer, name: str = ""):
+    def __init__(self, hf_tokenizer, name: str = "", revision: str | None = None):
         self.hf = hf_tokenizer
         self.name = name or getattr(hf_tokenizer, "name_or_path", "")
+        self.revision = revision  # what load_tokenizer was asked for; part of tokenizer_spec
         size = len(hf_tokenizer)
         mask = hf_tokenizer.mask_token_id
         self._mask_id = int(mask) if mask is not None else size
@@ -598,11 +639,19 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))
 
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int64)
+
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         texts = list(texts)
         if not texts:
             return []
         return [list(ids) for ids in self.hf(texts, add_special_tokens=False)["input_ids"]]
+
+    def count_chars(self, ids) -> None:
+        """None: a subword tokenizer's ids need not split the text at character boundaries, and
+        its decoding may normalise the text, so their characters are unknown."""
+        return None
 
     def decode(self, ids) -> str:
         ids = [i for i in _as_id_list(ids) if i < len(self.hf)]  # drop an added mask id
@@ -613,6 +662,151 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size}, mask_id={self.mask_id})"
+
+
+class UnknownCharacterError(ValueError):
+    """A text holds a character outside a ``CharTokenizer``'s vocabulary.
+
+    ``char`` is the character and ``position`` its index in the text that was encoded.
+    """
+
+    def __init__(self, char: str, position: int, vocab_chars: int):
+        self.char = char
+        self.position = position
+        super().__init__(
+            f"character {char!r} (U+{ord(char):04X}) at position {position} is not in the chars "
+            f"vocabulary of {vocab_chars} characters"
+        )
+
+
+class CharTokenizer:
+    """One id per character of a fixed vocabulary, as nanoGPT's shakespeare_char.
+
+    ``chars`` is the vocabulary: distinct characters in sorted order; id ``i`` is ``chars[i]``,
+    then ``eos_id = len(chars)`` (end of text, also padding) and ``mask_id = len(chars) + 1``.
+    Build it from a corpus with ``from_text`` (``prepare_corpus`` does, over all of its text), so
+    that the ids depend only on the set of characters. Encoding a character outside the vocabulary
+    raises ``UnknownCharacterError``.
+    """
+
+    name = "chars"
+
+    def __init__(self, chars: str):
+        if not isinstance(chars, str):
+            raise ValueError(f"chars must be a str of the vocabulary's characters, got "
+                             f"{type(chars).__name__}")
+        if list(chars) != sorted(set(chars)):
+            raise ValueError(
+                "chars must hold distinct characters in sorted order (the vocabulary of "
+                "CharTokenizer.from_text); got "
+                + ("repeated characters" if len(set(chars)) != len(chars) else "them unsorted")
+                + f": {chars[:40]!r}"
+            )
+        self.chars = chars
+        self.eos_id = len(chars)
+        self.mask_id = len(chars) + 1
+        self.pad_id = self.eos_id
+        self.vocab_size = len(chars) + 2
+        codes = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        # code point -> id (-1: not in the vocabulary); at most 1.1M entries (all of Unicode).
+        self._lookup = np.full(int(codes.max()) + 1 if codes.size else 1, -1, dtype=np.int64)
+        self._lookup[codes.astype(np.int64)] = np.arange(len(chars))
+
+    @classmethod
+    def from_text(cls, texts: Iterable[str]) -> "CharTokenizer":
+        """The tokenizer whose vocabulary is every character that occurs in ``texts``."""
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        return cls("".join(sorted(seen)))
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode_array(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        codes = codes.astype(np.int64)
+        ids = self._lookup[np.minimum(codes, len(self._lookup) - 1)]
+        bad = (ids < 0) | (codes >= len(self._lookup))
+        if bad.any():
+            position = int(np.argmax(bad))
+            raise UnknownCharacterError(text[position], position, len(self.chars))
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        """The characters of ``ids``; end of text and mask ids add nothing."""
+        arr = _as_id_array(ids)
+        if arr.size and not (arr.min() >= 0 and arr.max() < self.vocab_size):
+            bad = arr[(arr < 0) | (arr >= self.vocab_size)]
+            raise ValueError(f"token ids {bad[:5].tolist()} are outside [0, {self.vocab_size})")
+        chars = self.chars
+        return "".join([chars[i] for i in arr[arr < len(chars)].tolist()])
+
+    def decode_batch(self, batch) -> list[str]:
+        return [self.decode(ids) for ids in batch]
+
+    def count_chars(self, ids) -> int:
+        arr = _as_id_array(ids)
+        return int(np.count_nonzero((arr >= 0) & (arr < len(self.chars))))
+
+    def __repr__(self) -> str:
+        shown = self.chars if len(self.chars) <= 40 else self.chars[:37] + "..."
+        return f"CharTokenizer({len(self.chars)} chars {shown!r}, vocab_size={self.vocab_size})"
+
+
+class ByteTokenizer:
+    """One id per UTF-8 byte: ids 0..255 are byte values, 256 is end of text (also padding) and
+    257 the mask. Every text encodes, so no vocabulary has to be built or stored."""
+
+    name = "bytes"
+    eos_id = 256
+    mask_id = 257
+    pad_id = 256
+    vocab_size = 258
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode_bytes(self, ids) -> bytes:
+        """The bytes of ``ids``; end of text and mask ids add nothing."""
+        arr = _as_id_array(ids)
+        if arr.size and not (arr.min() >= 0 and arr.max() < self.vocab_size):
+            bad = arr[(arr < 0) | (arr >= self.vocab_size)]
+            raise ValueError(f"token ids {bad[:5].tolist()} are outside [0, {self.vocab_size})")
+        return arr[arr < 256].astype(np.uint8).tobytes()
+
+    def decode(self, ids) -> str:
+        """The text of ``ids`` (an incomplete or invalid UTF-8 sequence becomes U+FFFD)."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_batch(self, batch) -> list[str]:
+        return [self.decode(ids) for ids in batch]
+
+    def count_chars(self, ids) -> int:
+        """Byte ids that start a UTF-8 character (continuation bytes 10xxxxxx do not count)."""
+        arr = _as_id_array(ids)
+        return int(np.count_nonzero((arr >= 0) & (arr < 256) & ((arr & 0xC0) != 0x80)))
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer(vocab_size=258)"
+
+
+Tokenizer = Union[CharTokenizer, ByteTokenizer, RWKVWorldTokenizer, HFTokenizer]
 
 
 def is_rwkv_world_name(name: str) -> bool:
@@ -632,14 +826,29 @@ def load_tokenizer(
     cache_dir: str | None = None,
     local_files_only: bool = False,
     trust_remote_code: bool = False,
-) -> RWKVWorldTokenizer | HFTokenizer:
+    chars: str | None = None,
+) -> Tokenizer:
     """The tokenizer called ``name``.
 
-    RWKV World names ("BlinkDL/rwkv...", "rwkv_vocab_v20230424", "rwkv-world", or the path of a
-    vocabulary .txt) give ``RWKVWorldTokenizer``, which needs no download. Any other name is
-    loaded by ``transformers.AutoTokenizer.from_pretrained`` with the given options.
+    ``"bytes"`` gives ``ByteTokenizer`` and ``"chars"`` gives ``CharTokenizer(chars)``, whose
+    vocabulary ``chars`` comes from the training text. RWKV World names ("BlinkDL/rwkv...",
+    "rwkv_vocab_v20230424", "rwkv-world", or the path of a vocabulary .txt) give
+    ``RWKVWorldTokenizer``, which needs no download. Any other name is loaded by
+    ``transformers.AutoTokenizer.from_pretrained`` with the given options.
     """
     name = str(name)
+    if name == ByteTokenizer.name:
+        return ByteTokenizer()
+    if name == CharTokenizer.name:
+        if chars is None:
+            raise ValueError(
+                "tokenizer 'chars' builds its vocabulary from the training text, so it needs "
+                "chars=<the vocabulary>: prepare a corpus with "
+                "rwkv_diffusion_rnn.data.corpus.prepare_corpus(spec, 'chars', cache_dir) (its "
+                ".tokenizer), or read the vocabulary from a checkpoint's tokenizer.json "
+                "(tokenizer_from_spec)"
+            )
+        return CharTokenizer(chars)
     if is_rwkv_world_name(name):
         vocab = name if name.lower().endswith(".txt") and os.path.isfile(name) else None
         return RWKVWorldTokenizer(vocab, name=name)
@@ -668,4 +877,93 @@ def load_tokenizer(
             + f": {hint}. For RWKV-7 models use the built-in tokenizer {DEFAULT_TOKENIZER!r}, "
             f"which needs no download. Cause: {type(e).__name__}: {str(e)[:300]}"
         ) from e
-    return HFTokenizer(hf, name)
+    return HFTokenizer(hf, name, revision=revision)
+
+
+# --------------------------------------------------------------------------------------------
+# Specs: a tokenizer as JSON, and back
+# --------------------------------------------------------------------------------------------
+_SPEC_KEYS = ("name", "kind", "vocab_size", "eos_id", "mask_id", "pad_id")
+_KINDS = ("chars", "bytes", "rwkv_world", "hf")
+
+
+def tokenizer_spec(tok: Tokenizer) -> dict:
+    """A JSON-serialisable description of ``tok`` that ``tokenizer_from_spec`` rebuilds it from.
+
+    Always ``name``, ``kind`` (one of "chars", "bytes", "rwkv_world", "hf"), ``vocab_size``,
+    ``eos_id``, ``mask_id`` and ``pad_id``; a chars tokenizer adds its vocabulary ``chars``, an
+    RWKV World tokenizer named by a vocabulary .txt its absolute ``vocab_file``, and a Hugging
+    Face tokenizer the ``revision`` it was loaded at (when one was given).
+    """
+    if isinstance(tok, CharTokenizer):
+        kind, extra = "chars", {"chars": tok.chars}
+    elif isinstance(tok, ByteTokenizer):
+        kind, extra = "bytes", {}
+    elif isinstance(tok, RWKVWorldTokenizer):
+        kind, extra = "rwkv_world", {}
+        if str(tok.name).lower().endswith(".txt"):
+            extra["vocab_file"] = tok.vocab_file
+    elif isinstance(tok, HFTokenizer):
+        kind, extra = "hf", {}
+        if getattr(tok, "revision", None):
+            extra["revision"] = tok.revision
+    else:
+        raise TypeError(
+            f"tokenizer_spec: {type(tok).__name__} is not one of this package's tokenizers "
+            "(CharTokenizer, ByteTokenizer, RWKVWorldTokenizer, HFTokenizer)"
+        )
+    spec = {
+        "name": str(tok.name), "kind": kind, "vocab_size": int(tok.vocab_size),
+        "eos_id": int(tok.eos_id), "mask_id": int(tok.mask_id), "pad_id": int(tok.pad_id),
+    }
+    spec.update(extra)
+    return spec
+
+
+def tokenizer_from_spec(
+    spec: dict,
+    *,
+    cache_dir: str | None = None,
+    local_files_only: bool = True,
+    trust_remote_code: bool = False,
+) -> Tokenizer:
+    """Rebuild the tokenizer that ``tokenizer_spec`` described, and check that it has the spec's
+    ``vocab_size``, ``eos_id`` and ``mask_id`` (a model trained with one vocabulary must not
+    silently meet another). Hugging Face tokenizers load with the given options (offline by
+    default). Raises ValueError naming a missing key, an unknown kind or a mismatch.
+    """
+    if not isinstance(spec, dict):
+        raise ValueError(f"a tokenizer spec is a dict (tokenizer_spec's output), got "
+                         f"{type(spec).__name__}")
+    for key in _SPEC_KEYS:
+        if key not in spec:
+            raise ValueError(f"tokenizer spec has no {key!r} key (it needs {', '.join(_SPEC_KEYS)}); "
+                             f"got keys {sorted(spec)}")
+    kind, name = spec["kind"], spec["name"]
+    if kind == "chars":
+        if not isinstance(spec.get("chars"), str):
+            raise ValueError("tokenizer spec of kind 'chars' has no 'chars' key (a str: the "
+                             "vocabulary)")
+        tok: Tokenizer = CharTokenizer(spec["chars"])
+    elif kind == "bytes":
+        tok = ByteTokenizer()
+    elif kind == "rwkv_world":
+        if spec.get("vocab_file"):
+            tok = RWKVWorldTokenizer(spec["vocab_file"], name=name)
+        else:
+            tok = load_tokenizer(name)
+    elif kind == "hf":
+        tok = load_tokenizer(name, revision=spec.get("revision"), cache_dir=cache_dir,
+                             local_files_only=local_files_only,
+                             trust_remote_code=trust_remote_code)
+    else:
+        raise ValueError(f"tokenizer spec has unknown 'kind' {kind!r}; expected one of "
+                         f"{', '.join(_KINDS)}")
+    for key in ("vocab_size", "eos_id", "mask_id"):
+        if int(getattr(tok, key)) != spec[key]:
+            raise ValueError(
+                f"tokenizer {name!r} ({kind}) has {key}={getattr(tok, key)} but the spec says "
+                f"{key}={spec[key]}: this is not the vocabulary it was saved with; load the same "
+                "tokenizer (name, revision, vocabulary file) as when the spec was written"
+            )
+    return tok
