@@ -20,8 +20,17 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_option_composes_and_resolves(group, option, tmp_path):
+    from types import SimpleNamespace
+    from rwkv_diffusion_rnn.data.tokenizer import CharTokenizer
+    from rwkv_diffusion_rnn.training.builders import load_named_tokenizer, resolve_vocab
     cfg = compose_cfg([f"{group}={option}", f"logging.save_dir={tmp_path}"])
     OmegaConf.resolve(cfg)
+    tok = load_named_tokenizer(cfg)
+    if tok is None and cfg.model.vocab_size is None:   # model=scratch names no tokenizer
+        with pytest.raises(ConfigError, match="set tokenizer.name, or both keys"):
+            resolve_vocab(cfg, SimpleNamespace(tokenizer=None))
+        cfg.model.vocab_size, cfg.model.mask_id = 256, 255
+    resolve_vocab(cfg, SimpleNamespace(tokenizer=CharTokenizer("abc") if tok == "chars" else tok))
     denoiser_config(cfg.model)  # maps to the model's dataclass without error
 
 
@@ -40,7 +49,12 @@ def test_primary_config_keeps_the_keys_users_know():
     assert cfg.model.rwkv_name == "BlinkDL/rwkv7-g1"
     assert cfg.model.latent_dim == 32 and cfg.model.latent_prefix_len == 1
     assert cfg.model.time_conditioning == "film" and cfg.model.freeze_backbone is True
-    assert cfg.model.use_rwkv_lm_head is False and cfg.model.mask_id == 65535
+    assert cfg.model.use_rwkv_lm_head is False
+    assert cfg.model.vocab_size is None and cfg.model.mask_id is None   # follow the tokenizer ...
+    from types import SimpleNamespace
+    from rwkv_diffusion_rnn.training.builders import load_named_tokenizer, resolve_vocab
+    resolve_vocab(cfg, SimpleNamespace(tokenizer=load_named_tokenizer(cfg)))
+    assert (cfg.model.vocab_size, cfg.model.mask_id) == (65536, 65535)  # ... RWKV World's
     for key in ("data.token_dir", "data.latent_dir", "training.resume", "model.rwkv_revision",
                 "tokenizer.local_files_only", "training.dtype", "data.num_workers", "data.max_samples",
                 "logging.log_freq", "logging.eval_freq", "training.eval_batch_size"):

@@ -358,3 +358,11 @@ def test_the_mask_token_is_excluded_from_the_predicted_distribution(film_model):
         b = masked_nelbo(boosted, SEQS, LinearSchedule(), MASK,
                          torch.Generator().manual_seed(4), mc_samples=4)
     assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_the_prior_term_is_zero_for_schedules_ending_at_all_masks_and_eps_log_v_for_loglinear():
+    from rwkv_diffusion_rnn.diffusion.diffusion_process import make_schedule
+    from rwkv_diffusion_rnn.diffusion.elbo import prior_nats
+    assert prior_nats(make_schedule("linear"), 66) == 0.0
+    assert prior_nats(make_schedule("cosine"), 66) == 0.0
+    assert prior_nats(make_schedule("loglinear", eps=1e-3), 66) == pytest.approx(1e-3 * math.log(66), rel=1e-9)

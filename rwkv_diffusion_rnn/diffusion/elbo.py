@@ -21,8 +21,9 @@ The full bound also has a reconstruction term ``E -log p(x | x_0)`` and a prior 
 ``loglinear``, ``alpha(1) = eps``: ``x_1`` still holds each token with probability ``eps``, and
 coding them from a prior that keeps a position with probability ``eps`` and draws its token
 uniformly costs ``eps * log(V - 1)`` nats per token (about 0.011 for ``eps = 1e-3``, ``V = 65536``).
-That term is left out, as MDLM leaves it out: for ``loglinear`` the value returned is the
-diffusion term only, and a strict bound is that value plus ``eps * log(V - 1)`` per token.
+:func:`masked_nelbo` returns the diffusion term only (MDLM reports that); :func:`prior_nats`
+gives the prior term per token, which the trainer and ``evaluate`` add so that what they report
+is a strict bound for every schedule.
 
 :func:`masked_nelbo` estimates the bound without bias by drawing exactly this forward process:
 one ``t`` per sequence (stratified over the batch, MDLM's low-discrepancy sampler), each valid
@@ -54,7 +55,7 @@ import torch
 
 from .diffusion_process import MaskSchedule
 
-__all__ = ["masked_nelbo", "ar_nll", "LikelihoodSummary", "LikelihoodAccumulator"]
+__all__ = ["masked_nelbo", "prior_nats", "ar_nll", "LikelihoodSummary", "LikelihoodAccumulator"]
 
 # Positions whose log-softmax is taken at once: bounds the float32 copy of [rows, V] logits to
 # 2**26 elements (256 MiB) however large the batch and vocabulary are.
@@ -158,6 +159,16 @@ def masked_nelbo(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
         # A row without a mask contributes exactly 0, also where its weight is large.
         estimates.append(torch.where(is_masked.any(1), weight.to(device) * nll, torch.zeros_like(nll)))
     return torch.stack(estimates)
+
+
+def prior_nats(schedule: MaskSchedule, num_tokens: int) -> float:
+    """The prior term of the bound per token: ``alpha(1) * log(num_tokens)`` nats, the cost of the
+    tokens still clean at ``t = 1`` under a prior that keeps a position with probability
+    ``alpha(1)`` and draws its token uniformly from the ``num_tokens`` real (non-mask) tokens.
+    0 for schedules that end at all masks."""
+    keep = float(schedule.alpha(torch.tensor(1.0, dtype=torch.float64)))
+    # below 1e-12 is rounding (cosine's alpha(1) = cos(pi/2) = 6e-17), not a schedule that keeps tokens
+    return keep * math.log(num_tokens) if keep > 1e-12 else 0.0
 
 
 def ar_nll(logits: torch.Tensor, targets: torch.Tensor, *,

@@ -1,4 +1,5 @@
-"""The training objective of text + latent diffusion: which rows learn what, and their losses.
+"""The training objectives: text + latent diffusion (which rows learn what, and their losses), and
+next-token prediction, the autoregressive baseline every diffusion number is compared with.
 
 Every row of a batch gets one role, drawn per row from one uniform number ``u``:
 
@@ -14,6 +15,9 @@ every row is a text row. The total is ``text_loss + latent_loss_weight * latent_
 
 All draws come from the one generator the caller passes, in a fixed order (truncation, ``t``,
 ``s``, roles, drops, latent noise, masks), so a run is reproduced by that generator's state.
+
+:class:`AutoregressiveObjective` trains a causal denoiser (``mixer=causal``, no latent) to
+predict each token from those before it; it draws nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import torch
 
 from .continuous_diffusion import GaussianDiffusion
 from .diffusion_process import MaskedDiffusion
+
+OBJECTIVES = ("diffusion", "ar")        # training.objective
 
 
 @dataclass
@@ -121,3 +127,33 @@ class DiffusionObjective:
                         nb.s.to(device) if has_latent else None,
                         latent_drop=nb.drop.to(device) if has_latent else None)
         return self.loss(out, nb)
+
+
+def next_token_inputs(batch: Dict[str, torch.Tensor]):
+    """``(inputs, targets, valid)`` of next-token prediction on a batch.
+
+    With ``prev_ids`` [B] (the token before each window, as corpus windows carry) every token of
+    ``input_ids`` is a target, read after the token before it (nanoGPT's x / y). Without it the
+    first token is context only. ``valid`` marks targets that exist and follow a real token."""
+    ids = batch["input_ids"]
+    real = batch["attention_mask"].bool()
+    prev = batch.get("prev_ids")
+    if prev is not None:
+        return torch.cat([prev.view(-1, 1).to(ids.dtype), ids[:, :-1]], 1), ids, real
+    return ids[:, :-1], ids[:, 1:], real[:, 1:] & real[:, :-1]
+
+
+class AutoregressiveObjective:
+    """Mean cross-entropy of the next token under a causal denoiser (its time input fixed at 0)."""
+
+    def __call__(self, model, batch: Dict[str, torch.Tensor], generator: Optional[torch.Generator] = None,
+                 device: torch.device = torch.device("cpu"),
+                 autocast: Callable = nullcontext) -> Tuple[torch.Tensor, Dict[str, float]]:
+        inputs, targets, valid = next_token_inputs(batch)
+        inputs = inputs.to(device)
+        t = torch.zeros(inputs.shape[0], device=device)
+        with autocast():
+            logits = model(inputs, t).logits
+        valid = valid.to(device)
+        loss = torch.nn.functional.cross_entropy(logits[valid].float(), targets.to(device)[valid])
+        return loss, {"text_loss": float(loss.detach()), "latent_loss": 0.0, "tokens": int(valid.sum())}

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from ..diffusion.continuous_diffusion import GaussianDiffusion
 from ..diffusion.diffusion_process import MaskedDiffusion
-from ..diffusion.objective import DiffusionObjective, ObjectiveConfig
+from ..diffusion.objective import AutoregressiveObjective, DiffusionObjective, ObjectiveConfig
 from ..models.rwkv_denoiser import DenoiserConfig, MultimodalRWKVDenoiser
 from ..weights.pretrained_rwkv import build_denoiser
 from . import rng
@@ -24,7 +24,7 @@ from .optimizer import build_optimizer, build_scheduler
 
 DEVICES = ("auto", "cpu", "cuda")                             # training.device (or cuda:N)
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}        # training.dtype
-DATA_KINDS = ("text_latent", "synthetic")                        # data.kind
+DATA_KINDS = ("text_latent", "synthetic", "text")                # data.kind
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,11 +39,12 @@ def resolve_device(name: str) -> torch.device:
 # ---------------------------------------------------------------------------------------------- model
 
 
-def denoiser_config(m: DictConfig) -> DenoiserConfig:
-    """``DenoiserConfig`` from the ``model`` group: each dataclass field from the key of its name."""
+def denoiser_config(m: DictConfig, **replace) -> DenoiserConfig:
+    """``DenoiserConfig`` from the ``model`` group: each dataclass field from the key of its name
+    (or from ``replace``)."""
     values = {}
     for f in dataclasses.fields(DenoiserConfig):
-        v = m[f.name]
+        v = replace[f.name] if f.name in replace else m[f.name]
         values[f.name] = float(v) if isinstance(f.default, float) else v
     return DenoiserConfig(**values)
 
@@ -84,8 +85,10 @@ def objective_config(tr: DictConfig) -> ObjectiveConfig:
                            latent_drop_prob=tr.latent_drop_prob, latent_loss_weight=tr.latent_loss_weight)
 
 
-def build_objective(cfg: DictConfig, text: MaskedDiffusion,
-                    latent: Optional[GaussianDiffusion]) -> DiffusionObjective:
+def build_objective(cfg: DictConfig, text: MaskedDiffusion, latent: Optional[GaussianDiffusion]):
+    """``training.objective``: ``diffusion`` (text + latent) or ``ar`` (next-token prediction)."""
+    if cfg.training.objective == "ar":
+        return AutoregressiveObjective()
     return DiffusionObjective(text, latent if cfg.model.latent_prefix_len else None,
                               objective_config(cfg.training))
 
@@ -167,24 +170,106 @@ class TextLatentData:
         self.train.load_state_dict(state["loader"])
 
 
-def pad_id(cfg: DictConfig) -> int:
-    """The padding id of the tokenizer ``tokenizer.name`` (0 when no tokenizer is named)."""
+class CorpusData:
+    """A text corpus (``data.kind=text``): random training windows and fixed validation windows
+    over the token cache of :func:`~rwkv_diffusion_rnn.data.corpus.prepare_corpus`."""
+
+    def __init__(self, cfg: DictConfig, batch_size: int, eval_batch_size: int, seed: int, tokenizer):
+        from ..data.corpus import TrainWindows, ValWindows, prepare_corpus
+        d = cfg.data
+        corpus = prepare_corpus(corpus_spec(d), tokenizer, d.cache_dir, progress=cfg.logging.progress_bar)
+        self.corpus, self.tokenizer = corpus, corpus.tokenizer
+        self.train = TrainWindows(corpus.train, d.seq_len, batch_size, rng.seed_of("data_order", seed),
+                                  source=f"the training split of {corpus.path}")
+        self.val = None if corpus.val is None else ValWindows(
+            corpus.val, d.seq_len, eval_batch_size, source=f"the validation split of {corpus.path}")
+
+    @property
+    def epoch(self):
+        return self.train.epoch
+
+    @property
+    def at_epoch_end(self):
+        return self.train.at_epoch_end
+
+    def epoch_batches(self):
+        return iter(self.train)
+
+    def state(self):
+        return {"loader": self.train.state_dict()}, {}
+
+    def load(self, state, tensors):
+        self.train.load_state_dict(state["loader"])
+
+
+def corpus_spec(d: DictConfig):
+    """``CorpusSpec`` from the ``data`` group (``data=text``)."""
+    from ..data.corpus import CorpusSpec
+    return CorpusSpec(path=d.path, text_field=d.text_field, val_path=d.val_path,
+                      val_fraction=float(d.val_fraction), hf_dataset=d.hf_dataset, hf_config=d.hf_config,
+                      hf_split=d.hf_split)
+
+
+def load_named_tokenizer(cfg: DictConfig):
+    """The tokenizer ``tokenizer.name`` names (None when it names none). ``chars`` has no
+    vocabulary before it meets a corpus, so it stays the string ``"chars"`` here."""
     t = cfg.tokenizer
     if not t.name:
-        return 0
+        return None
+    if t.name == "chars":
+        return "chars"
     from ..data.tokenizer import load_tokenizer
     try:
-        tok = load_tokenizer(t.name, revision=t.revision, cache_dir=t.cache_dir,
-                             local_files_only=t.local_files_only, trust_remote_code=t.trust_remote_code)
-    except OSError as e:
-        raise ConfigError(f"tokenizer.name={t.name!r} (the tokenizer whose padding id the batches use) "
-                          f"cannot be loaded: {e}") from e
-    return int(tok.pad_id)
+        return load_tokenizer(t.name, revision=t.revision, cache_dir=t.cache_dir,
+                              local_files_only=t.local_files_only, trust_remote_code=t.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"tokenizer.name={t.name!r} cannot be loaded: {e}") from e
 
 
-def build_data(cfg: DictConfig):
-    """``data.kind``: ``synthetic`` (the tasks) or ``text_latent`` (tokenized files + latents)."""
+def pad_id(cfg: DictConfig) -> int:
+    """The padding id of the tokenizer ``tokenizer.name`` (0 when no tokenizer is named)."""
+    tok = load_named_tokenizer(cfg)
+    return 0 if tok is None else int(tok.pad_id)
+
+
+def build_data(cfg: DictConfig, tokenizer=None):
+    """``data.kind``: ``synthetic`` (the tasks), ``text_latent`` (tokenized files + latents) or
+    ``text`` (a corpus). ``tokenizer``: one to use instead of ``tokenizer.name`` (a checkpoint's)."""
     tr = cfg.training
     if cfg.data.kind == "synthetic":
         return SyntheticData(cfg, tr.train_batch_size, cfg.seed)
-    return TextLatentData(cfg, tr.train_batch_size, tr.eval_batch_size, cfg.seed, pad_id=pad_id(cfg))
+    tokenizer = tokenizer if tokenizer is not None else load_named_tokenizer(cfg)
+    if cfg.data.kind == "text":
+        return CorpusData(cfg, tr.train_batch_size, tr.eval_batch_size, cfg.seed, tokenizer)
+    data = TextLatentData(cfg, tr.train_batch_size, tr.eval_batch_size, cfg.seed,
+                          pad_id=0 if tokenizer is None else int(tokenizer.pad_id))
+    data.tokenizer = tokenizer
+    return data
+
+
+def resolve_vocab(cfg: DictConfig, data) -> None:
+    """Fills ``model.vocab_size`` / ``model.mask_id`` left null from the data's vocabulary (the
+    tokenizer's, or the synthetic task's) and refuses values that contradict it."""
+    m = cfg.model
+    if cfg.data.kind == "synthetic":
+        from ..data.tasks import VOCAB
+        want, source = (VOCAB.vocab_size, VOCAB.mask_id), "data.kind=synthetic (the task vocabulary)"
+    elif getattr(data, "tokenizer", None) is not None:
+        tok = data.tokenizer
+        want, source = (int(tok.vocab_size), int(tok.mask_id)), f"tokenizer.name={cfg.tokenizer.name}"
+    else:
+        if m.vocab_size is None or m.mask_id is None:
+            raise ConfigError("model.vocab_size and model.mask_id are null and no tokenizer.name gives them: "
+                              "set tokenizer.name, or both keys")
+        want = None
+    if want is not None:
+        for key, value in zip(("vocab_size", "mask_id"), want):
+            if m[key] is None:
+                m[key] = value
+            elif m[key] != value:
+                raise ConfigError(f"model.{key}={m[key]} contradicts {source}, whose {key} is {value}: "
+                                  f"set model.{key}={value} or leave it null to follow the tokenizer")
+    try:
+        denoiser_config(m)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

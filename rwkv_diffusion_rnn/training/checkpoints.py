@@ -70,6 +70,7 @@ EXTRA_FILE = "extra.pt"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
+TOKENIZER_FILE = "tokenizer.json"   # the tokenizer's spec (data.tokenizer.tokenizer_spec)
 
 # Parts restored with `obj.load_state_dict(torch.load(file))`: (argument name, file).
 STATE_DICT_PARTS = (("optimizer", "optimizer.pt"), ("scheduler", "scheduler.pt"))
@@ -101,6 +102,7 @@ def save_checkpoint(
     trainer_state: dict,
     extra_tensors: dict | None = None,
     config: dict | None = None,
+    tokenizer: dict | None = None,
     keep_last: int | None = None,
 ) -> Path:
     """Write a complete checkpoint to ``<save_dir>/<name>`` atomically and return its path.
@@ -121,6 +123,7 @@ def save_checkpoint(
     state_text = _to_json(trainer_state, "trainer_state")
     metrics_text = _to_json(trainer_state["metrics"], "trainer_state['metrics']") if "metrics" in trainer_state else None
     config_text = _config_yaml(config) if config is not None else None
+    tokenizer_text = _to_json(tokenizer, "tokenizer") if tokenizer is not None else None
     pt_parts = {}
     for arg, fname in STATE_DICT_PARTS:
         obj = {"optimizer": optimizer, "scheduler": scheduler}[arg]
@@ -149,7 +152,8 @@ def save_checkpoint(
         for fname, obj in pt_parts.items():
             torch.save(obj, tmp / fname)
             files[fname] = _record(tmp / fname)
-        for fname, text in ((STATE_FILE, state_text), (CONFIG_FILE, config_text), (METRICS_FILE, metrics_text)):
+        for fname, text in ((STATE_FILE, state_text), (CONFIG_FILE, config_text), (METRICS_FILE, metrics_text),
+                            (TOKENIZER_FILE, tokenizer_text)):
             if text is not None:
                 (tmp / fname).write_text(text, encoding="utf-8")
                 files[fname] = _record(tmp / fname)
@@ -300,6 +304,17 @@ def load_config(path) -> dict | None:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.load(file), resolve=True)
+
+
+def read_tokenizer_spec(path) -> dict | None:
+    """The tokenizer spec stored in a checkpoint, or None when the run had no tokenizer."""
+    file = Path(path) / TOKENIZER_FILE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file} cannot be read: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------

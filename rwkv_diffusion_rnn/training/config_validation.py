@@ -52,6 +52,7 @@ def _first_latent_dim(cfg: DictConfig):
 def validate_config(cfg: DictConfig) -> None:
     from ..diffusion.continuous_diffusion import LATENT_SCHEDULES, TARGETS
     from ..diffusion.diffusion_process import LOSS_TYPES, NOISE_TYPES, SCHEDULES
+    from ..diffusion.objective import OBJECTIVES
     from ..models.mixers import MIXERS
     from ..models.mixers.base import Fusion
     from ..models.rwkv_denoiser import TIME_CONDITIONINGS
@@ -66,6 +67,19 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg, "model.bi_fusion", Fusion.KINDS)
     _choice(cfg, "model.wkv_backend", BACKENDS)
     _choice(cfg, "training.dtype", tuple(AUTOCAST_DTYPES))
+    _choice(cfg, "training.objective", OBJECTIVES)
+    if tr.objective == "ar":
+        if m.mixer != "causal":
+            raise ConfigError(f"training.objective=ar predicts the next token from the tokens before it: "
+                              f"set model.mixer=causal (got model.mixer={m.mixer!r}, which reads ahead)")
+        if m.latent_prefix_len:
+            raise ConfigError("training.objective=ar is a text-only baseline: set model.latent_prefix_len=0")
+        if d.kind == "synthetic":
+            raise ConfigError("training.objective=ar: the synthetic tasks are scored by diffusion decoding; "
+                              "train the baseline on text (data=text)")
+    if cfg.tokenizer.name == "chars" and d.kind != "text":
+        raise ConfigError("tokenizer.name=chars builds its vocabulary from a corpus: use it with data=text "
+                          "(data.kind=text)")
     if not (tr.device in DEVICES or str(tr.device).startswith("cuda:")):
         raise ConfigError(f"training.device={tr.device!r} is not valid; choose one of {', '.join(DEVICES)} "
                           "(or cuda:N)")
@@ -88,12 +102,15 @@ def validate_config(cfg: DictConfig) -> None:
                 "optimizer.lr", "optimizer.decay_lr_mult", "logging.log_freq", "data.seq_len"):
         _positive(cfg, key)
     _positive(cfg, "training.max_steps", allow_none=True)
+    _positive(cfg, "eval.max_batches", allow_none=True)
+    if cfg.eval.get("mc_samples") is not None:
+        _positive(cfg, "eval.mc_samples")
     _positive(cfg, "training.num_epochs", allow_none=True)
     if not tr.max_steps and not tr.num_epochs:
         raise ConfigError("set training.max_steps or training.num_epochs (both are null)")
     if d.kind == "synthetic" and not tr.max_steps:
         raise ConfigError("data.kind=synthetic is an endless stream: set training.max_steps")
-    if not 0 <= m.mask_id < m.vocab_size:
+    if m.mask_id is not None and m.vocab_size is not None and not 0 <= m.mask_id < m.vocab_size:
         raise ConfigError(f"model.mask_id={m.mask_id} must be below model.vocab_size={m.vocab_size}")
     if m.rwkv_name is None:
         for key in ("n_layer", "n_embd", "head_size"):
@@ -117,25 +134,37 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.pos_emb_init_std={std!r} must be a number >= 0 (0: zeros)")
     if tr.ema_decay is not None and not 0 < tr.ema_decay < 1:
         raise ConfigError(f"training.ema_decay={tr.ema_decay} must be in (0, 1) or null")
-    # the dataclasses' own checks (their messages name the config keys)
+    # the dataclasses' own checks (their messages name the config keys), before any data is read;
+    # a vocabulary left to the tokenizer gets a stand-in here and its own check in resolve_vocab
+    stand_in = {}
+    if m.vocab_size is None or m.mask_id is None:
+        stand_in = {"vocab_size": m.vocab_size or (m.mask_id or 0) + 2,
+                    "mask_id": m.mask_id if m.mask_id is not None else 0}
     try:
         objective_config(tr)
-        denoiser_config(m)
+        denoiser_config(m, **stand_in)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
     if d.kind == "synthetic":
-        from ..data.tasks import TASK_NAMES, VOCAB
+        from ..data.tasks import TASK_NAMES
         _choice(cfg, "data.task", TASK_NAMES)
-        if m.vocab_size != VOCAB.vocab_size or m.mask_id != VOCAB.mask_id:
-            raise ConfigError(f"data.kind=synthetic uses the task vocabulary: set model.vocab_size="
-                              f"{VOCAB.vocab_size} model.mask_id={VOCAB.mask_id} "
-                              f"(got {m.vocab_size}, {m.mask_id})")
         if m.latent_prefix_len:
             raise ConfigError("data.kind=synthetic is text only: set model.latent_prefix_len=0")
         if m.rwkv_name:
             raise ConfigError("data.kind=synthetic trains from scratch on a character vocabulary: "
                               "set model.rwkv_name=null (model=scratch)")
+    elif d.kind == "text":
+        if not d.path and not d.hf_dataset:
+            raise ConfigError("data.kind=text needs a corpus: set data.path (a .txt, .jsonl, .json, folder or "
+                              "glob) or data.hf_dataset")
+        if not cfg.tokenizer.name:
+            raise ConfigError("data.kind=text tokenizes the corpus: set tokenizer.name (chars, bytes, "
+                              "BlinkDL/rwkv7-g1 or a Hugging Face tokenizer)")
+        if m.latent_prefix_len:
+            raise ConfigError("data.kind=text has no sentence latents: set model.latent_prefix_len=0")
+        if not 0.0 <= d.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     else:
         if d.token_dir is None or not Path(d.token_dir).is_dir():
             raise ConfigError(f"data.token_dir={d.token_dir!r} is not a directory; run "

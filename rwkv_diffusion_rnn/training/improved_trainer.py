@@ -1,4 +1,5 @@
-"""The training loop: masked diffusion on text and Gaussian diffusion on the sentence latent.
+"""The training loop: masked diffusion on text and Gaussian diffusion on the sentence latent, or
+next-token prediction (``training.objective=ar``), the baseline.
 
 :class:`Trainer` takes a resolved config (see ``configs/rwkv_mmdit.yaml``), builds the run's parts
 with :mod:`~rwkv_diffusion_rnn.training.builders` and trains them: each optimizer step
@@ -27,9 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..diffusion.sampling import generate_latent, generate_text
 from . import checkpoints as ckpt
-from . import rng
+from . import likelihood, rng
 from .builders import (AUTOCAST_DTYPES, build_data, build_latent_diffusion, build_model, build_objective,
-                       build_optimizer_and_scheduler, build_text_diffusion, resolve_device)
+                       build_optimizer_and_scheduler, build_text_diffusion, resolve_device, resolve_vocab)
 from .config_validation import validate_config
 from .ema import EMA
 
@@ -63,6 +64,8 @@ class Trainer:
 
         self.synthetic = cfg.data.kind == "synthetic"
         self.data = build_data(cfg)
+        resolve_vocab(cfg, self.data)       # vocab_size / mask_id follow the tokenizer
+        self.tokenizer = getattr(self.data, "tokenizer", None)
         self.model = build_model(cfg).to(self.device)
         self.text_diff = build_text_diffusion(cfg)
         self.latent_diff = build_latent_diffusion(cfg)
@@ -106,10 +109,14 @@ class Trainer:
         path = ckpt.save_checkpoint(
             self.save_dir, name, model=self.model, optimizer=self.optimizer,
             scheduler=self.scheduler, ema=self.ema.module if self.ema else None,
-            trainer_state=self._trainer_state(), extra_tensors=tensors,
-            config=self.config_dict, keep_last=self.cfg.logging.keep_last)
+            trainer_state=self._trainer_state(), extra_tensors=tensors, config=self.config_dict,
+            tokenizer=self._tokenizer_spec(), keep_last=self.cfg.logging.keep_last)
         self.saved_step = self.global_step
         return path
+
+    def _tokenizer_spec(self) -> Optional[Dict[str, Any]]:
+        from ..data.tokenizer import tokenizer_spec
+        return None if self.tokenizer is None else tokenizer_spec(self.tokenizer)
 
     def _resume(self, resume: str):
         path = ckpt.resolve_resume(str(resume), self.save_dir)
@@ -118,6 +125,13 @@ class Trainer:
             saved = OmegaConf.to_container(OmegaConf.load(saved_cfg_path), resolve=False)
             current = OmegaConf.to_container(self.cfg, resolve=False)
             ckpt.check_config_compatible(saved, current, keys=("model",))
+        saved_tok, tok = ckpt.read_tokenizer_spec(path), self._tokenizer_spec()
+        if saved_tok is not None and saved_tok != tok:
+            raise ckpt.CheckpointError(
+                f"{path / ckpt.TOKENIZER_FILE} holds another tokenizer than this run's ({saved_tok.get('name')!r}, "
+                f"{saved_tok.get('vocab_size')} ids, against {tok and tok.get('name')!r}, "
+                f"{tok and tok.get('vocab_size')} ids; a chars vocabulary follows the corpus): resume with the "
+                "data and tokenizer the checkpoint was trained on, or start a new run in another logging.save_dir")
         state, tensors = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
                                               scheduler=self.scheduler,
                                               ema=self.ema.module if self.ema else None)
@@ -215,15 +229,34 @@ class Trainer:
         res_fresh = task.score(self._decode_task(model, fresh), fresh)
         return dict(out, **{f"{name}_acc_fresh": res_fresh["acc"], f"{name}_exact_fresh": res_fresh["exact"]})
 
+    def likelihood(self, model, latent: str = "clean") -> "likelihood.LikelihoodSummary":
+        """The bound (diffusion) or NLL (ar) of the validation split, with the same noise every time."""
+        ev = self.cfg.eval
+        return likelihood.score(model, self.data.val, objective=self.cfg.training.objective,
+                                schedule=self.text_diff.schedule, mask_id=self.cfg.model.mask_id,
+                                vocab_size=self.cfg.model.vocab_size,
+                                generator=rng.generator("eval_noise"), mc_samples=ev.mc_samples,
+                                max_batches=ev.max_batches, tokenizer=self.tokenizer, latent=latent,
+                                device=self.device, autocast=self._autocast)
+
     def _evaluate_text_latent(self, model) -> Dict[str, float]:
         if self.data.val is None:
             return {}
+        if self.cfg.training.objective == "ar":
+            nll = self.likelihood(model)
+            return {"val_nll": nll.nats_per_token, **({"val_bpc": nll.bits_per_char} if nll.chars else {})}
+        bound = self.likelihood(model)
+        out = {"val_nelbo": bound.nats_per_token, "val_nelbo_stderr": bound.stderr}
+        if bound.chars:
+            out["val_bpc"] = bound.bits_per_char
+        if self.has_latent:
+            out["val_nelbo_null_latent"] = self.likelihood(model, latent="null").nats_per_token
         g = rng.generator("eval_noise")  # the same noise at every evaluation
         tot = {"text_loss": 0.0, "latent_loss": 0.0}
         n = 0
         cos_sum, cos_n = 0.0, 0
         for i, batch in enumerate(self.data.val):
-            if i >= self.cfg.eval.max_batches:
+            if self.cfg.eval.max_batches is not None and i >= self.cfg.eval.max_batches:
                 break
             _, st = self.objective(model, batch, g, self.device, self._autocast)
             tot["text_loss"] += st["text_loss"]
@@ -234,7 +267,7 @@ class Trainer:
                                     steps=self.cfg.eval.latent_steps, generator=rng.generator("eval_sampling"))
                 cos = torch.nn.functional.cosine_similarity(z.float().cpu(), batch["latent"].float(), dim=-1)
                 cos_sum, cos_n = cos_sum + float(cos.sum()), cos_n + cos.numel()
-        out = {f"val_{k}": v / max(n, 1) for k, v in tot.items()}
+        out.update({f"val_{k}": v / max(n, 1) for k, v in tot.items()})
         if cos_n:
             out["val_latent_cos"] = cos_sum / cos_n
         return out

@@ -1,0 +1,165 @@
+"""Language modelling on a text corpus end to end, at toy size: the AR baseline and the diffusion
+bound train, log val_nll / val_nelbo, resume exactly, and ``evaluate`` reproduces what training
+logged from the checkpoint alone; bad input is refused by name."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rwkv_diffusion_rnn.evaluate import evaluate
+from rwkv_diffusion_rnn.train_rwkv import compose_config, run
+from rwkv_diffusion_rnn.training import checkpoints as ckpt
+from rwkv_diffusion_rnn.training.config_validation import ConfigError
+from rwkv_diffusion_rnn.training.improved_trainer import read_train_log
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+LINES = ["the cat sat on the mat.", "a dog ran in the park!", "we like tea and cake.",
+         "is it cold at night?", "the sun is up; birds sing."]
+
+
+def corpus_file(tmp_path, name="corpus.txt", repeat=40) -> Path:
+    path = tmp_path / name
+    path.write_text("\n".join(LINES * repeat) + "\n")
+    return path
+
+
+def overrides(tmp_path, corpus, *extra):
+    return ["experiment=shakespeare_char", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+            "data.seq_len=16", "model.n_layer=1", "model.n_embd=32", "model.head_size=16",
+            "training.train_batch_size=4", "training.eval_batch_size=16", "training.max_steps=20",
+            "optimizer.warmup_steps=2", "logging.eval_freq=10", "logging.log_freq=5",
+            "logging.progress_bar=false", f"logging.save_dir={tmp_path / 'run'}", *extra]
+
+
+def test_ar_baseline_logs_val_nll_and_evaluate_reproduces_it_exactly(tmp_path):
+    corpus = corpus_file(tmp_path)
+    metrics = run(compose_config(overrides(tmp_path, corpus, "training.objective=ar", "model.mixer=causal")))
+    log = read_train_log(tmp_path / "run")
+    assert "val_nll" in log[1] and "val_nll" in metrics and "val_nelbo" not in metrics
+    assert log[-1]["loss"] < log[0]["loss"]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["val_nll"] == metrics["val_nll"]
+    last = ckpt.latest_checkpoint(tmp_path / "run")
+    spec = json.loads((last / ckpt.TOKENIZER_FILE).read_text())
+    assert spec["kind"] == "chars" and spec["vocab_size"] == len(spec["chars"]) + 2
+    result = evaluate(last, ["logging.progress_bar=false"])
+    assert result["quantity"] == "nll" and result["stderr"] == 0.0
+    assert result["nats_per_token"] == pytest.approx(metrics["val_nll"], rel=1e-9)
+    # chars: one character per token (the corpus has no document separators)
+    assert result["bits_per_char"] == pytest.approx(result["bits_per_token"])
+    assert json.loads((last / "eval.json").read_text()) == result
+
+
+def test_diffusion_bound_is_logged_and_evaluate_agrees_within_its_standard_error(tmp_path):
+    corpus = corpus_file(tmp_path)
+    metrics = run(compose_config(overrides(tmp_path, corpus)))
+    assert metrics["val_nelbo_stderr"] > 0 and "val_text_loss" in metrics
+    last = ckpt.latest_checkpoint(tmp_path / "run")
+    same = evaluate(last, ["logging.progress_bar=false"])
+    assert same["quantity"] == "nelbo"
+    assert abs(same["nats_per_token"] - metrics["val_nelbo"]) <= same["stderr"]
+    more = evaluate(last, ["logging.progress_bar=false", "eval.mc_samples=4"], out=str(tmp_path / "e4.json"))
+    assert more["mc_samples"] == 4 and more["stderr"] < same["stderr"]
+    assert abs(more["nats_per_token"] - metrics["val_nelbo"]) <= 3 * (more["stderr"] + same["stderr"])
+    assert json.loads((tmp_path / "e4.json").read_text()) == more
+
+
+def test_resume_on_a_corpus_is_exact(tmp_path):
+    corpus = corpus_file(tmp_path)
+    common = overrides(tmp_path, corpus, "training.max_steps=12", "logging.log_freq=2", "logging.eval_freq=0")
+    run(compose_config([*common, f"logging.save_dir={tmp_path / 'full'}"]))
+    run(compose_config([*common, "+training.stop_at_step=6", f"logging.save_dir={tmp_path / 'part'}"]))
+    run(compose_config([*common, "training.resume=latest", f"logging.save_dir={tmp_path / 'part'}"]))
+    full, part = read_train_log(tmp_path / "full"), read_train_log(tmp_path / "part")
+    assert [r["step"] for r in part] == [r["step"] for r in full] == list(range(2, 13, 2))
+    assert [r["loss"] for r in part] == [r["loss"] for r in full]
+
+
+def test_resume_refuses_a_corpus_whose_chars_vocabulary_changed(tmp_path):
+    corpus = corpus_file(tmp_path)
+    common = overrides(tmp_path, corpus, "training.max_steps=4", "logging.eval_freq=0")
+    run(compose_config([*common, "+training.stop_at_step=2"]))
+    corpus.write_text(corpus.read_text().replace("c", "k"))   # same size, one character fewer
+    with pytest.raises(Exception, match="vocab_size|tokenizer"):
+        run(compose_config([*common, "training.resume=latest"]))
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "BlinkDL/rwkv7-g1"])
+def test_a_jsonl_corpus_trains_and_evaluates_with_other_tokenizers(tmp_path, tokenizer):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": line, "id": i}) + "\n" for i, line in enumerate(LINES * 30)))
+    metrics = run(compose_config(overrides(tmp_path, corpus, f"tokenizer.name={tokenizer}",
+                                           "training.max_steps=4", "logging.eval_freq=0")))
+    assert metrics["val_nelbo"] > 0 and metrics["val_bpc"] > 0
+    cfg = ckpt.load_config(ckpt.latest_checkpoint(tmp_path / "run"))
+    want = {"bytes": (258, 257), "BlinkDL/rwkv7-g1": (65536, 65535)}[tokenizer]
+    assert (cfg["model"]["vocab_size"], cfg["model"]["mask_id"]) == want
+    result = evaluate(tmp_path / "run", ["logging.progress_bar=false"])   # a run folder: its newest checkpoint
+    assert result["nats_per_token"] == pytest.approx(metrics["val_nelbo"], rel=1e-9)
+
+
+def test_a_config_that_contradicts_the_tokenizer_or_the_objective_is_refused_by_key(tmp_path):
+    corpus = corpus_file(tmp_path)
+    with pytest.raises(ConfigError, match="model.vocab_size=100 contradicts tokenizer.name=chars"):
+        run(compose_config(overrides(tmp_path, corpus, "model.vocab_size=100")))
+    with pytest.raises(ConfigError, match="model.mixer=causal"):
+        run(compose_config(overrides(tmp_path, corpus, "training.objective=ar")))
+    with pytest.raises(ConfigError, match="training.objective"):
+        run(compose_config(overrides(tmp_path, corpus, "training.objective=mlm")))
+    with pytest.raises(ConfigError, match="data.path"):
+        run(compose_config(overrides(tmp_path, corpus, "data.path=null")))
+    with pytest.raises(ConfigError, match="model.latent_prefix_len=0"):
+        run(compose_config(overrides(tmp_path, corpus, "model.latent_prefix_len=1")))
+
+
+def test_evaluate_names_a_character_the_saved_vocabulary_lacks_and_a_missing_tokenizer(tmp_path):
+    corpus = corpus_file(tmp_path)
+    run(compose_config(overrides(tmp_path, corpus, "training.max_steps=2", "logging.eval_freq=0")))
+    last = ckpt.latest_checkpoint(tmp_path / "run")
+    other = tmp_path / "other.txt"
+    other.write_text("the cat sat on the mat. " * 5 + "Zebra " + "the cat sat. " * 5)
+    with pytest.raises(Exception, match=r"other\.txt.*'Z'|'Z'.*other\.txt"):
+        evaluate(last, [f"data.val_path={other}", "logging.progress_bar=false"])
+    with pytest.raises(ConfigError, match="eval.no_such_key"):
+        evaluate(last, ["eval.no_such_key=1"])
+    (last / ckpt.TOKENIZER_FILE).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="tokenizer.json"):
+        evaluate(last, [])
+
+
+def test_evaluate_command_line_prints_the_json_and_refuses_bad_input_without_a_traceback(tmp_path):
+    corpus = corpus_file(tmp_path)
+    run(compose_config(overrides(tmp_path, corpus, "training.objective=ar", "model.mixer=causal",
+                                 "training.max_steps=2", "logging.eval_freq=0")))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "rwkv_diffusion_rnn.evaluate"]
+    r = subprocess.run([*cmd, f"checkpoint={tmp_path / 'run'}", "logging.progress_bar=false"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["quantity"] == "nll"
+    r = subprocess.run([*cmd, f"checkpoint={tmp_path / 'nothing'}"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "nothing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_shakespeare_preset_is_nanogpts_baby_run():
+    cfg = compose_config(["experiment=shakespeare_char", "logging.save_dir=unused"])
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_embd // cfg.model.head_size) == (4, 128, 4)
+    assert (cfg.data.seq_len, cfg.training.train_batch_size, cfg.training.max_steps) == (64, 12, 2000)
+    assert (cfg.optimizer.lr, cfg.optimizer.lr * cfg.optimizer.min_lr_ratio) == (1e-3, pytest.approx(1e-4))
+    assert cfg.optimizer.schedule == "cosine" and cfg.data.val_fraction == 0.1 and cfg.tokenizer.name == "chars"
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is absent (the public corpus beside the checkout)")
+def test_the_shakespeare_preset_runs_on_the_real_corpus(tmp_path):
+    metrics = run(compose_config(["experiment=shakespeare_char", f"data.path={SHAKESPEARE}",
+                                  f"data.cache_dir={tmp_path / 'cache'}", "training.max_steps=3",
+                                  "eval.max_batches=1", "logging.eval_freq=0", "logging.progress_bar=false",
+                                  f"logging.save_dir={tmp_path / 'run'}"]))
+    cfg = ckpt.load_config(ckpt.latest_checkpoint(tmp_path / "run"))
+    assert cfg["model"]["vocab_size"] == 65 + 2          # 65 characters, end of text, mask
+    assert 0 < metrics["val_nelbo"] < 10
