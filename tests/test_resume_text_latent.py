@@ -148,3 +148,17 @@ def test_readme_steps_3_and_4_run_as_written_at_toy_size(tmp_path):
     n = len(steps_one_epoch)
     assert n >= 8 and steps == list(range(1, 2 * n + 1))
     assert (run_dir / "epoch_001").is_dir()
+
+
+def test_a_text_latent_checkpoint_is_scored_given_its_latent_and_given_the_null_latent(data_dir, tmp_path):
+    from rwkv_diffusion_rnn.evaluate import evaluate
+    from rwkv_diffusion_rnn.training.checkpoints import latest_checkpoint
+    args = [a for a in common(data_dir, 4) if not a.startswith("data.val_fraction")]
+    metrics = run(compose_cfg([*args, "data.val_fraction=0.25", "training.eval_batch_size=16",
+                               f"logging.save_dir={tmp_path}"]))
+    assert {"val_nelbo", "val_nelbo_null_latent", "val_latent_cos"} <= set(metrics)
+    result = evaluate(latest_checkpoint(tmp_path), ["logging.progress_bar=false"])
+    assert result["latent"] == "clean" and result["bits_per_char"] is None   # no tokenizer: no characters
+    assert result["nats_per_token"] == pytest.approx(metrics["val_nelbo"], rel=1e-9)
+    assert result["null_latent"]["nats_per_token"] == pytest.approx(metrics["val_nelbo_null_latent"], rel=1e-9)
+    assert result["null_latent"]["tokens"] == result["tokens"] > 0

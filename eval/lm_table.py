@@ -1,0 +1,189 @@
+"""The language-modelling table: the AR RWKV-7 against the diffusion bound of each mixer on
+tinyshakespeare at character level (``experiment=shakespeare_char``, nanoGPT's baby budget).
+
+    python eval/lm_table.py --jobs 2                        # run what is missing, then report
+    python eval/lm_table.py --budgets 1 2 4 --models ar bi_sum
+    python eval/lm_table.py --report-only                   # aggregate finished runs only
+
+Each run is ``python -m rwkv_diffusion_rnn.train_rwkv experiment=shakespeare_char <model overrides>
+training.max_steps=<2000 x budget> logging.eval_freq=250`` with its own ``logging.save_dir``
+``<out>/<model>_<budget>x`` (default ``--out eval/out/lm_table``). A finished run (its
+``metrics.json`` at the last step) is skipped; an interrupted one resumes from its newest
+checkpoint. With ``--jobs 2`` two runs share the machine, one thread each.
+
+The table reads each run's final evaluation (``metrics.json``: the whole validation split,
+one (time, mask) draw per window, the same noise for every model): the AR NLL and the diffusion
+bound in nats per character, the bound's Monte-Carlo standard error and its ratio to the AR
+NLL at the same budget. The plot draws every evaluation of ``train_log.jsonl`` against training
+tokens. Samples come from each model's largest budget: the library's diffusion sampler (64
+characters, 64 steps, temperature 1) and plain ancestral sampling through the recurrent state
+for the AR model. Writes ``<out>/lm_table.md`` and ``--plot`` (default ``eval/lm_bound_vs_tokens.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+BASE_STEPS = 2000
+TOKENS_PER_STEP = 12 * 64             # the preset's batch x context
+
+MODELS = {
+    "ar": ["training.objective=ar", "model.mixer=causal"],
+    "bi_sum": ["model.mixer=bi", "model.bi_fusion=sum"],
+    "bi_concat": ["model.mixer=bi", "model.bi_fusion=concat"],
+    "bi_gated": ["model.mixer=bi", "model.bi_fusion=gated"],
+    "dw_jrt": ["model.mixer=dw_jrt"],
+    "block_causal": ["model.mixer=block_causal", "model.block_size=16"],
+}
+
+
+def run_dir(out: Path, model: str, budget: int) -> Path:
+    return out / f"{model}_{budget}x"
+
+
+def finished(d: Path, steps: int) -> bool:
+    try:
+        return json.loads((d / "metrics.json").read_text()).get("step") == steps
+    except (OSError, ValueError):
+        return False
+
+
+def run_one(out: Path, model: str, budget: int, threads: int) -> Path:
+    from rwkv_diffusion_rnn.training.checkpoints import latest_checkpoint
+    d, steps = run_dir(out, model, budget), BASE_STEPS * budget
+    if finished(d, steps):
+        return d
+    cmd = [sys.executable, "-m", "rwkv_diffusion_rnn.train_rwkv", "experiment=shakespeare_char",
+           f"data.path={CORPUS}", f"training.max_steps={steps}", "logging.eval_freq=250", *MODELS[model],
+           f"logging.save_dir={d}", "logging.progress_bar=false", f"hydra.run.dir={d}/hydra"]
+    if latest_checkpoint(d) is not None:
+        cmd.append("training.resume=latest")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "stdout.log", "a") as f:
+        subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
+    print(f"{'done' if finished(d, steps) else 'FAILED'} {d.name} (see {d / 'stdout.log'})", flush=True)
+    return d
+
+
+def curve(d: Path, key: str):
+    from rwkv_diffusion_rnn.training.improved_trainer import read_train_log
+    return [(r["step"] * TOKENS_PER_STEP, r[key]) for r in read_train_log(d) if key in r]
+
+
+def final(d: Path):
+    m = json.loads((d / "metrics.json").read_text())
+    key = "val_nll" if "val_nll" in m else "val_nelbo"
+    return m[key], m.get(f"{key}_stderr", 0.0), m.get("val_bpc")
+
+
+def samples(d: Path, n: int = 2, length: int = 64, seed: int = 0):
+    """``n`` samples of ``length`` characters from the run's last checkpoint."""
+    import torch
+    from omegaconf import OmegaConf
+    from rwkv_diffusion_rnn.data.tokenizer import tokenizer_from_spec
+    from rwkv_diffusion_rnn.diffusion.sampling import generate_text
+    from rwkv_diffusion_rnn.training import checkpoints as ckpt
+    from rwkv_diffusion_rnn.training.builders import build_model
+    path = ckpt.latest_checkpoint(d)
+    cfg = OmegaConf.create(ckpt.load_config(path))
+    tok = tokenizer_from_spec(ckpt.read_tokenizer_spec(path))
+    model = build_model(cfg)
+    ckpt.load_checkpoint(path, model=model, restore_rng=False)
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if cfg.training.objective == "ar":
+            ids = torch.full((n, 1), tok.eos_id)          # start as after a document separator
+            out, state = model(ids, torch.zeros(n), return_state=True)[::2]
+            rows = []
+            for _ in range(length):
+                probs = torch.softmax(out[:, -1].double(), -1)
+                probs[:, tok.mask_id] = 0
+                nxt = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=g)
+                rows.append(nxt)
+                out, state = model(nxt, torch.zeros(n), state=state, return_state=True)[::2]
+            ids = torch.cat(rows, 1)
+        else:
+            ids = generate_text(model, length=length, batch_size=n, steps=length, temperature=1.0, generator=g)
+    return [tok.decode(row.tolist()) for row in ids]
+
+
+def report(out: Path, models, budgets, plot: Path):
+    lines = ["| model | budget | steps | train tokens | val nats/char | MC s.e. | bits/char | ratio to AR |",
+             "|---|---|---|---|---|---|---|---|"]
+    for b in budgets:
+        ar = run_dir(out, "ar", b)
+        ar_val = final(ar)[0] if finished(ar, BASE_STEPS * b) else None
+        for m in models:
+            d = run_dir(out, m, b)
+            if not finished(d, BASE_STEPS * b):
+                continue
+            val, se, bpc = final(d)
+            ratio = f"{val / ar_val:.3f}" if ar_val and m != "ar" else ("1" if m == "ar" else "-")
+            lines.append(f"| {m} | {b}x | {BASE_STEPS * b} | {BASE_STEPS * b * TOKENS_PER_STEP / 1e6:.2f}M | "
+                         f"{val:.4f} | {se:.4f} | {bpc:.3f} | {ratio} |")
+    lines += ["", "Samples (64 characters each, from each model's largest finished budget):", ""]
+    for m in models:
+        done = [b for b in budgets if finished(run_dir(out, m, b), BASE_STEPS * b)]
+        if done:
+            for i, text in enumerate(samples(run_dir(out, m, max(done)))):
+                lines.append(f"- {m} {max(done)}x #{i}: `{text!r}`")
+    text = "\n".join(lines) + "\n"
+    (out / "lm_table.md").write_text(text)
+    print(text)
+    if plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(8, 5))
+        styles = {1: ":", 2: "--", 4: "-"}
+        for i, m in enumerate(models):
+            for b in budgets:
+                d = run_dir(out, m, b)
+                pts = curve(d, "val_nll" if m == "ar" else "val_nelbo")
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, styles.get(b, "-"), color=f"C{i}", marker=".",
+                            label=f"{m} {b}x" + (" (NLL)" if m == "ar" else " (bound)"))
+        ax.axhline(1.88, color="grey", lw=0.8, ls="-.", label="nanoGPT transformer, 1x (1.88)")
+        ax.set_xlabel("training tokens (characters)")
+        ax.set_ylabel("validation nats per character")
+        ax.set_ylim(1.3, 2.6)
+        ax.set_title("tinyshakespeare, char level: AR NLL and diffusion bound")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        print(f"wrote {plot}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--budgets", nargs="+", type=int, default=[1, 2, 4])
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--out", type=Path, default=ROOT / "eval" / "out" / "lm_table")
+    p.add_argument("--plot", type=Path, default=ROOT / "eval" / "lm_bound_vs_tokens.png")
+    p.add_argument("--report-only", action="store_true")
+    a = p.parse_args()
+    if not CORPUS.exists():
+        sys.exit(f"{CORPUS} is absent: the public corpus lives beside the checkout (../shared/data)")
+    if not a.report_only:
+        todo = [(m, b) for b in sorted(a.budgets) for m in a.models]
+        threads = 1 if a.jobs > 1 else 2
+        with ThreadPoolExecutor(a.jobs) as pool:
+            list(pool.map(lambda mb: run_one(a.out, *mb, threads), todo))
+    report(a.out, a.models, sorted(a.budgets), a.plot)
+
+
+if __name__ == "__main__":
+    main()
