@@ -136,20 +136,8 @@ class SyntheticData:
         self.gen.set_state(tensors["data_rng"])
 
 
-class TextLatentData:
-    """Tokenized text (+ latents) from disk: a resumable training loader and a validation loader."""
-
-    def __init__(self, cfg: DictConfig, batch_size: int, eval_batch_size: int, seed: int, pad_id: int):
-        from ..data.data_simple import build_dataloaders
-        d = cfg.data
-        self.train, self.val = build_dataloaders(
-            token_dir=d.token_dir, latent_dir=d.latent_dir, json_path=d.json_path,
-            val_token_dir=d.val_token_dir, val_latent_dir=d.val_latent_dir,
-            val_json_path=d.val_json_path, val_fraction=d.val_fraction, batch_size=batch_size,
-            eval_batch_size=eval_batch_size, seq_len=d.seq_len,
-            latent_dim=cfg.model.latent_dim if cfg.model.latent_prefix_len else None,
-            max_samples=d.max_samples, num_workers=d.num_workers, seed=rng.seed_of("data_order", seed),
-            pad_id=pad_id, shuffle=d.shuffle)
+class _EpochData:
+    """A resumable training loader ``self.train`` (epochs, position) and a validation set ``self.val``."""
 
     @property
     def epoch(self):
@@ -170,7 +158,24 @@ class TextLatentData:
         self.train.load_state_dict(state["loader"])
 
 
-class CorpusData:
+class TextLatentData(_EpochData):
+    """Tokenized text (+ latents) from disk: a resumable training loader and a validation loader."""
+
+    def __init__(self, cfg: DictConfig, batch_size: int, eval_batch_size: int, seed: int, tokenizer):
+        from ..data.data_simple import build_dataloaders
+        d = cfg.data
+        self.tokenizer = tokenizer          # None: batches are padded with id 0
+        self.train, self.val = build_dataloaders(
+            token_dir=d.token_dir, latent_dir=d.latent_dir, json_path=d.json_path,
+            val_token_dir=d.val_token_dir, val_latent_dir=d.val_latent_dir,
+            val_json_path=d.val_json_path, val_fraction=d.val_fraction, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, seq_len=d.seq_len,
+            latent_dim=cfg.model.latent_dim if cfg.model.latent_prefix_len else None,
+            max_samples=d.max_samples, num_workers=d.num_workers, seed=rng.seed_of("data_order", seed),
+            pad_id=0 if tokenizer is None else int(tokenizer.pad_id), shuffle=d.shuffle)
+
+
+class CorpusData(_EpochData):
     """A text corpus (``data.kind=text``): random training windows and fixed validation windows
     over the token cache of :func:`~rwkv_diffusion_rnn.data.corpus.prepare_corpus`."""
 
@@ -183,23 +188,6 @@ class CorpusData:
                                   source=f"the training split of {corpus.path}")
         self.val = None if corpus.val is None else ValWindows(
             corpus.val, d.seq_len, eval_batch_size, source=f"the validation split of {corpus.path}")
-
-    @property
-    def epoch(self):
-        return self.train.epoch
-
-    @property
-    def at_epoch_end(self):
-        return self.train.at_epoch_end
-
-    def epoch_batches(self):
-        return iter(self.train)
-
-    def state(self):
-        return {"loader": self.train.state_dict()}, {}
-
-    def load(self, state, tensors):
-        self.train.load_state_dict(state["loader"])
 
 
 def corpus_spec(d: DictConfig):
@@ -241,10 +229,7 @@ def build_data(cfg: DictConfig, tokenizer=None):
     tokenizer = tokenizer if tokenizer is not None else load_named_tokenizer(cfg)
     if cfg.data.kind == "text":
         return CorpusData(cfg, tr.train_batch_size, tr.eval_batch_size, cfg.seed, tokenizer)
-    data = TextLatentData(cfg, tr.train_batch_size, tr.eval_batch_size, cfg.seed,
-                          pad_id=0 if tokenizer is None else int(tokenizer.pad_id))
-    data.tokenizer = tokenizer
-    return data
+    return TextLatentData(cfg, tr.train_batch_size, tr.eval_batch_size, cfg.seed, tokenizer)
 
 
 def resolve_vocab(cfg: DictConfig, data) -> None:
