@@ -171,6 +171,7 @@ def main():
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--budgets", nargs="+", type=int, default=[1, 2, 4])
     p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="threads per run (default: 2 // jobs)")
     p.add_argument("--out", type=Path, default=ROOT / "eval" / "out" / "lm_table")
     p.add_argument("--plot", type=Path, default=ROOT / "eval" / "lm_bound_vs_tokens.png")
     p.add_argument("--report-only", action="store_true")
@@ -179,7 +180,7 @@ def main():
         sys.exit(f"{CORPUS} is absent: the public corpus lives beside the checkout (../shared/data)")
     if not a.report_only:
         todo = [(m, b) for b in sorted(a.budgets) for m in a.models]
-        threads = 1 if a.jobs > 1 else 2
+        threads = a.threads or max(1, 2 // a.jobs)
         with ThreadPoolExecutor(a.jobs) as pool:
             list(pool.map(lambda mb: run_one(a.out, *mb, threads), todo))
     report(a.out, a.models, sorted(a.budgets), a.plot)

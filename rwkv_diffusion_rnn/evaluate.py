@@ -83,7 +83,7 @@ def _tokenizer(path: Path, cfg):
 
 
 def _val_batches(cfg, tokenizer):
-    from rwkv_diffusion_rnn.training.builders import build_data, corpus_spec
+    from rwkv_diffusion_rnn.training.builders import build_data, corpus_spec, split_name
     d = cfg.data
     if d.kind == "text":
         from rwkv_diffusion_rnn.data.corpus import ValWindows, prepare_corpus
@@ -93,7 +93,7 @@ def _val_batches(cfg, tokenizer):
             raise ConfigError("the corpus has no validation split (data.val_fraction=0 and no data.val_path): "
                               "set data.val_path=<file> or data.val_fraction")
         return ValWindows(corpus.val, d.seq_len, cfg.training.eval_batch_size,
-                          source=f"the validation split of {corpus.path}")
+                          source=split_name(d, "validation"))
     if d.kind == "synthetic":
         from rwkv_diffusion_rnn.training.config_validation import ConfigError
         raise ConfigError("data.kind=synthetic: a task model is scored by its task accuracy at training, "

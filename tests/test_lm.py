@@ -163,3 +163,24 @@ def test_the_shakespeare_preset_runs_on_the_real_corpus(tmp_path):
     cfg = ckpt.load_config(ckpt.latest_checkpoint(tmp_path / "run"))
     assert cfg["model"]["vocab_size"] == 65 + 2          # 65 characters, end of text, mask
     assert 0 < metrics["val_nelbo"] < 10
+
+
+def test_bad_corpora_are_refused_on_the_command_line_naming_the_file(tmp_path):
+    """Missing, empty, a .jsonl line without its text field, shorter than one window: an error
+    naming the file (and line), no traceback, and no cache left to reuse."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    no_field = tmp_path / "docs.jsonl"
+    no_field.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "oops"}) + "\n")
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    cases = [(tmp_path / "missing.txt", "missing.txt"), (empty, "empty.txt"),
+             (no_field, "docs.jsonl:2"), (short, "short.txt")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    for path, named in cases:
+        r = subprocess.run([sys.executable, "-m", "rwkv_diffusion_rnn.train_rwkv",
+                            *overrides(tmp_path, path, "training.max_steps=1"), f"hydra.run.dir={tmp_path / 'h'}"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, (named, r.stderr[-1500:])
+        assert named in r.stderr and "Traceback" not in r.stderr, (named, r.stderr[-1500:])
+    assert not (tmp_path / "run" / "train_log.jsonl").exists()

@@ -185,9 +185,19 @@ class CorpusData(_EpochData):
         corpus = prepare_corpus(corpus_spec(d), tokenizer, d.cache_dir, progress=cfg.logging.progress_bar)
         self.corpus, self.tokenizer = corpus, corpus.tokenizer
         self.train = TrainWindows(corpus.train, d.seq_len, batch_size, rng.seed_of("data_order", seed),
-                                  source=f"the training split of {corpus.path}")
-        self.val = None if corpus.val is None else ValWindows(
-            corpus.val, d.seq_len, eval_batch_size, source=f"the validation split of {corpus.path}")
+                                  source=split_name(d, "training"))
+        self.val = None if corpus.val is None else ValWindows(corpus.val, d.seq_len, eval_batch_size,
+                                                              source=split_name(d, "validation"))
+
+
+def split_name(d: DictConfig, split: str) -> str:
+    """How errors name a split of the corpus: by its source."""
+    source = d.path or f"data.hf_dataset={d.hf_dataset}"
+    if split == "validation" and d.val_path:
+        return f"the validation text {d.val_path} (data.val_path)"
+    if split == "validation":
+        return f"the validation split of {source} (its last data.val_fraction={d.val_fraction})"
+    return f"the training split of {source}"
 
 
 def corpus_spec(d: DictConfig):
