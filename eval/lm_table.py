@@ -16,8 +16,9 @@ one (time, mask) draw per window, the same noise for every model): the AR NLL an
 bound in nats per character, the bound's Monte-Carlo standard error and its ratio to the AR
 NLL at the same budget. The plot draws every evaluation of ``train_log.jsonl`` against training
 tokens. Samples come from each model's largest budget: the library's diffusion sampler (64
-characters, 64 steps, temperature 1) and plain ancestral sampling through the recurrent state
-for the AR model. Writes ``<out>/lm_table.md`` and ``--plot`` (default ``eval/lm_bound_vs_tokens.png``).
+characters, 64 steps, temperature 1, random remasking: one random position per step, the
+denoiser's own ancestral sampler) and plain ancestral sampling through the recurrent state for
+the AR model. Writes ``<out>/lm_table.md`` and ``--plot`` (default ``eval/lm_bound_vs_tokens.png``).
 """
 
 from __future__ import annotations
@@ -113,7 +114,10 @@ def samples(d: Path, n: int = 2, length: int = 64, seed: int = 0):
                 out, state = model(nxt, torch.zeros(n), state=state, return_state=True)[::2]
             ids = torch.cat(rows, 1)
         else:
-            ids = generate_text(model, length=length, batch_size=n, steps=length, temperature=1.0, generator=g)
+            # one random position per step, drawn from the model: ancestral sampling of the
+            # denoiser itself (confidence-ordered remasking repeats frequent words at this size)
+            ids = generate_text(model, length=length, batch_size=n, steps=length, temperature=1.0,
+                                remasking="random", generator=g)
     return [tok.decode(row.tolist()) for row in ids]
 
 
