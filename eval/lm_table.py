@@ -161,7 +161,7 @@ def report(out: Path, models, budgets, plot: Path):
         ax.axhline(1.88, color="grey", lw=0.8, ls="-.", label="nanoGPT transformer, 1x (1.88)")
         ax.set_xlabel("training tokens (characters)")
         ax.set_ylabel("validation nats per character")
-        ax.set_ylim(1.3, 2.6)
+        ax.set_ylim(1.3, 2.8)
         ax.set_title("tinyshakespeare, char level: AR NLL and diffusion bound")
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
@@ -177,7 +177,8 @@ def main():
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="threads per run (default: 2 // jobs)")
     p.add_argument("--out", type=Path, default=ROOT / "eval" / "out" / "lm_table")
-    p.add_argument("--plot", type=Path, default=ROOT / "eval" / "lm_bound_vs_tokens.png")
+    p.add_argument("--plot", type=lambda v: Path(v) if v else None, default=ROOT / "eval" / "lm_bound_vs_tokens.png",
+                   help='where the PNG goes ("" for none; needs matplotlib: pip install -e ".[eval]")')
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args()
     if not CORPUS.exists():
