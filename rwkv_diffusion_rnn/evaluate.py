@@ -83,17 +83,17 @@ def _tokenizer(path: Path, cfg):
 
 
 def _val_batches(cfg, tokenizer):
-    from rwkv_diffusion_rnn.training.builders import build_data, corpus_spec, split_name
+    from rwkv_diffusion_rnn.training.builders import build_data, corpus_spec, corpus_val_windows
     d = cfg.data
-    if d.kind == "text":
-        from rwkv_diffusion_rnn.data.corpus import ValWindows, prepare_corpus
+    if d.kind == "text":  # only the validation split: a corpus to score need not hold a training batch
+        from rwkv_diffusion_rnn.data.corpus import prepare_corpus
         corpus = prepare_corpus(corpus_spec(d), tokenizer, d.cache_dir, progress=cfg.logging.progress_bar)
-        if corpus.val is None:
+        val = corpus_val_windows(d, corpus, cfg.training.eval_batch_size)
+        if val is None:
             from rwkv_diffusion_rnn.training.config_validation import ConfigError
             raise ConfigError("the corpus has no validation split (data.val_fraction=0 and no data.val_path): "
                               "set data.val_path=<file> or data.val_fraction")
-        return ValWindows(corpus.val, d.seq_len, cfg.training.eval_batch_size,
-                          source=split_name(d, "validation"))
+        return val
     if d.kind == "synthetic":
         from rwkv_diffusion_rnn.training.config_validation import ConfigError
         raise ConfigError("data.kind=synthetic: a task model is scored by its task accuracy at training, "
@@ -107,12 +107,10 @@ def _val_batches(cfg, tokenizer):
 
 def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = None) -> dict:
     """Scores ``checkpoint`` (see the module docstring); returns what it writes to ``eval.json``."""
-    import torch
     from rwkv_diffusion_rnn.data.data_simple import atomic_write_json
     from rwkv_diffusion_rnn.training import checkpoints as ckpt
     from rwkv_diffusion_rnn.training import likelihood, rng
-    from rwkv_diffusion_rnn.training.builders import (AUTOCAST_DTYPES, build_model, build_text_diffusion,
-                                                      resolve_device)
+    from rwkv_diffusion_rnn.training.builders import autocast, build_model, build_text_diffusion, resolve_device
 
     path = _checkpoint_dir(Path(checkpoint))
     ckpt.verify_checkpoint(path)
@@ -120,10 +118,6 @@ def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = Non
     tokenizer = _tokenizer(path, cfg)
     batches = _val_batches(cfg, tokenizer)
     device = resolve_device(cfg.training.device)
-    dtype = AUTOCAST_DTYPES[cfg.training.dtype]
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     model = build_model(cfg)
     ema = copy.deepcopy(model) if (path / ckpt.EMA_FILE).is_file() else None
@@ -131,14 +125,15 @@ def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = Non
     model = (ema if ema is not None else model).to(device).eval()  # training evaluates the EMA too
 
     objective, ev = cfg.training.objective, cfg.eval
+    schedule = build_text_diffusion(cfg).schedule
 
     def run(latent: str):
-        return likelihood.score(model, batches, objective=objective,
-                                schedule=build_text_diffusion(cfg).schedule, mask_id=cfg.model.mask_id,
+        return likelihood.score(model, batches, objective=objective, schedule=schedule, mask_id=cfg.model.mask_id,
                                 vocab_size=cfg.model.vocab_size,
                                 generator=rng.generator("eval_noise"), mc_samples=ev.mc_samples,
                                 max_batches=ev.max_batches, tokenizer=tokenizer, latent=latent,
-                                device=device, autocast=autocast, progress=cfg.logging.progress_bar)
+                                device=device, autocast=lambda: autocast(device, cfg.training.dtype),
+                                progress=cfg.logging.progress_bar)
 
     summary = run("clean")
     result = {"checkpoint": str(path), "step": state.get("global_step"), "objective": objective,

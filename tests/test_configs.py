@@ -125,12 +125,12 @@ def test_choice_lists_are_the_implementing_modules_own(tmp_path):
 
 def test_the_padding_id_is_the_named_tokenizers(tmp_path):
     from rwkv_diffusion_rnn.data.tokenizer import load_tokenizer
-    from rwkv_diffusion_rnn.training.builders import pad_id
+    from rwkv_diffusion_rnn.training.builders import load_named_tokenizer
     cfg = compose_cfg([f"logging.save_dir={tmp_path}", "tokenizer.name=BlinkDL/rwkv7-g1"])
-    assert pad_id(cfg) == load_tokenizer("BlinkDL/rwkv7-g1").pad_id
+    assert load_named_tokenizer(cfg).pad_id == load_tokenizer("BlinkDL/rwkv7-g1").pad_id
     cfg = compose_cfg([f"logging.save_dir={tmp_path}", f"model.rwkv_name={tmp_path / 'rwkv7-g1a-0.1b.pth'}"])
-    assert cfg.tokenizer.name.endswith(".pth") and pad_id(cfg) == load_tokenizer("BlinkDL/rwkv7-g1").pad_id
+    assert cfg.tokenizer.name.endswith(".pth") and load_named_tokenizer(cfg).pad_id == load_tokenizer("BlinkDL/rwkv7-g1").pad_id
     cfg = compose_cfg([f"logging.save_dir={tmp_path}", "tokenizer.name=/no/such/tokenizer",
                        "tokenizer.local_files_only=true"])
     with pytest.raises(ConfigError, match="tokenizer.name='/no/such/tokenizer'"):
-        pad_id(cfg)
+        load_named_tokenizer(cfg)

@@ -461,6 +461,15 @@ def _as_id_array(ids) -> np.ndarray:
     return arr.reshape(-1).astype(np.int64, copy=False)
 
 
+def _ids_in_range(ids, vocab_size: int) -> np.ndarray:
+    """``ids`` as an int64 array, refusing ids outside ``[0, vocab_size)``."""
+    arr = _as_id_array(ids)
+    if arr.size and not (arr.min() >= 0 and arr.max() < vocab_size):
+        bad = arr[(arr < 0) | (arr >= vocab_size)]
+        raise ValueError(f"token ids {bad[:5].tolist()} are outside [0, {vocab_size})")
+    return arr
+
+
 def _count_utf8_starts(data: bytes) -> int:
     """Bytes of ``data`` that start a UTF-8 character (all but the continuation bytes 10xxxxxx)."""
     arr = np.frombuffer(data, dtype=np.uint8)
@@ -741,10 +750,7 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         """The characters of ``ids``; end of text and mask ids add nothing."""
-        arr = _as_id_array(ids)
-        if arr.size and not (arr.min() >= 0 and arr.max() < self.vocab_size):
-            bad = arr[(arr < 0) | (arr >= self.vocab_size)]
-            raise ValueError(f"token ids {bad[:5].tolist()} are outside [0, {self.vocab_size})")
+        arr = _ids_in_range(ids, self.vocab_size)
         chars = self.chars
         return "".join([chars[i] for i in arr[arr < len(chars)].tolist()])
 
@@ -784,10 +790,7 @@ class ByteTokenizer:
 
     def decode_bytes(self, ids) -> bytes:
         """The bytes of ``ids``; end of text and mask ids add nothing."""
-        arr = _as_id_array(ids)
-        if arr.size and not (arr.min() >= 0 and arr.max() < self.vocab_size):
-            bad = arr[(arr < 0) | (arr >= self.vocab_size)]
-            raise ValueError(f"token ids {bad[:5].tolist()} are outside [0, {self.vocab_size})")
+        arr = _ids_in_range(ids, self.vocab_size)
         return arr[arr < 256].astype(np.uint8).tobytes()
 
     def decode(self, ids) -> str:

@@ -27,6 +27,13 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}        # training.dtype
 DATA_KINDS = ("text_latent", "synthetic", "text")                # data.kind
 
 
+def autocast(device: torch.device, dtype: str):
+    """The autocast region of ``training.dtype`` on ``device``; fp32 turns autocast off."""
+    if AUTOCAST_DTYPES[dtype] is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[dtype])
+
+
 def resolve_device(name: str) -> torch.device:
     """``training.device``: auto | cpu | cuda[:N]."""
     if name == "auto":
@@ -180,14 +187,13 @@ class CorpusData(_EpochData):
     over the token cache of :func:`~rwkv_diffusion_rnn.data.corpus.prepare_corpus`."""
 
     def __init__(self, cfg: DictConfig, batch_size: int, eval_batch_size: int, seed: int, tokenizer):
-        from ..data.corpus import TrainWindows, ValWindows, prepare_corpus
+        from ..data.corpus import TrainWindows, prepare_corpus
         d = cfg.data
         corpus = prepare_corpus(corpus_spec(d), tokenizer, d.cache_dir, progress=cfg.logging.progress_bar)
         self.corpus, self.tokenizer = corpus, corpus.tokenizer
         self.train = TrainWindows(corpus.train, d.seq_len, batch_size, rng.seed_of("data_order", seed),
                                   source=split_name(d, "training"))
-        self.val = None if corpus.val is None else ValWindows(corpus.val, d.seq_len, eval_batch_size,
-                                                              source=split_name(d, "validation"))
+        self.val = corpus_val_windows(d, corpus, eval_batch_size)
 
 
 def split_name(d: DictConfig, split: str) -> str:
@@ -198,6 +204,14 @@ def split_name(d: DictConfig, split: str) -> str:
     if split == "validation":
         return f"the validation split of {source} (its last data.val_fraction={d.val_fraction})"
     return f"the training split of {source}"
+
+
+def corpus_val_windows(d: DictConfig, corpus, batch_size: int):
+    """The fixed validation windows of a prepared corpus (None when it has no validation split)."""
+    from ..data.corpus import ValWindows
+    if corpus.val is None:
+        return None
+    return ValWindows(corpus.val, d.seq_len, batch_size, source=split_name(d, "validation"))
 
 
 def corpus_spec(d: DictConfig):
@@ -222,12 +236,6 @@ def load_named_tokenizer(cfg: DictConfig):
                               local_files_only=t.local_files_only, trust_remote_code=t.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"tokenizer.name={t.name!r} cannot be loaded: {e}") from e
-
-
-def pad_id(cfg: DictConfig) -> int:
-    """The padding id of the tokenizer ``tokenizer.name`` (0 when no tokenizer is named)."""
-    tok = load_named_tokenizer(cfg)
-    return 0 if tok is None else int(tok.pad_id)
 
 
 def build_data(cfg: DictConfig, tokenizer=None):

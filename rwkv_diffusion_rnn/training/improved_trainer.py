@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..diffusion.sampling import generate_latent, generate_text
 from . import checkpoints as ckpt
 from . import likelihood, rng
-from .builders import (AUTOCAST_DTYPES, build_data, build_latent_diffusion, build_model, build_objective,
+from .builders import (autocast, build_data, build_latent_diffusion, build_model, build_objective,
                        build_optimizer_and_scheduler, build_text_diffusion, resolve_device, resolve_vocab)
 from .config_validation import validate_config
 from .ema import EMA
@@ -60,7 +60,6 @@ class Trainer:
         self.save_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(rng.seed_of("init", cfg.seed))
         self.device = resolve_device(tr.device)
-        self.autocast_dtype = AUTOCAST_DTYPES[tr.dtype]
 
         self.synthetic = cfg.data.kind == "synthetic"
         self.data = build_data(cfg)
@@ -182,9 +181,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.cfg.training.dtype)
 
     def compute_loss(self, batch: Dict[str, torch.Tensor], generator: Optional[torch.Generator] = None):
         """The objective on one batch: ``(loss, stats)``; draws from the training noise stream

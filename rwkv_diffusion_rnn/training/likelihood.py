@@ -11,6 +11,7 @@ latent (``latent="null"``: what the text costs without its latent).
 from __future__ import annotations
 
 from contextlib import nullcontext
+from itertools import islice
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -36,10 +37,13 @@ def score(model, batches: Iterable[dict], *, objective: str, schedule=None, mask
     ``max_batches``); characters are counted when the tokenizer can."""
     if latent not in LATENT_MODES:
         raise ValueError(f"latent={latent!r}; choose one of {LATENT_MODES}")
-    batches = list(batches) if max_batches is None else [b for _, b in zip(range(max_batches), batches)]
+    total = len(batches) if hasattr(batches, "__len__") else None
+    if max_batches is not None:
+        batches = islice(batches, max_batches)
+        total = max_batches if total is None else min(total, max_batches)
     if progress:
         from tqdm.auto import tqdm
-        batches = tqdm(batches, desc="score", dynamic_ncols=True, disable=None)
+        batches = tqdm(batches, total=total, desc="score", dynamic_ncols=True, disable=None)
     acc = LikelihoodAccumulator(exact=objective == "ar")
     prior = prior_nats(schedule, vocab_size - 1) if objective != "ar" else 0.0   # every id but the mask
     counting = tokenizer is not None
