@@ -15,7 +15,6 @@ error; a text + latent model also without its latent (``null_latent``). Writes `
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from pathlib import Path
@@ -27,59 +26,6 @@ if __package__ in (None, ""):  # run as a file: python rwkv_diffusion_rnn/evalua
     sys.path.insert(0, str(Path(_here).parent))
 
 EVAL_FILE = "eval.json"
-
-
-def _checkpoint_dir(path: Path) -> Path:
-    from rwkv_diffusion_rnn.training import checkpoints as ckpt
-    if (path / ckpt.MANIFEST).is_file():
-        return path
-    latest = ckpt.latest_checkpoint(path)
-    if latest is None:
-        why = "is neither a checkpoint nor a run folder holding one" if path.is_dir() else "does not exist"
-        raise ckpt.CheckpointError(f"checkpoint={path} {why}; pass a checkpoint directory "
-                                   f"(e.g. <logging.save_dir>/step_0002000) or the run's logging.save_dir")
-    return latest
-
-
-def _config(path: Path, overrides: Sequence[str]):
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-    from rwkv_diffusion_rnn.training import checkpoints as ckpt
-    from rwkv_diffusion_rnn.training.config_validation import ConfigError
-    file = path / ckpt.CONFIG_FILE
-    if not file.is_file():
-        raise ckpt.CheckpointError(f"{path} has no {ckpt.CONFIG_FILE}: the model and data it was trained on "
-                                   "cannot be rebuilt; evaluate a checkpoint the trainer wrote")
-    cfg = OmegaConf.load(file)
-    OmegaConf.set_struct(cfg, True)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. eval.mc_samples=8)")
-        try:
-            OmegaConf.update(cfg, key, OmegaConf.select(OmegaConf.from_dotlist([item]), key), merge=False)
-        except OmegaConfBaseException:
-            raise ConfigError(f"{key}: no such key in {file} (the saved config of this checkpoint)") from None
-    return cfg
-
-
-def _tokenizer(path: Path, cfg):
-    from rwkv_diffusion_rnn.data.tokenizer import tokenizer_from_spec
-    from rwkv_diffusion_rnn.training import checkpoints as ckpt
-    spec = ckpt.read_tokenizer_spec(path)
-    if spec is None:
-        if cfg.data.kind == "text":
-            raise ckpt.CheckpointError(
-                f"{path} has no {ckpt.TOKENIZER_FILE}: its corpus cannot be tokenized as in training (a "
-                "chars vocabulary comes from the training text). Evaluate a checkpoint the trainer wrote, "
-                f"or copy {ckpt.TOKENIZER_FILE} from another checkpoint of the same run")
-        return None
-    t = cfg.tokenizer
-    try:
-        return tokenizer_from_spec(spec, cache_dir=t.cache_dir, local_files_only=True,
-                                   trust_remote_code=t.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ckpt.CheckpointError(f"{path / ckpt.TOKENIZER_FILE} cannot be loaded: {e}") from e
 
 
 def _val_batches(cfg, tokenizer):
@@ -108,22 +54,13 @@ def _val_batches(cfg, tokenizer):
 def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = None) -> dict:
     """Scores ``checkpoint`` (see the module docstring); returns what it writes to ``eval.json``."""
     from rwkv_diffusion_rnn.data.data_simple import atomic_write_json
-    from rwkv_diffusion_rnn.training import checkpoints as ckpt
     from rwkv_diffusion_rnn.training import likelihood, rng
-    from rwkv_diffusion_rnn.training.builders import autocast, build_model, build_text_diffusion, resolve_device
+    from rwkv_diffusion_rnn.training.builders import autocast, build_text_diffusion
+    from rwkv_diffusion_rnn.training.trained import load_trained
 
-    path = _checkpoint_dir(Path(checkpoint))
-    ckpt.verify_checkpoint(path)
-    cfg = _config(path, overrides)
-    tokenizer = _tokenizer(path, cfg)
+    trained = load_trained(checkpoint, overrides)
+    path, cfg, tokenizer, model, device = trained.path, trained.cfg, trained.tokenizer, trained.model, trained.device
     batches = _val_batches(cfg, tokenizer)
-    device = resolve_device(cfg.training.device)
-
-    model = build_model(cfg)
-    ema = copy.deepcopy(model) if (path / ckpt.EMA_FILE).is_file() else None
-    state, _ = ckpt.load_checkpoint(path, model=model, ema=ema, restore_rng=False)
-    model = (ema if ema is not None else model).to(device).eval()  # training evaluates the EMA too
-
     objective, ev = cfg.training.objective, cfg.eval
     schedule = build_text_diffusion(cfg).schedule
 
@@ -136,9 +73,9 @@ def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = Non
                                 progress=cfg.logging.progress_bar)
 
     summary = run("clean")
-    result = {"checkpoint": str(path), "step": state.get("global_step"), "objective": objective,
+    result = {"checkpoint": str(path), "step": trained.step, "objective": objective,
               "quantity": "nll" if objective == "ar" else "nelbo", "mixer": cfg.model.mixer,
-              "split": "validation", "seq_len": cfg.data.seq_len, "weights": "ema" if ema is not None else "model",
+              "split": "validation", "seq_len": cfg.data.seq_len, "weights": trained.weights,
               **summary.as_dict()}
     if cfg.model.latent_prefix_len and objective != "ar":
         result["latent"] = "clean"

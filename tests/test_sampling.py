@@ -309,3 +309,87 @@ def test_generate_joint():
     filled, _, history = generate_joint(model, diff, prompt_ids=start, steps=4, latent_steps=4,
                                         return_history=True, generator=gen(3))
     check_history(history, start)
+
+
+def _prefix_canvases(lengths, T, seed):
+    """Rows with prefix prompts of the given lengths, masks after them."""
+    g = gen(seed)
+    x = torch.full((len(lengths), T), MASK)
+    for r, n in enumerate(lengths):
+        x[r, :n] = torch.randint(0, MASK, (n,), generator=g)
+    return x
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random", "random_topk"])
+@pytest.mark.parametrize("mixer,block_length", [("bi", None), ("bi", 4), ("block_causal", 4)])
+def test_a_batch_of_different_prompts_equals_each_row_decoded_alone(remasking, mixer, block_length):
+    model = tiny(mixer)
+    # prompt lengths 0..9: one row's prompt covers whole blocks the others still fill
+    x = torch.cat([_prefix_canvases([0, 3, 9], 12, seed=20), prompt(B=1, T=12, seed=21)])
+    kw = dict(steps=6, block_length=block_length, remasking=remasking, temperature=1.0, top_k=8)
+    z = latent(B=4, seed=22)
+    batch = generate_text(model, prompt_ids=x, latent=z, generator=[gen(100 + r) for r in range(4)], **kw)
+    for r in range(4):
+        alone = generate_text(model, prompt_ids=x[r:r + 1], latent=z[r:r + 1], generator=gen(100 + r), **kw)
+        assert torch.equal(batch[r], alone[0]), (r, batch[r], alone[0])
+    # and the streams matter: other seeds give other samples
+    other = generate_text(model, prompt_ids=x, latent=z, generator=[gen(200 + r) for r in range(4)], **kw)
+    assert not torch.equal(other, batch)
+
+
+def test_a_batch_with_threshold_and_guidance_equals_each_row_alone():
+    model = tiny("bi")
+    x, z = _prefix_canvases([1, 5, 8], 12, seed=23), latent(B=3, seed=24)
+    kw = dict(steps=None, threshold=0.2, remasking="random_topk", temperature=1.0, cfg_scale=1.5)
+    batch = generate_text(model, prompt_ids=x, latent=z, generator=[gen(r) for r in range(3)], **kw)
+    for r in range(3):
+        alone = generate_text(model, prompt_ids=x[r:r + 1], latent=z[r:r + 1], generator=gen(r), **kw)
+        assert torch.equal(batch[r], alone[0])
+
+
+def test_a_wrong_number_of_generators_is_refused():
+    with pytest.raises(ValueError, match="2 generators for 3 rows"):
+        generate_text(tiny("bi"), length=5, batch_size=3, steps=2, generator=[gen(0), gen(1)])
+
+
+def _ar_model():
+    return tiny("causal", prefix=0)
+
+
+def test_autoregressive_sampling_reads_the_prompt_and_draws_each_next_token_from_the_model():
+    from rwkv_diffusion_rnn.diffusion.sampling import generate_autoregressive
+    model, bos = _ar_model(), 3
+    x = _prefix_canvases([2, 5], 9, seed=25)
+    out = generate_autoregressive(model, bos_id=bos, prompt_ids=x, temperature=0.0)
+    assert torch.equal(out[x != MASK], x[x != MASK]) and not (out == MASK).any()
+    # greedy: every written token is the argmax (mask excluded) of a full causal pass over what precedes it
+    full = torch.cat([torch.full((2, 1), bos), out[:, :-1]], 1)
+    logits = model(full, torch.zeros(2)).logits.float()
+    logits[..., MASK] = float("-inf")
+    written = x == MASK
+    assert torch.equal(out[written], logits.argmax(-1)[written])
+
+
+def test_autoregressive_batches_equal_rows_alone_and_eos_ends_a_row():
+    from rwkv_diffusion_rnn.diffusion.sampling import generate_autoregressive
+    model = _ar_model()
+    x = _prefix_canvases([0, 1, 6], 14, seed=26)
+    kw = dict(bos_id=3, temperature=1.5, top_p=0.95)
+    batch = generate_autoregressive(model, prompt_ids=x, generator=[gen(r) for r in range(3)], **kw)
+    for r in range(3):
+        alone = generate_autoregressive(model, prompt_ids=x[r:r + 1], generator=gen(r), **kw)
+        assert torch.equal(batch[r], alone[0])
+    eos = int(batch[0, 4])                      # a token row 0 writes: make it the end of text
+    ended = generate_autoregressive(model, prompt_ids=x[:1], generator=gen(0), eos_id=eos, **kw)[0]
+    cut = int((ended == eos).nonzero()[0])
+    assert cut <= 4 and torch.equal(ended[:cut], batch[0, :cut]) and (ended[cut:] == eos).all()
+
+
+def test_autoregressive_sampling_refuses_a_gap_and_a_bidirectional_model():
+    from rwkv_diffusion_rnn.diffusion.sampling import generate_autoregressive
+    x = torch.full((1, 6), MASK)
+    x[0, 4] = 1
+    with pytest.raises(ValueError, match="cannot fill a gap|not fill a gap"):
+        generate_autoregressive(_ar_model(), bos_id=3, prompt_ids=x)
+    with pytest.raises(ValueError, match="needs a causal model"):
+        generate_autoregressive(tiny("bi"), bos_id=3, length=4)

@@ -1,13 +1,14 @@
 """Generation with :class:`~rwkv_diffusion_rnn.models.rwkv_denoiser.MultimodalRWKVDenoiser`.
 
-Four entry points, all batched, run without gradients and reproducible under a ``torch.Generator``:
+Five entry points, all batched, run without gradients and reproducible under a ``torch.Generator``:
 
 * :func:`generate_text`: text from a clean latent (or none), from scratch or by filling the
   ``mask_id`` positions of a prompt (any pattern: prefix prompt, gaps, scattered tokens);
 * :func:`fill_masks`: the same, named for infilling;
 * :func:`generate_latent`: a latent from (possibly partly masked) text, by the Gaussian
   diffusion samplers of :class:`~rwkv_diffusion_rnn.diffusion.continuous_diffusion.GaussianDiffusion`;
-* :func:`generate_joint`: text and latent together, latent first (see its docstring).
+* :func:`generate_joint`: text and latent together, latent first (see its docstring);
+* :func:`generate_autoregressive`: text from a causal (``training.objective=ar``) model, token by token.
 
 Text decoding (masked diffusion, as in LLaDA / MDLM)
 ----------------------------------------------------
@@ -20,8 +21,8 @@ whole canvas is filled:
   ``block_length`` text positions are decoded left to right (semi-autoregressive), and a block's
   positions are only committed once every block before it is complete. Blocks that hold no mask
   are skipped.
-* **How many per step.** ``steps`` is split evenly over the blocks that hold masks (earlier
-  blocks get the remainder; every such block gets at least one step). Inside a block with ``r``
+* **How many per step.** Each row splits ``steps`` evenly over its blocks that hold masks
+  (earlier blocks get the remainder; every such block gets at least one step). Inside a block with ``r``
   masks left and ``n`` steps left, a row commits ``ceil(r / n)`` tokens, which spreads the
   block's masks evenly over its steps (LLaDA's schedule) and always finishes on time.
 * **Threshold decoding** (``threshold``, as in Fast-dLLM): a step also commits every masked
@@ -61,20 +62,36 @@ encodes the committed tokens in the cache with the ``t`` of the step that comple
 where the uncached path re-encodes them with the current ``t``; the two then differ slightly
 (the committed context is the same text, seen at a slightly noisier time).
 
+Batches
+-------
+A row is decoded as it would be alone: its steps, its time ``t`` and its choices depend only on
+its own canvas, and with one generator per row (``generator=[g_0, ..., g_{B-1}]``) every random
+number it uses comes from its own stream, drawn only while it still has masks to fill. So the
+rows of a batch, whatever their prompts, equal the same rows decoded one at a time with the same
+generators (up to the floating-point rounding of batched matrix products, which on CPU and in
+float32 leaves the tokens the same; tested). A single generator is shared by the rows in order.
+
+Autoregressive models
+---------------------
+:func:`generate_autoregressive` writes a causal model's canvas left to right, one token per call
+through the recurrent state: the given tokens (a prefix of each row) are read, every other
+position is drawn from the next-token distribution (the same ``temperature`` / ``top_k`` /
+``top_p`` rules, Gumbel-max in float64), and a row that writes ``eos_id`` ends there.
+
 The model is switched to eval mode for the call and put back afterwards.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .continuous_diffusion import GaussianDiffusion, cfg_combine
 
 __all__ = ["REMASKING", "LATENT_SAMPLERS", "guided_logits", "propose_tokens", "generate_text",
-           "fill_masks", "generate_latent", "generate_joint"]
+           "fill_masks", "generate_latent", "generate_joint", "generate_autoregressive"]
 
 REMASKING = ("low_confidence", "random", "random_topk")
 LATENT_SAMPLERS = ("ddim", "ddpm")
@@ -101,6 +118,30 @@ def _rand(shape, generator, device) -> torch.Tensor:
 def _gumbel(shape, generator, device) -> torch.Tensor:
     u = _rand(shape, generator, device).clamp_(1e-300, 1.0 - 1e-16)
     return -torch.log(-torch.log(u))
+
+
+Generators = Union[None, torch.Generator, Sequence[Optional[torch.Generator]]]
+
+
+def _row_generators(generator: Generators, batch: int) -> List[Optional[torch.Generator]]:
+    """One random stream per row: a list (one per row) as given, else the one generator shared."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return [generator] * batch
+    gens = list(generator)
+    if len(gens) != batch:
+        raise ValueError(f"{len(gens)} generators for {batch} rows: pass one per row, or a single one")
+    return gens
+
+
+def _per_row(draw, counts: torch.Tensor, gens: List[Optional[torch.Generator]], device,
+             *tail: int) -> torch.Tensor:
+    """Rows' draws [sum(counts), *tail], row r's ``counts[r]`` from its own stream, concatenated in
+    row order (the order of ``x[mask]`` for a [B, L] mask). A row with count 0 draws nothing, so a
+    row's stream is consumed exactly as when the row is decoded alone."""
+    parts = [draw((int(n), *tail), g, device) for n, g in zip(counts.tolist(), gens) if n > 0]
+    if not parts:
+        return torch.zeros((0, *tail), dtype=torch.float64, device=device)
+    return torch.cat(parts)
 
 
 @contextmanager
@@ -233,27 +274,37 @@ def propose_tokens(logits: torch.Tensor, mask_id: int, temperature: float = 0.0,
     The mask token is never proposed. Returns ``(tokens [...] long, confidence [...] float32)``,
     the confidence being the token's probability under the softmax of the filtered logits.
     """
+    noise = None if temperature == 0.0 else _gumbel(logits.shape, generator, logits.device)
+    return _propose(logits, mask_id, temperature, top_k, top_p, noise)
+
+
+def _propose(logits, mask_id, temperature, top_k, top_p, noise: Optional[torch.Tensor]):
+    """:func:`propose_tokens` with its Gumbel noise (float64, the shape of ``logits``) given."""
     logits = logits.float().clone()
     logits[..., mask_id] = float("-inf")
     logits = _filter_logits(logits, top_k, top_p)
     if temperature == 0.0:
         tokens = logits.argmax(-1)
     else:
-        noisy = logits.double() / temperature + _gumbel(logits.shape, generator, logits.device)
-        tokens = noisy.argmax(-1)
+        tokens = (logits.double() / temperature + noise).argmax(-1)
     conf = logits.softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return tokens, conf
 
 
 def _choose(conf: torch.Tensor, masked: torch.Tensor, n_min: torch.Tensor, remasking: str,
-            threshold: Optional[float], generator) -> torch.Tensor:
+            threshold: Optional[float], gens: List[Optional[torch.Generator]]) -> torch.Tensor:
     """Which masked positions of a block [B, L] to commit this step (bool [B, L])."""
-    if remasking == "low_confidence":
-        score = conf.double()
-    elif remasking == "random":
-        score = _rand(conf.shape, generator, conf.device)
-    else:  # random_topk: sampling without replacement, probability proportional to confidence
-        score = conf.double().clamp_min(1e-300).log() + _gumbel(conf.shape, generator, conf.device)
+    score = conf.double()
+    if remasking != "low_confidence":
+        # each row with a masked position draws one number per position of the block
+        busy = masked.any(1)
+        noise = torch.zeros_like(score)
+        draw = _rand if remasking == "random" else _gumbel
+        noise[busy] = _per_row(draw, busy.long(), gens, conf.device, conf.shape[1])
+        if remasking == "random":
+            score = noise
+        else:  # random_topk: sampling without replacement, probability proportional to confidence
+            score = score.clamp_min(1e-300).log() + noise
     score = score.clamp(min=-1e300)                     # finite for masked positions ...
     count = n_min
     if threshold is not None:
@@ -302,7 +353,7 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
                   steps: Optional[int] = None, block_length: Optional[int] = None,
                   remasking: str = "low_confidence", threshold: Optional[float] = None,
                   temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                  cfg_scale: float = 0.0, generator: Optional[torch.Generator] = None,
+                  cfg_scale: float = 0.0, generator: Generators = None,
                   use_cache: bool = True, return_history: bool = False
                   ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
     """Decode text by masked diffusion (see the module docstring for every rule).
@@ -321,7 +372,8 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
         threshold: commit every proposal with confidence >= threshold (at least one per row).
         temperature, top_k, top_p: how proposals are drawn (``temperature=0``: argmax).
         cfg_scale: guidance on the latent, ``cond + cfg_scale * (cond - uncond)``.
-        generator: randomness of proposals and of random remasking.
+        generator: randomness of proposals and of random remasking: one generator, or one per
+            row (then every row is decoded exactly as it would be alone with its generator).
         use_cache: carry committed blocks as RNN state (``block_causal`` and ``causal`` mixers).
         return_history: also return the canvas before the first step and after every step.
 
@@ -357,14 +409,24 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
     if use_cache and cfg.mixer in _CACHED_MIXERS:
         cache = _StateCache(fn, cfg.block_size if cfg.mixer == "block_causal" else 1)
 
+    gens = _row_generators(generator, B)
     L = T if block_length is None else block_length
     blocks = [(a, min(a + L, T)) for a in range(0, T, L)]
-    active = [(a, b) for a, b in blocks if bool((x[:, a:b] == mask_id).any())]
-    block_steps = _split_steps(steps, len(active)) if (steps is not None and active) else [None] * len(active)
+    # each row splits its steps over its own blocks that hold masks, as it would decoded alone
+    holds = torch.stack([(x[:, a:b] == mask_id).any(1) for a, b in blocks], 1).cpu()   # [B, n_blocks]
+    budget = torch.zeros(holds.shape, dtype=torch.long)
+    if steps is not None:
+        for r in range(B):
+            idx = holds[r].nonzero().flatten()
+            if len(idx):
+                budget[r, idx] = torch.tensor(_split_steps(steps, len(idx)))
+    budget = budget.to(device)
+    active = [j for j in range(len(blocks)) if bool(holds[:, j].any())]
     history = [x.clone()] if return_history else None
 
     with _eval_mode(model):
-        for (a, b), n_steps in zip(active, block_steps):
+        for j in active:
+            a, b = blocks[j]
             step = 0
             while True:
                 masked = x[:, a:b] == mask_id
@@ -379,14 +441,15 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
                 # proposals only where they can be used: [n_masked, V] instead of [B, L, V]
                 tokens = x[:, a:b].clone()
                 conf = torch.zeros(masked.shape, device=device)
-                tokens[masked], conf[masked] = propose_tokens(logits[masked], mask_id, temperature,
-                                                              top_k, top_p, generator)
-                if n_steps is None:
+                flat = logits[masked]
+                noise = None if temperature == 0.0 else _per_row(_gumbel, remaining, gens, device, flat.shape[-1])
+                tokens[masked], conf[masked] = _propose(flat, mask_id, temperature, top_k, top_p, noise)
+                if steps is None:
                     n_min = (remaining > 0).long()
                 else:
-                    left = max(n_steps - step, 1)
+                    left = (budget[:, j] - step).clamp_min(1)
                     n_min = torch.div(remaining + left - 1, left, rounding_mode="floor")
-                commit = _choose(conf, masked, n_min, remasking, threshold, generator)
+                commit = _choose(conf, masked, n_min, remasking, threshold, gens)
                 x[:, a:b] = torch.where(commit, tokens, x[:, a:b])
                 step += 1
                 if history is not None:
@@ -486,3 +549,63 @@ def generate_joint(model, diffusion: GaussianDiffusion, batch_size: Optional[int
         text, history = out
         return text, latent, history
     return out, latent
+
+
+# --------------------------------------------------------------------------------------------
+# Autoregressive
+# --------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def generate_autoregressive(model, *, bos_id: int, length: Optional[int] = None,
+                            prompt_ids: Optional[torch.Tensor] = None, batch_size: Optional[int] = None,
+                            temperature: float = 1.0, top_k: Optional[int] = None,
+                            top_p: Optional[float] = None, eos_id: Optional[int] = None,
+                            generator: Generators = None) -> torch.Tensor:
+    """Next-token sampling from a causal model through its recurrent state (``mixer="causal"``).
+
+    The canvas is as for :func:`generate_text` (``prompt_ids`` with ``mask_id`` where to write,
+    padded with masks to ``length``), but the given tokens of each row must come before the
+    positions to write: an AR model cannot fill a gap. ``bos_id`` is read before the first
+    position (the document separator the corpus was joined with). Each call reads one token
+    (every row at the same position), so a row's result does not depend on the others. Once a
+    row has written ``eos_id`` its later positions are ``eos_id`` and nothing more is drawn
+    for it. Returns LongTensor [B, T].
+    """
+    cfg = model.config
+    if cfg.mixer != "causal":
+        raise ValueError(f"generate_autoregressive needs a causal model; this one has mixer={cfg.mixer!r} "
+                         "(decode it by masked diffusion with generate_text)")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    mask_id, device = cfg.mask_id, _device(model)
+    x = _canvas(cfg, device, None, length, prompt_ids, batch_size)
+    B, T = x.shape
+    open_ = x == mask_id
+    first = torch.where(open_.any(1), open_.float().argmax(1), torch.full((B,), T, device=device))
+    if bool((open_ != (torch.arange(T, device=device) >= first[:, None])).any()):
+        row = int((open_ != (torch.arange(T, device=device) >= first[:, None])).any(1).nonzero()[0])
+        raise ValueError(f"row {row} has given tokens after a position to write: an AR model writes left "
+                         "to right, so it can continue a prompt but not fill a gap (use a diffusion model)")
+    gens = _row_generators(generator, B)
+    ended = torch.zeros(B, dtype=torch.bool, device=device)
+    zeros = torch.zeros(B, device=device)
+    state, prev = None, torch.full((B, 1), bos_id, dtype=torch.long, device=device)
+    with _eval_mode(model):
+        for i in range(T):
+            if bool((first <= i).all()) and bool(ended.all()):
+                x[:, i:] = eos_id
+                break
+            out = model(prev, zeros, state=state, return_state=True, pos_offset=i)
+            state = out.state
+            write = open_[:, i] & ~ended
+            if bool(write.any()):
+                logits = out.logits[:, -1].float()[write]
+                noise = (None if temperature == 0.0 else
+                         _per_row(_gumbel, write.long(), gens, device, logits.shape[-1]))
+                x[write, i], _ = _propose(logits, mask_id, temperature, top_k, top_p, noise)
+            if eos_id is not None:
+                x[open_[:, i] & ended, i] = eos_id
+                ended |= write & (x[:, i] == eos_id)
+            prev = x[:, i:i + 1]
+    return x

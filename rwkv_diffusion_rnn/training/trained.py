@@ -1,0 +1,109 @@
+"""A trained model as its checkpoint rebuilds it: for ``evaluate``, ``generate`` and eval scripts.
+
+``checkpoint`` is a checkpoint directory or a run's ``logging.save_dir`` (its newest checkpoint).
+The checkpoint is verified against its manifest, its saved ``config.yaml`` (with ``key=value``
+overrides) rebuilds the model, its ``tokenizer.json`` the tokenizer, and the EMA weights are
+used when the checkpoint has them (training evaluates the EMA too).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from omegaconf import DictConfig
+
+from . import checkpoints as ckpt
+from .config_validation import ConfigError
+
+
+@dataclass
+class Trained:
+    path: Path                  # the checkpoint directory
+    cfg: DictConfig             # its config.yaml, with the overrides applied
+    tokenizer: Any              # from tokenizer.json (None for a synthetic-task run)
+    model: torch.nn.Module      # in eval mode, on ``device``
+    step: Optional[int]
+    weights: str                # "ema" or "model"
+    device: torch.device
+
+    @property
+    def objective(self) -> str:
+        return self.cfg.training.objective
+
+
+def checkpoint_dir(path) -> Path:
+    """``path`` itself when it is a checkpoint, else the newest checkpoint of the run folder."""
+    path = Path(path)
+    if (path / ckpt.MANIFEST).is_file():
+        return path
+    latest = ckpt.latest_checkpoint(path)
+    if latest is None:
+        why = "is neither a checkpoint nor a run folder holding one" if path.is_dir() else "does not exist"
+        raise ckpt.CheckpointError(f"checkpoint={path} {why}; pass a checkpoint directory "
+                                   f"(e.g. <logging.save_dir>/step_0002000) or the run's logging.save_dir")
+    return latest
+
+
+def saved_config(path: Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The checkpoint's ``config.yaml`` with ``key=value`` overrides (unknown keys refused)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    file = path / ckpt.CONFIG_FILE
+    if not file.is_file():
+        raise ckpt.CheckpointError(f"{path} has no {ckpt.CONFIG_FILE}: the model and data it was trained on "
+                                   "cannot be rebuilt; use a checkpoint the trainer wrote")
+    cfg = OmegaConf.load(file)
+    OmegaConf.set_struct(cfg, True)
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. eval.mc_samples=8)")
+        try:
+            OmegaConf.update(cfg, key, OmegaConf.select(OmegaConf.from_dotlist([item]), key), merge=False)
+        except OmegaConfBaseException:
+            raise ConfigError(f"{key}: no such key in {file} (the saved config of this checkpoint)") from None
+    return cfg
+
+
+def saved_tokenizer(path: Path, cfg: DictConfig):
+    """The tokenizer of ``tokenizer.json``; without that file, the one ``tokenizer.name`` names
+    (a text corpus's chars vocabulary cannot be rebuilt that way, so such a checkpoint is refused)."""
+    from ..data.tokenizer import tokenizer_from_spec
+    spec = ckpt.read_tokenizer_spec(path)
+    if spec is None:
+        if cfg.data.kind == "text":
+            raise ckpt.CheckpointError(
+                f"{path} has no {ckpt.TOKENIZER_FILE}: its corpus cannot be tokenized as in training (a "
+                "chars vocabulary comes from the training text). Use a checkpoint the trainer wrote, "
+                f"or copy {ckpt.TOKENIZER_FILE} from another checkpoint of the same run")
+        if cfg.data.kind == "synthetic":
+            return None
+        from .builders import load_named_tokenizer
+        return load_named_tokenizer(cfg)
+    t = cfg.tokenizer
+    try:
+        return tokenizer_from_spec(spec, cache_dir=t.cache_dir, local_files_only=True,
+                                   trust_remote_code=t.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path / ckpt.TOKENIZER_FILE} cannot be loaded: {e}") from e
+
+
+def load_trained(checkpoint, overrides: Sequence[str] = (), device: Optional[str] = None) -> Trained:
+    """Verify, rebuild and load ``checkpoint`` (see the module docstring). ``device`` overrides
+    the run's ``training.device``."""
+    from .builders import build_model, resolve_device
+    path = checkpoint_dir(checkpoint)
+    ckpt.verify_checkpoint(path)
+    cfg = saved_config(path, overrides)
+    tokenizer = saved_tokenizer(path, cfg)
+    dev = resolve_device(device or cfg.training.device)
+    model = build_model(cfg)
+    ema = copy.deepcopy(model) if (path / ckpt.EMA_FILE).is_file() else None
+    state, _ = ckpt.load_checkpoint(path, model=model, ema=ema, restore_rng=False)
+    model = (ema if ema is not None else model).to(dev).eval()
+    return Trained(path=path, cfg=cfg, tokenizer=tokenizer, model=model, step=state.get("global_step"),
+                   weights="ema" if ema is not None else "model", device=dev)
