@@ -11,11 +11,31 @@ an AR model's exact NLL, in nats and bits per token, bits per character where th
 knows characters, perplexity (a bound for diffusion), tokens scored and the Monte-Carlo standard
 error; a text + latent model also without its latent (``null_latent``). Writes ``<dir>/eval.json``
 (or ``out=<file>``) and prints it.
+
+The quality of generated samples:
+``python -m rwkv_diffusion_rnn.evaluate eval.samples=<file.jsonl> eval.scorer=<AR checkpoint> [out=<file>]
+[eval.batch_size=16] [key=value ...]``.
+
+``<file.jsonl>`` holds one JSON object per line with a ``"text"`` string (as ``generate`` writes;
+other fields are ignored). ``eval.scorer`` is a checkpoint (or run folder) trained with
+``training.objective=ar``; ``checkpoint=<dir>`` serves as the scorer when ``eval.scorer`` is not
+given, and ``key=value`` overrides apply to the scorer's saved config (e.g. ``training.device=cpu``).
+Each text is tokenized by the scorer's tokenizer and scored after its end-of-text id (what precedes
+a document in the training corpus): the exact NLL of every token given the tokens before it.
+Reports ``gen_nll`` (nats per token over all samples) and ``gen_ppl`` = exp(gen_nll), the
+token-weighted generative perplexity (as MDLM), ``gen_ppl_mean_of_samples`` (the mean over
+samples of each one's perplexity), the unigram ``entropy`` in nats of each sample's token
+histogram (mean and ``entropy_std`` over samples; low entropy with a low perplexity means
+repetition), ``bits_per_char`` where the tokenizer knows characters, ``tokens`` scored and the
+count of ``empty`` texts (skipped). Writes ``<file>.eval.json`` beside the samples (or
+``out=<file>``) and prints it.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -84,6 +104,114 @@ def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = Non
     return result
 
 
+def _read_samples(samples: Path) -> list:
+    """``(line number, text)`` of each non-blank line of a samples file (one JSON object with a
+    ``"text"`` string per line)."""
+    from rwkv_diffusion_rnn.data.data_simple import DataFormatError
+    if not samples.is_file():
+        raise FileNotFoundError(f"eval.samples={samples} does not exist" if not samples.exists() else
+                                f"eval.samples={samples} is not a file")
+    try:
+        lines = samples.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"eval.samples={samples} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    texts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{samples}:{number}: not a JSON object ({e.msg} at column {e.colno}); "
+                                  'a samples file holds one {"text": ...} object per line') from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            why = ("has no \"text\" field" if isinstance(record, dict) and "text" not in record else
+                   "has a \"text\" that is not a string" if isinstance(record, dict) else
+                   f"is a JSON {type(record).__name__}, not an object")
+            raise DataFormatError(f"{samples}:{number}: the line {why}; "
+                                  'a samples file holds one {"text": ...} object per line')
+        texts.append((number, record["text"]))
+    if not texts:
+        raise DataFormatError(f"eval.samples={samples} holds no samples (no non-blank line)")
+    return texts
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def samples_eval_path(samples) -> Path:
+    """Where ``evaluate_samples`` writes by default: ``<samples without .jsonl>.eval.json``."""
+    samples = Path(samples)
+    stem = samples.name[:-len(".jsonl")] if samples.name.endswith(".jsonl") else samples.name
+    return samples.with_name(stem + ".eval.json")
+
+
+def evaluate_samples(samples, scorer, out: Optional[str] = None, batch_size: int = 16, progress: bool = True,
+                     *, overrides: Sequence[str] = ()) -> dict:
+    """Scores the texts of the samples file ``samples`` under the AR checkpoint ``scorer`` (see
+    the module docstring; ``overrides`` apply to the scorer's saved config); returns what it
+    writes to ``out`` (default: ``<samples without .jsonl>.eval.json``)."""
+    from rwkv_diffusion_rnn.data.data_simple import DataFormatError, atomic_write_json
+    from rwkv_diffusion_rnn.data.tokenizer import UnknownCharacterError
+    from rwkv_diffusion_rnn.training import likelihood
+    from rwkv_diffusion_rnn.training.builders import autocast
+    from rwkv_diffusion_rnn.training.config_validation import ConfigError
+    from rwkv_diffusion_rnn.training.trained import checkpoint_dir, load_trained, saved_config
+
+    if batch_size < 1:
+        raise ConfigError(f"eval.batch_size={batch_size} must be >= 1")
+    samples = Path(samples)
+    texts = _read_samples(samples)
+    saved = saved_config(checkpoint_dir(scorer), overrides)   # refuse a diffusion scorer before loading it
+    if saved.training.objective != "ar":
+        raise ConfigError(f"eval.scorer={scorer} was trained with training.objective={saved.training.objective}; "
+                          "the scorer must be an AR checkpoint (training.objective=ar)")
+    if saved.model.mixer != "causal":
+        raise ConfigError(f"eval.scorer={scorer} has model.mixer={saved.model.mixer}; an AR scorer reads the "
+                          "tokens before each one only (model.mixer=causal)")
+    trained = load_trained(scorer, overrides)
+    cfg, tokenizer, device = trained.cfg, trained.tokenizer, trained.device
+    if tokenizer is None:
+        raise ConfigError(f"eval.scorer={scorer} has no tokenizer: it cannot score text")
+    ids = []
+    for number, text in texts:
+        try:
+            ids.append(tokenizer.encode(text))
+        except UnknownCharacterError as e:
+            raise DataFormatError(f"{samples}:{number}: {e}, the vocabulary of the scorer "
+                                  f"({trained.path}); score these samples with a scorer whose "
+                                  "tokenizer covers them") from None
+    scored = [i for i, row in enumerate(ids) if row]
+    if not scored:
+        raise DataFormatError(f"eval.samples={samples}: every one of its {len(ids)} samples is empty: "
+                              "nothing to score")
+    max_len = cfg.model.get("pos_emb_len", 0)
+    longest = max(scored, key=lambda i: len(ids[i]))
+    if max_len and len(ids[longest]) > max_len:
+        raise ConfigError(f"{samples}:{texts[longest][0]}: {len(ids[longest])} tokens exceed the scorer's "
+                          f"model.pos_emb_len={max_len} (its learned positions)")
+    nats, tokens = likelihood.score_texts(trained.model, [ids[i] for i in scored], tokenizer.eos_id, device,
+                                          batch_size=batch_size, progress=progress,
+                                          autocast=lambda: autocast(device, cfg.training.dtype))
+    entropies = [likelihood.unigram_entropy(ids[i]) for i in scored]
+    total_nats, total_tokens = math.fsum(nats), sum(tokens)
+    result = {"samples": str(samples), "scorer": str(trained.path), "scorer_step": trained.step,
+              "num_samples": len(scored), "empty": len(ids) - len(scored), "tokens": total_tokens,
+              "gen_nll": total_nats / total_tokens, "gen_ppl": _exp(total_nats / total_tokens),
+              "gen_ppl_mean_of_samples": statistics.fmean(_exp(n / t) for n, t in zip(nats, tokens)),
+              "entropy": statistics.fmean(entropies), "entropy_std": statistics.pstdev(entropies)}
+    count = getattr(tokenizer, "count_chars", None)
+    chars = [count(ids[i]) for i in scored] if count is not None else [None]
+    if None not in chars and sum(chars):
+        result["bits_per_char"] = total_nats / math.log(2) / sum(chars)
+    atomic_write_json(Path(out) if out else samples_eval_path(samples), result, indent=2)
+    return result
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -92,19 +220,45 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from rwkv_diffusion_rnn.data.data_simple import DataFormatError
     from rwkv_diffusion_rnn.training.config_validation import ConfigError
     from rwkv_diffusion_rnn.weights.pretrained_rwkv import CheckpointError
-    checkpoint = out = None
+    checkpoint = out = samples = scorer = batch_size = None
     overrides = []
     for item in argv:
         if item.startswith("checkpoint="):
             checkpoint = item.split("=", 1)[1]
         elif item.startswith("out="):
             out = item.split("=", 1)[1]
+        elif item.startswith("eval.samples="):
+            samples = item.split("=", 1)[1]
+        elif item.startswith("eval.scorer="):
+            scorer = item.split("=", 1)[1]
+        elif item.startswith("eval.batch_size="):
+            batch_size = item
         else:
             overrides.append(item)
     try:
-        if not checkpoint:
-            raise ConfigError("checkpoint=<dir> is required (a checkpoint directory or a run's logging.save_dir)")
-        result = evaluate(checkpoint, overrides, out=out)
+        if samples is not None or scorer is not None:
+            if not samples:
+                raise ConfigError("eval.scorer scores generated samples: give eval.samples=<file.jsonl>")
+            if checkpoint and scorer:
+                raise ConfigError("give the scorer once: eval.scorer=<AR checkpoint> or checkpoint=<dir>, not both")
+            scorer = scorer or checkpoint
+            if not scorer:
+                raise ConfigError("eval.samples needs eval.scorer=<AR checkpoint>")
+            size = 16
+            if batch_size is not None:
+                value = batch_size.split("=", 1)[1]
+                try:
+                    size = int(value)
+                except ValueError:
+                    raise ConfigError(f"eval.batch_size={value} is not an integer") from None
+            result = evaluate_samples(samples, scorer, out=out, batch_size=size, overrides=overrides)
+        else:
+            if batch_size is not None:
+                overrides.append(batch_size)
+            if not checkpoint:
+                raise ConfigError("checkpoint=<dir> is required (a checkpoint directory or a run's logging.save_dir)"
+                                  ", or eval.samples=<file.jsonl> eval.scorer=<AR checkpoint> to score samples")
+            result = evaluate(checkpoint, overrides, out=out)
     except (ConfigError, DataFormatError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
