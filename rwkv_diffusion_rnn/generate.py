@@ -1,0 +1,538 @@
+"""Generate from a trained model: ``python -m rwkv_diffusion_rnn.generate checkpoint=<dir> [key=value ...]``.
+
+``checkpoint`` is a checkpoint directory or a run's ``logging.save_dir`` (its newest checkpoint);
+the run's ``config.yaml`` and ``tokenizer.json`` rebuild the model (EMA weights when saved).
+Options are ``key=value`` like the trainer's overrides, but a string is taken as typed, so a
+prompt needs no quoting beyond the shell's. The texts go to stdout; ``out=<file>.jsonl`` also
+writes one JSON object per sample (index, seed, prompt or template, text, token_ids, settings).
+
+What to write (``mode=text``, the default)
+    unconditional           ``num_samples=8 length=64``
+    continue a prompt       ``prompt="ROMEO:"`` (or ``prompt_file=<file>``, one prompt per line);
+                            ``length`` counts the prompt's tokens too; ``num_samples`` per prompt
+    infill a template       ``template="To be, or <mask:6> to be"`` (or ``template_file=``):
+                            ``<mask>`` is one token to fill, ``<mask:N>`` is N; the given text is
+                            kept as it is. ``length`` longer than the template adds masks after it
+    from a latent           (a text + latent model) ``latent=<file>.npy`` ([latent_dim] or
+                            [N, latent_dim], one sample per row) or ``latent_text="a sentence"``,
+                            encoded with the projection that made the training latents
+                            (``projection=<dir>``; default the folder of the run's data.json_path)
+``mode=latent``: a latent from a text (``text="..."`` or ``text_file=``; or a ``template``, whose
+masks the latent sampler sees as unknown), written to ``latent_out=<file>.npy`` [N, latent_dim].
+``mode=joint``: text and latent together (latent first, then the text written from it);
+``latent_out=`` gets the latents.
+
+Decoding (masked diffusion, ``rwkv_diffusion_rnn.diffusion.sampling``)
+    ``steps`` (default: the canvas length, at most one token per step), ``block_length``
+    (semi-autoregressive blocks), ``remasking`` (random: the denoiser's own ancestral order, the
+    default; low_confidence; random_topk), ``threshold``, ``temperature`` (1; 0 is argmax),
+    ``top_k``, ``top_p``, ``cfg_scale`` (guidance towards the latent), ``use_cache`` (the
+    block_causal state cache), ``latent_steps`` / ``latent_sampler`` / ``eta`` (the latent).
+An AR checkpoint (``training.objective=ar``) writes token by token through its recurrent
+state (``temperature``, ``top_k``, ``top_p``); it continues prompts but does not infill.
+
+Sample ``k`` (0, 1, ... in output order) draws from its own generator seeded ``seed + k``, so
+its text does not depend on ``batch_size`` or on the other samples of its batch. With ``eos``
+(default true) a sample ends at the first end-of-text token the model writes after its prompt
+(in a template's gaps such a token adds nothing). Nothing is written when an option or an
+input is wrong: the error names it and the command exits with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a file: python rwkv_diffusion_rnn/generate.py
+    _here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if not p or str(Path(p).resolve()) != _here]
+    sys.path.insert(0, str(Path(_here).parent))
+
+MODES = ("text", "latent", "joint")
+MASK_MARKER = re.compile(r"<mask(?::(\d+))?>")
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: Optional[str] = None
+    mode: str = "text"                    # MODES
+    num_samples: int = 1                  # per prompt / template / latent; unconditional: in all
+    length: Optional[int] = None          # canvas tokens, prompt included (default: data.seq_len)
+    prompt: Optional[str] = None
+    prompt_file: Optional[str] = None
+    template: Optional[str] = None
+    template_file: Optional[str] = None
+    text: Optional[str] = None            # mode=latent: the text to encode
+    text_file: Optional[str] = None
+    latent: Optional[str] = None          # .npy of [latent_dim] or [N, latent_dim]
+    latent_text: Optional[str] = None     # a sentence, encoded with the saved projection
+    projection: Optional[str] = None      # folder of projection.npz (default: data.json_path's folder)
+    steps: Optional[int] = None
+    block_length: Optional[int] = None
+    remasking: str = "random"             # sampling.REMASKING
+    threshold: Optional[float] = None
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    cfg_scale: float = 0.0
+    use_cache: bool = True
+    latent_steps: int = 50
+    latent_sampler: str = "ddim"          # sampling.LATENT_SAMPLERS
+    eta: float = 0.0
+    eos: bool = True
+    seed: int = 0
+    batch_size: int = 16
+    out: Optional[str] = None             # <file>.jsonl
+    latent_out: Optional[str] = None      # <file>.npy
+    device: Optional[str] = None          # default: the run's training.device
+    print_texts: bool = True
+    progress_bar: bool = True
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(GenerateConfig)}
+
+
+def _error(message: str):
+    from rwkv_diffusion_rnn.training.config_validation import ConfigError
+    return ConfigError(message)
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+
+def parse_options(argv: Sequence[str]) -> GenerateConfig:
+    """``key=value`` items into a :class:`GenerateConfig` (strings as typed; numbers, booleans
+    and ``null`` parsed)."""
+    values: Dict[str, Any] = {}
+    for item in argv:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise _error(f"{item!r} is not key=value (e.g. prompt=\"ROMEO:\" or steps=32)")
+        if key not in FIELDS:
+            import difflib
+            close = difflib.get_close_matches(key, list(FIELDS), n=3)
+            raise _error(f"{key}: no such option of generate" + (f" (did you mean {', '.join(close)}?)" if close else
+                                                                  f"; the options are {', '.join(FIELDS)}"))
+        values[key] = _parse_value(key, raw)
+    return GenerateConfig(**values)
+
+
+def _parse_value(key: str, raw: str):
+    kind = str(FIELDS[key].type)
+    if raw.lower() in ("null", "none") and "Optional" in kind:
+        return None
+    if "str" in kind:
+        return raw
+    try:
+        if "bool" in kind:
+            if raw.lower() not in ("true", "false"):
+                raise ValueError
+            return raw.lower() == "true"
+        if "int" in kind:
+            return int(raw)
+        return float(raw)
+    except ValueError:
+        want = "true or false" if "bool" in kind else ("an integer" if "int" in kind else "a number")
+        raise _error(f"{key}={raw!r}: expected {want}") from None
+
+
+def check_options(g: GenerateConfig) -> None:
+    """What can be refused before the model is loaded."""
+    from rwkv_diffusion_rnn.diffusion.sampling import LATENT_SAMPLERS, REMASKING
+    if not g.checkpoint:
+        raise _error("checkpoint=<dir> is required (a checkpoint directory or a run's logging.save_dir)")
+    for key, choices in (("mode", MODES), ("remasking", REMASKING), ("latent_sampler", LATENT_SAMPLERS)):
+        if getattr(g, key) not in choices:
+            raise _error(f"{key}={getattr(g, key)!r}; choose one of {', '.join(choices)}")
+    given = [k for k in ("prompt", "prompt_file", "template", "template_file", "text", "text_file")
+             if getattr(g, k) is not None]
+    if len(given) > 1:
+        raise _error(f"give one of prompt, prompt_file, template, template_file, text, text_file (got {', '.join(given)})")
+    if g.latent is not None and g.latent_text is not None:
+        raise _error("give latent=<file>.npy or latent_text=\"...\", not both")
+    if g.mode == "latent":
+        if not given or given[0] in ("prompt", "prompt_file"):
+            raise _error("mode=latent encodes a text: give text=\"...\", text_file=<file> or a template")
+        if g.latent is not None or g.latent_text is not None:
+            raise _error("mode=latent writes a latent; latent= / latent_text= are inputs of mode=text")
+    elif given and given[0] in ("text", "text_file"):
+        raise _error(f"{given[0]}= is the input of mode=latent; to continue a text use prompt=, to fill one template=")
+    if g.mode == "joint" and (g.latent is not None or g.latent_text is not None):
+        raise _error("mode=joint samples the latent itself; to write from a given latent use mode=text latent=...")
+    for key, low in (("num_samples", 1), ("length", 1), ("steps", 1), ("block_length", 1), ("batch_size", 1),
+                     ("latent_steps", 1), ("top_k", 1)):
+        value = getattr(g, key)
+        if value is not None and value < low:
+            raise _error(f"{key}={value} must be >= {low}")
+    if g.temperature < 0:
+        raise _error(f"temperature={g.temperature} must be >= 0")
+    if g.top_p is not None and not 0.0 < g.top_p <= 1.0:
+        raise _error(f"top_p={g.top_p} must be in (0, 1]")
+    if g.threshold is not None and g.threshold < 0:
+        raise _error(f"threshold={g.threshold} must be >= 0")
+    if g.out is not None and not g.out.endswith(".jsonl"):
+        raise _error(f"out={g.out}: write samples to a .jsonl file")
+    if g.latent_out is not None:
+        if not g.latent_out.endswith(".npy"):
+            raise _error(f"latent_out={g.latent_out}: write latents to a .npy file")
+        if g.mode == "text":
+            raise _error("latent_out= is written by mode=latent and mode=joint; mode=text writes no latent")
+    if g.cfg_scale != 0.0 and g.mode == "text" and g.latent is None and g.latent_text is None:
+        raise _error("cfg_scale guides towards a latent: give latent=<file>.npy or latent_text=\"...\" "
+                     "(or use mode=joint)")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Canvas:
+    """One sample to write: its token canvas (mask ids where to write) and where it came from."""
+    ids: List[int]
+    given: List[bool]
+    source: Dict[str, str] = field(default_factory=dict)   # {"prompt": ...} / {"template": ...} / {"text": ...}
+    latent: Optional[Any] = None                            # np.ndarray [latent_dim] to write from
+
+    @property
+    def continues(self) -> bool:
+        """Everything given comes first (a prompt, or nothing): an end of text may end it."""
+        n = sum(self.given)
+        return all(self.given[:n])
+
+
+def _lines(path: str, key: str) -> List[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise _error(f"{key}={path}: cannot be read ({e.strerror or e})") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise _error(f"{key}={path} holds no line to use (one per line; blank lines are skipped)")
+    return lines
+
+
+def _encode(tokenizer, text: str, where: str) -> List[int]:
+    try:
+        return list(tokenizer.encode(text))
+    except ValueError as e:   # e.g. a character a chars vocabulary lacks
+        raise _error(f"{where}: {e}") from None
+
+
+def parse_template(tokenizer, template: str, mask_id: int, where: str = "template"):
+    """Token ids and given flags of a template: ``<mask>`` is one position to fill, ``<mask:N>`` N."""
+    ids: List[int] = []
+    given: List[bool] = []
+    pos, found = 0, False
+    for m in MASK_MARKER.finditer(template):
+        piece = _encode(tokenizer, template[pos:m.start()], where) if m.start() > pos else []
+        n = int(m.group(1)) if m.group(1) is not None else 1
+        if n < 1:
+            raise _error(f"{where}: {m.group(0)} asks for {n} tokens; use <mask:N> with N >= 1")
+        ids += piece + [mask_id] * n
+        given += [True] * len(piece) + [False] * n
+        pos, found = m.end(), True
+    if not found:
+        raise _error(f"{where} has no mask marker: mark what to fill with <mask> (one token) or <mask:N> "
+                     f"(N tokens), e.g. \"To be, or <mask:6> to be\"; to continue a text use prompt=")
+    tail = _encode(tokenizer, template[pos:], where) if pos < len(template) else []
+    return ids + tail, given + [True] * len(tail)
+
+
+def build_canvases(g: GenerateConfig, tokenizer, mask_id: int, length: int, ar: bool) -> List[Canvas]:
+    """The samples ``g`` asks for, in output order (before any latent is attached)."""
+    def prompt_canvas(text: str, where: str) -> Canvas:
+        if MASK_MARKER.search(text):
+            raise _error(f"{where} holds a mask marker: pass it as template= (template_file=) to fill it")
+        ids = _encode(tokenizer, text, where)
+        if len(ids) >= length:
+            how = "longer than" if len(ids) > length else "as long as"
+            raise _error(f"{where} is {len(ids)} tokens, {how} length={length}, which leaves nothing to write "
+                         f"(length counts the prompt too): set length > {len(ids)}")
+        return Canvas(ids + [mask_id] * (length - len(ids)), [True] * len(ids) + [False] * (length - len(ids)),
+                      {"prompt": text})
+
+    def template_canvas(text: str, where: str) -> Canvas:
+        if ar:
+            raise _error(f"{where}: this checkpoint is an AR model (training.objective=ar), which writes left to "
+                         "right and cannot fill gaps; it can continue a prompt (prompt=...) or write "
+                         "unconditionally; infill with a diffusion checkpoint")
+        ids, given = parse_template(tokenizer, text, mask_id, where)
+        if g.length is not None:
+            if g.length < len(ids):
+                raise _error(f"{where} is {len(ids)} tokens, longer than length={g.length}: raise length or "
+                             "leave it unset (the template's own length)")
+            ids, given = ids + [mask_id] * (g.length - len(ids)), given + [False] * (g.length - len(ids))
+        return Canvas(ids, given, {"template": text})
+
+    def text_canvas(text: str, where: str) -> Canvas:
+        ids = _encode(tokenizer, text, where)
+        if not ids:
+            raise _error(f"{where} is empty: there is nothing to encode")
+        return Canvas(ids, [True] * len(ids), {"text": text})
+
+    sources = []
+    for key, make in (("prompt", prompt_canvas), ("template", template_canvas), ("text", text_canvas)):
+        if getattr(g, key) is not None:
+            sources = [make(getattr(g, key), key)]
+        elif getattr(g, f"{key}_file") is not None:
+            path = getattr(g, f"{key}_file")
+            sources = [make(line, f"{key}_file={path}:{i + 1}") for i, line in enumerate(_lines(path, f"{key}_file"))]
+    if not sources:
+        sources = [Canvas([mask_id] * length, [False] * length)]
+    return [Canvas(list(c.ids), list(c.given), dict(c.source)) for c in sources for _ in range(g.num_samples)]
+
+
+def load_latents(g: GenerateConfig, cfg, latent_dim: int):
+    """[N, latent_dim] float32 from ``latent=`` or ``latent_text=``, or None."""
+    import numpy as np
+    if g.latent is not None:
+        try:
+            z = np.load(g.latent, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise _error(f"latent={g.latent}: cannot be read as a .npy array ({e})") from None
+        z = np.asarray(z, dtype=np.float32)
+        if z.ndim == 1:
+            z = z[None]
+        if z.ndim != 2 or z.shape[1] != latent_dim:
+            raise _error(f"latent={g.latent} has shape {tuple(np.shape(z))}; this model reads latents of "
+                         f"{latent_dim} dims (model.latent_dim): give [{latent_dim}] or [N, {latent_dim}]")
+        if not np.isfinite(z).all():
+            raise _error(f"latent={g.latent} holds NaN or infinite values")
+        return z
+    if g.latent_text is not None:
+        from rwkv_diffusion_rnn.prepare_latents import LatentPrepError, encode_texts
+        proj = g.projection
+        if proj is None:
+            json_path = cfg.data.get("json_path") if "json_path" in cfg.data else None
+            if not json_path:
+                raise _error("latent_text needs the projection that made the training latents: "
+                             "set projection=<folder of projection.npz>")
+            proj = str(Path(json_path).parent)
+        try:
+            z = encode_texts([g.latent_text], proj)
+        except (LatentPrepError, OSError, ValueError) as e:
+            raise _error(f"latent_text: cannot encode with projection={proj}: {e}") from None
+        if z.shape[1] != latent_dim:
+            raise _error(f"projection={proj} makes {z.shape[1]}-dim latents; this model reads {latent_dim} "
+                         "(model.latent_dim): use the projection of the run's data")
+        return z.astype(np.float32)
+    return None
+
+
+def attach_latents(canvases: List[Canvas], z, num_samples: int) -> List[Canvas]:
+    """Pair samples with latent rows: one latent for all, one per sample, or N latents each
+    written ``num_samples`` times when there is no prompt or template."""
+    if z is None:
+        return canvases
+    n = z.shape[0]
+    if n == 1:
+        for c in canvases:
+            c.latent = z[0]
+        return canvases
+    if all(not c.source for c in canvases):         # unconditional: one sample per latent row (x num_samples)
+        out = []
+        for row in z:
+            for _ in range(num_samples):
+                out.append(Canvas(list(canvases[0].ids), list(canvases[0].given), {}, row))
+        return out
+    sources = len(canvases) // num_samples
+    if n != sources:
+        raise _error(f"latent holds {n} rows for {sources} prompts/templates: give one latent, or one per line")
+    for i, c in enumerate(canvases):
+        c.latent = z[i // num_samples]
+    return canvases
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+def _groups(canvases: List[Canvas], batch_size: int):
+    """Batches of consecutive samples of the same canvas length (a bidirectional model reads
+    every position, so rows are never padded)."""
+    batch: List[int] = []
+    for i, c in enumerate(canvases):
+        if batch and (len(batch) == batch_size or len(canvases[batch[0]].ids) != len(c.ids)):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def _finish(c: Canvas, ids: List[int], eos_id: Optional[int], use_eos: bool, tokenizer):
+    """(text, token ids kept, ended by an end of text): a continuation ends at the first end of
+    text the model wrote; in a template the tokens are kept as written."""
+    ended = False
+    if use_eos and eos_id is not None and c.continues:
+        for i, (tok, given) in enumerate(zip(ids, c.given)):
+            if not given and tok == eos_id:
+                ids, ended = ids[:i], True
+                break
+    return tokenizer.decode(ids), ids, ended
+
+
+def generate(checkpoint=None, config: Optional[GenerateConfig] = None, **options) -> List[dict]:
+    """Generate as the command line does; returns one dict per sample (what ``out=`` writes).
+
+    ``generate("runs/shakespeare", prompt="ROMEO:", length=64, num_samples=4, steps=32)``.
+    """
+    import numpy as np
+    import torch
+    from rwkv_diffusion_rnn.diffusion import sampling
+    from rwkv_diffusion_rnn.training.builders import build_latent_diffusion
+    from rwkv_diffusion_rnn.training.trained import load_trained
+
+    g = dataclasses.replace(config or GenerateConfig(), **options)
+    if checkpoint is not None:
+        g.checkpoint = str(checkpoint)
+    check_options(g)
+    trained = load_trained(g.checkpoint, device=g.device)
+    model, cfg, tok = trained.model, trained.cfg, trained.tokenizer
+    mcfg = model.config
+    ar = trained.objective == "ar"
+    has_latent = bool(mcfg.latent_prefix_len)
+    if tok is None:          # a synthetic-task run: its character vocabulary
+        from rwkv_diffusion_rnn.data.tasks import VOCAB as tok
+    if ar and (g.mode != "text" or g.latent is not None or g.latent_text is not None):
+        raise _error(f"{trained.path} is an AR model (training.objective=ar) without a latent: it writes text "
+                     "unconditionally or after a prompt (mode=text), token by token")
+    if not has_latent and (g.mode != "text" or g.latent is not None or g.latent_text is not None):
+        raise _error(f"{trained.path} is a text-only model (model.latent_prefix_len=0): mode=latent, mode=joint, "
+                     "latent= and latent_text= need a text + latent model")
+    if g.block_length is not None and ar:
+        raise _error("block_length is a diffusion decoding option; an AR model writes one token at a time")
+    length = g.length or int(cfg.data.seq_len)
+    eos_id = getattr(tok, "eos_id", None)
+    canvases = build_canvases(g, tok, mcfg.mask_id, length, ar)
+    canvases = attach_latents(canvases, load_latents(g, cfg, mcfg.latent_dim) if has_latent else None,
+                              g.num_samples)
+    diffusion = build_latent_diffusion(cfg) if g.mode != "text" else None
+    device = trained.device
+
+    settings = {"checkpoint": str(trained.path), "step": trained.step, "weights": trained.weights,
+                "mode": g.mode, "decoding": "autoregressive" if ar else "masked_diffusion",
+                "temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p, "eos": g.eos}
+    if not ar:
+        settings.update(steps=g.steps, block_length=g.block_length, remasking=g.remasking,
+                        threshold=g.threshold, cfg_scale=g.cfg_scale, mixer=mcfg.mixer,
+                        use_cache=g.use_cache and mcfg.mixer in ("block_causal", "causal"))
+    if g.mode != "text":
+        settings.update(latent_steps=g.latent_steps, latent_sampler=g.latent_sampler, eta=g.eta)
+
+    def latent_for(rows, canvas_ids, gens):
+        init = torch.stack([torch.randn(mcfg.latent_dim, generator=gen) for gen in gens]).to(device)
+        if g.latent_sampler == "ddim" and g.eta == 0.0:    # deterministic after its start noise
+            return sampling.generate_latent(model, diffusion, canvas_ids, steps=g.latent_steps, init_noise=init)
+        # stochastic samplers draw noise at every step: one row at a time keeps each row's own stream
+        return torch.cat([sampling.generate_latent(model, diffusion, canvas_ids[r:r + 1], steps=g.latent_steps,
+                                                   sampler=g.latent_sampler, eta=g.eta, generator=gens[r],
+                                                   init_noise=init[r:r + 1]) for r in range(len(rows))])
+
+    records: List[dict] = []
+    latents_out: List[Any] = []
+    groups = list(_groups(canvases, g.batch_size))
+    bar = None
+    if g.progress_bar:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(canvases), desc="generate", unit="sample", dynamic_ncols=True, disable=None,
+                   file=sys.stderr)
+    for rows in groups:
+        gens = [torch.Generator().manual_seed(g.seed + i) for i in rows]
+        x = torch.tensor([canvases[i].ids for i in rows], dtype=torch.long, device=device)
+        z = None
+        steps = None if (g.steps is None and g.threshold is not None) else (g.steps or x.shape[1])
+        if g.mode == "latent":
+            z = latent_for(rows, x, gens)
+            out = x
+        elif ar:
+            out = sampling.generate_autoregressive(model, bos_id=eos_id if eos_id is not None else mcfg.mask_id,
+                                                   prompt_ids=x, temperature=g.temperature, top_k=g.top_k,
+                                                   top_p=g.top_p, eos_id=eos_id if g.eos else None,
+                                                   generator=gens)
+        else:
+            if g.mode == "joint":
+                z = latent_for(rows, x, gens)
+            elif canvases[rows[0]].latent is not None:
+                z = torch.tensor(np.stack([canvases[i].latent for i in rows]), device=device)
+            out = sampling.generate_text(model, latent=z, prompt_ids=x, steps=steps,
+                                         block_length=g.block_length, remasking=g.remasking,
+                                         threshold=g.threshold, temperature=g.temperature, top_k=g.top_k,
+                                         top_p=g.top_p, cfg_scale=g.cfg_scale, generator=gens,
+                                         use_cache=g.use_cache)
+        for r, i in enumerate(rows):
+            c = canvases[i]
+            rec: Dict[str, Any] = {"index": i, "seed": g.seed + i, **c.source}
+            if g.mode == "latent":
+                rec["text"] = c.source.get("text", tok.decode(c.ids))
+                rec["token_ids"] = list(c.ids)
+            else:
+                text, ids, ended = _finish(c, out[r].tolist(), eos_id, g.eos, tok)
+                rec.update(text=text, token_ids=ids, ended_by_eos=ended)
+            if z is not None and g.mode != "text":
+                rec["latent"] = [float(v) for v in z[r].float().cpu()]
+                latents_out.append(z[r].float().cpu().numpy())
+            elif c.latent is not None:
+                rec["latent_in"] = g.latent if g.latent is not None else {"latent_text": g.latent_text}
+            rec["settings"] = settings if ar or g.mode == "latent" else {**settings, "steps": steps}
+            records.append(rec)
+        if bar is not None:
+            bar.update(len(rows))
+    if bar is not None:
+        bar.close()
+    _write(g, records, latents_out)
+    return records
+
+
+def _write(g: GenerateConfig, records: List[dict], latents: List[Any]) -> None:
+    from rwkv_diffusion_rnn.data.data_simple import atomic_save_npy, atomic_write_bytes
+    if g.out is not None:
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        atomic_write_bytes(g.out, body.encode("utf-8"))
+    if g.latent_out is not None:
+        import numpy as np
+        atomic_save_npy(g.latent_out, np.stack(latents).astype(np.float32))
+
+
+def _show(records: List[dict]) -> str:
+    parts = []
+    for r in records:
+        head = f"--- sample {r['index']} (seed {r['seed']})"
+        for key in ("prompt", "template"):
+            if key in r:
+                head += f" {key}: {r[key]!r}"
+        body = r["text"]
+        if "latent" in r:
+            body += "\nlatent: [" + ", ".join(f"{v:.3f}" for v in r["latent"][:8]) + (", ...]" if len(r["latent"]) > 8 else "]")
+        parts.append(f"{head} ---\n{body}")
+    return "\n".join(parts)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if argv else 2)
+    from rwkv_diffusion_rnn.data.data_simple import DataFormatError
+    from rwkv_diffusion_rnn.training.config_validation import ConfigError
+    from rwkv_diffusion_rnn.weights.pretrained_rwkv import CheckpointError
+    try:
+        g = parse_options(argv)
+        records = generate(config=g)
+    except (ConfigError, DataFormatError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if g.print_texts:
+        print(_show(records))
+    if g.out:
+        print(f"wrote {len(records)} samples to {g.out}", file=sys.stderr)
+    if g.latent_out:
+        print(f"wrote latents to {g.latent_out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
