@@ -87,38 +87,14 @@ def final(d: Path):
 
 
 def samples(d: Path, n: int = 2, length: int = 64, seed: int = 0):
-    """``n`` samples of ``length`` characters from the run's last checkpoint."""
-    import torch
-    from omegaconf import OmegaConf
-    from rwkv_diffusion_rnn.data.tokenizer import tokenizer_from_spec
-    from rwkv_diffusion_rnn.diffusion.sampling import generate_text
-    from rwkv_diffusion_rnn.training import checkpoints as ckpt
-    from rwkv_diffusion_rnn.training.builders import build_model
-    path = ckpt.latest_checkpoint(d)
-    cfg = OmegaConf.create(ckpt.load_config(path))
-    tok = tokenizer_from_spec(ckpt.read_tokenizer_spec(path))
-    model = build_model(cfg)
-    ckpt.load_checkpoint(path, model=model, restore_rng=False)
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        if cfg.training.objective == "ar":
-            ids = torch.full((n, 1), tok.eos_id)          # start as after a document separator
-            out, state = model(ids, torch.zeros(n), return_state=True)[::2]
-            rows = []
-            for _ in range(length):
-                probs = torch.softmax(out[:, -1].double(), -1)
-                probs[:, tok.mask_id] = 0
-                nxt = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=g)
-                rows.append(nxt)
-                out, state = model(nxt, torch.zeros(n), state=state, return_state=True)[::2]
-            ids = torch.cat(rows, 1)
-        else:
-            # one random position per step, drawn from the model: ancestral sampling of the
-            # denoiser itself (confidence-ordered remasking repeats frequent words at this size)
-            ids = generate_text(model, length=length, batch_size=n, steps=length, temperature=1.0,
-                                remasking="random", generator=g)
-    return [tok.decode(row.tolist()) for row in ids]
+    """``n`` samples of ``length`` characters from the run's last checkpoint, by the generate
+    command's library function: one random position per step drawn from the model for a diffusion
+    model (random remasking, the denoiser's own ancestral sampler; confidence-ordered remasking
+    repeats frequent words at this size), token by token for the AR model."""
+    from rwkv_diffusion_rnn.generate import generate
+    recs = generate(d, num_samples=n, length=length, steps=length, temperature=1.0, remasking="random",
+                    seed=seed, eos=False, progress_bar=False, print_texts=False)
+    return [r["text"] for r in recs]
 
 
 def report(out: Path, models, budgets, plot: Path):
