@@ -5,6 +5,7 @@ package alone stays light)::
 
     from rwkv_diffusion_rnn import load_rwkv7, wkv7, MultimodalRWKVDenoiser, DenoiserConfig
     from rwkv_diffusion_rnn import build_denoiser, generate_text, generate_latent
+    from rwkv_diffusion_rnn.generate import generate        # the generate command as a function
 """
 
 import importlib
@@ -21,6 +22,9 @@ _PUBLIC = {
     "build_denoiser": "rwkv_diffusion_rnn.weights.pretrained_rwkv",
     "generate_text": "rwkv_diffusion_rnn.diffusion.sampling",
     "generate_latent": "rwkv_diffusion_rnn.diffusion.sampling",
+    "generate_joint": "rwkv_diffusion_rnn.diffusion.sampling",
+    "generate_autoregressive": "rwkv_diffusion_rnn.diffusion.sampling",
+    "fill_masks": "rwkv_diffusion_rnn.diffusion.sampling",
 }
 __all__ = sorted(_PUBLIC)
 
