@@ -39,10 +39,15 @@ TOKENS_PER_STEP = 12 * 64             # the preset's batch x context
 MODELS = {
     "ar": ["training.objective=ar", "model.mixer=causal"],
     "bi_sum": ["model.mixer=bi", "model.bi_fusion=sum"],
+    # each direction its own weights: a shared-weight sum is the same function of a text and of
+    # its reversal, so its samples come out reversed about half the time (eval/README, "Generation")
+    "bi_sum_sep": ["model.mixer=bi", "model.bi_fusion=sum", "model.bi_share_weights=false"],
     "bi_concat": ["model.mixer=bi", "model.bi_fusion=concat"],
     "bi_gated": ["model.mixer=bi", "model.bi_fusion=gated"],
     "dw_jrt": ["model.mixer=dw_jrt"],
     "block_causal": ["model.mixer=block_causal", "model.block_size=16"],
+    # no time conditioning: the sampler's state cache is then exact (sampling.py, "State caching")
+    "block_causal_tnone": ["model.mixer=block_causal", "model.block_size=16", "model.time_conditioning=none"],
 }
 
 

@@ -4,6 +4,12 @@ The backward pass runs the same block on the flipped sequence (its token shift t
 the right neighbour). Its weights are shared with the forward pass, or a separate copy
 initialised from the same (pretrained) weights (``bi_share_weights=False``). Each direction
 keeps its own ``v_first``. Cost: two scans per layer, about 2x ``causal``.
+
+With shared weights and ``sum`` fusion (and no position embedding or latent prefix) the mixer
+is exactly the same function of a text and of its reversal: the model cannot tell reading
+order, so about half of its unconditional samples come out written right to left (measured in
+eval/README.md, "Generation"). Separate weights, or the ``concat`` / ``gated`` fusions, break
+the symmetry.
 """
 
 from __future__ import annotations
