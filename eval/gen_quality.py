@@ -68,7 +68,10 @@ def main(argv=None) -> None:
 
     import torch
     from rwkv_diffusion_rnn.generate import generate
-    from rwkv_diffusion_rnn.training.trained import load_trained
+    from rwkv_diffusion_rnn.training.trained import checkpoint_dir, saved_config
+
+    def model_cfg(run: Path):          # the run's model keys, without loading its weights
+        return saved_config(checkpoint_dir(run)).model
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     scorer = a.runs / a.scorer
@@ -76,7 +79,7 @@ def main(argv=None) -> None:
                   print_texts=False, batch_size=a.batch_size, eos=False)
 
     def diffusion_samples(run: Path, steps: int, use_cache: bool = True):
-        mixer_cfg = load_trained(run).cfg.model
+        mixer_cfg = model_cfg(run)
         block = mixer_cfg.block_size if mixer_cfg.mixer == "block_causal" else None
         return lambda f: generate(run, steps=steps, remasking=a.remasking, block_length=block, use_cache=use_cache,
                                   out=str(f), **common)
@@ -90,7 +93,7 @@ def main(argv=None) -> None:
              cell(a.out, a.scorer, a.length, None, lambda f: generate(scorer, out=str(f), **common), scorer,
                   a.batch_size))]
     for model in a.models:
-        cached = load_trained(a.runs / model).cfg.model.mixer == "block_causal"
+        cached = model_cfg(a.runs / model).mixer == "block_causal"
         for use_cache in ((True, False) if cached else (True,)):
             name = model + ("" if use_cache else "_recompute")
             for steps in a.steps:

@@ -420,18 +420,18 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, **options
     if not ar:
         settings.update(steps=g.steps, block_length=g.block_length, remasking=g.remasking,
                         threshold=g.threshold, cfg_scale=g.cfg_scale, mixer=mcfg.mixer,
-                        use_cache=g.use_cache and mcfg.mixer in ("block_causal", "causal"))
+                        use_cache=g.use_cache and mcfg.mixer in sampling.CACHED_MIXERS)
     if g.mode != "text":
         settings.update(latent_steps=g.latent_steps, latent_sampler=g.latent_sampler, eta=g.eta)
 
-    def latent_for(rows, canvas_ids, gens):
+    def latent_for(canvas_ids, gens):
         init = torch.stack([torch.randn(mcfg.latent_dim, generator=gen) for gen in gens]).to(device)
         if g.latent_sampler == "ddim" and g.eta == 0.0:    # deterministic after its start noise
             return sampling.generate_latent(model, diffusion, canvas_ids, steps=g.latent_steps, init_noise=init)
         # stochastic samplers draw noise at every step: one row at a time keeps each row's own stream
         return torch.cat([sampling.generate_latent(model, diffusion, canvas_ids[r:r + 1], steps=g.latent_steps,
                                                    sampler=g.latent_sampler, eta=g.eta, generator=gens[r],
-                                                   init_noise=init[r:r + 1]) for r in range(len(rows))])
+                                                   init_noise=init[r:r + 1]) for r in range(len(gens))])
 
     records: List[dict] = []
     latents_out: List[Any] = []
@@ -447,7 +447,7 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, **options
         z = None
         steps = None if (g.steps is None and g.threshold is not None) else (g.steps or x.shape[1])
         if g.mode == "latent":
-            z = latent_for(rows, x, gens)
+            z = latent_for(x, gens)
             out = x
         elif ar:
             out = sampling.generate_autoregressive(model, bos_id=eos_id if eos_id is not None else mcfg.mask_id,
@@ -456,7 +456,7 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, **options
                                                    generator=gens)
         else:
             if g.mode == "joint":
-                z = latent_for(rows, x, gens)
+                z = latent_for(x, gens)
             elif canvases[rows[0]].latent is not None:
                 z = torch.tensor(np.stack([canvases[i].latent for i in rows]), device=device)
             out = sampling.generate_text(model, latent=z, prompt_ids=x, steps=steps,

@@ -90,12 +90,12 @@ import torch
 
 from .continuous_diffusion import GaussianDiffusion, cfg_combine
 
-__all__ = ["REMASKING", "LATENT_SAMPLERS", "guided_logits", "propose_tokens", "generate_text",
+__all__ = ["REMASKING", "LATENT_SAMPLERS", "CACHED_MIXERS", "guided_logits", "propose_tokens", "generate_text",
            "fill_masks", "generate_latent", "generate_joint", "generate_autoregressive"]
 
 REMASKING = ("low_confidence", "random", "random_topk")
 LATENT_SAMPLERS = ("ddim", "ddpm")
-_CACHED_MIXERS = ("block_causal", "causal")
+CACHED_MIXERS = ("block_causal", "causal")      # the mixers use_cache applies to
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,7 +406,7 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
     n_start = (x == mask_id).sum(1).clamp_min(1).float()   # the positions this call fills
     fn = _TextDenoiser(model, latent, cfg_scale, B)
     cache = None
-    if use_cache and cfg.mixer in _CACHED_MIXERS:
+    if use_cache and cfg.mixer in CACHED_MIXERS:
         cache = _StateCache(fn, cfg.block_size if cfg.mixer == "block_causal" else 1)
 
     gens = _row_generators(generator, B)
@@ -583,8 +583,9 @@ def generate_autoregressive(model, *, bos_id: int, length: Optional[int] = None,
     B, T = x.shape
     open_ = x == mask_id
     first = torch.where(open_.any(1), open_.float().argmax(1), torch.full((B,), T, device=device))
-    if bool((open_ != (torch.arange(T, device=device) >= first[:, None])).any()):
-        row = int((open_ != (torch.arange(T, device=device) >= first[:, None])).any(1).nonzero()[0])
+    gap = (open_ != (torch.arange(T, device=device) >= first[:, None])).any(1)   # a given token after an open one
+    if bool(gap.any()):
+        row = int(gap.nonzero()[0])
         raise ValueError(f"row {row} has given tokens after a position to write: an AR model writes left "
                          "to right, so it can continue a prompt but not fill a gap (use a diffusion model)")
     gens = _row_generators(generator, B)
