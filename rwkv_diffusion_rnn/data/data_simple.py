@@ -11,6 +11,17 @@ A token file and a latent file belong together when they share a stem. ``latent_
 JSON may be absolute, relative to the JSON's directory (what ``prepare_latents`` writes), or
 relative to the current directory (older lists); :func:`resolve_data_path` tries them in that order.
 
+Text hashes tie the three together: ``prepare_latents`` writes each entry's ``text_sha256``
+(:func:`text_sha256` of its text) into the data list, and ``preprocess_tokenize_text`` lists
+``stem -> text_sha256`` of the text each token file was made from in
+``<token_dir>/tokens_info.json`` (``"complete": false`` while a run is under way). The dataset
+compares that listing with the data list's texts when it is built (no token file is opened for
+it) and refuses a pair whose hashes disagree. Token files without a listing (older files, or files
+made by hand) cannot be checked; the dataset says so in a warning.
+
+:meth:`TextLatentDataset.arm_vocab_check` makes every token file's ids be checked against the
+model's vocabulary (``0 <= id < vocab_size``, never ``mask_id``) the first time the file is read.
+
 The dataset returns one example as ``dict(input_ids=LongTensor[T], attention_mask=BoolTensor[T],
 latent=FloatTensor[D])`` with the padding of the ``.npz`` removed, so ``T`` is the real token
 count (cut to ``seq_len`` when given). :class:`TextLatentCollator` pads a batch again, to the
@@ -23,9 +34,11 @@ actually received (workers fetch ahead), so its ``state_dict()`` is the one to c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -39,6 +52,11 @@ __all__ = [
     "read_data_json",
     "resolve_data_path",
     "entry_stem",
+    "text_sha256",
+    "unicode_problem",
+    "TOKENS_INFO_FILE",
+    "read_tokens_info",
+    "dataset_and_indices",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_save_npy",
@@ -53,6 +71,8 @@ __all__ = [
 ]
 
 _MAX_NAMED = 5  # how many missing files an error names before summarising the rest
+TOKENS_INFO_FILE = "tokens_info.json"  # written by preprocess_tokenize_text in each split folder
+_SHORT_HASH = 12  # hex digits of a text hash shown in messages
 
 
 class DataFormatError(ValueError):
@@ -170,6 +190,49 @@ def entry_stem(entry: dict, index: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Texts: their hashes, and the one way a Python str can fail to be text
+# --------------------------------------------------------------------------------------------
+
+
+def text_sha256(text: str) -> str:
+    """Hex SHA-256 of ``text`` encoded as UTF-8: what data lists and token listings record of
+    the text a latent or token file was made from."""
+    # surrogatepass: a hash exists for every str; the CLIs refuse lone surrogates before hashing.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` cannot be encoded as UTF-8 (a lone surrogate, which a JSON ``\\ud800``
+    escape can produce), or None when it can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"the text is not valid Unicode: a lone surrogate (U+{ord(text[e.start]):04X}) at "
+                f"character {e.start}. Fix that entry (a \\ud800-style JSON escape needs its pair) or remove it")
+    return None
+
+
+def read_tokens_info(token_dir: str | os.PathLike) -> dict | None:
+    """``<token_dir>/tokens_info.json`` as a dict, or None when there is none."""
+    path = Path(token_dir) / TOKENS_INFO_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataFormatError(
+            f"{path}: cannot read ({type(e).__name__}: {e}). Fix: {_TOKENS_FIX} (it rewrites this file)."
+        ) from None
+    if not isinstance(info, dict):
+        raise DataFormatError(f"{path}: expected a JSON object, got {type(info).__name__}. Fix: {_TOKENS_FIX}")
+    return info
+
+
+def _short(h: str | None) -> str:
+    return (h or "none")[:_SHORT_HASH]
+
+
+# --------------------------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------------------------
 
@@ -243,6 +306,9 @@ class TextLatentDataset(Dataset):
             raise DataFormatError(f"token directory {self.token_dir} does not exist (data.token_dir). Fix: {_TOKENS_FIX}")
 
         cache: dict[Path, set[str]] = {}
+        self._vocab: tuple[int, int | None] | None = None  # (vocab_size, mask_id) once armed
+        self._ids_checked = np.zeros(0, dtype=bool)
+        entries: list[dict] | None = None
         if self.json_path is not None:
             entries = read_data_json(self.json_path)
             if max_samples is not None:
@@ -316,11 +382,136 @@ class TextLatentDataset(Dataset):
             problems.append(_missing_error("latent", missing_lat, len(self.stems), _LATENTS_FIX))
         if problems:
             raise DataFormatError(f"{source}: " + "\n".join(problems))
+        self._check_text_hashes(entries)
         # Fail at start-up, not mid-epoch, when the latent size does not match the model.
         self._load_latent(0)
 
     def __len__(self) -> int:
         return len(self.stems)
+
+    # ---- text hashes: token files made from the texts the latents were made from --------------
+
+    def _sibling_data_list(self) -> Path | None:
+        """Directory pairing: the data list prepare_latents wrote next to ``latent_dir``
+        (``<name>/latents/<split>`` -> ``<name>/<split>_data.json``), if there is one."""
+        if self.latent_dir is None:
+            return None
+        p = self.latent_dir.parent.parent / f"{self.latent_dir.name}_data.json"
+        return p if p.is_file() else None
+
+    def _expected_hashes(self, entries: list[dict] | None) -> tuple[list[str | None], str | None]:
+        """The text hash every token file should have, and the file the texts come from."""
+        if entries is None:
+            listing = self._sibling_data_list()
+            if listing is None:
+                return [None] * len(self.stems), None
+            by_stem = {entry_stem(e, i): e for i, e in enumerate(read_data_json(listing))}
+            found = [by_stem.get(s) for s in self.stems]
+            return [None if e is None else self._entry_hash(e, listing, s) for e, s in zip(found, self.stems)], str(listing)
+        return [self._entry_hash(e, self.json_path, s) for e, s in zip(entries, self.stems)], str(self.json_path)
+
+    @staticmethod
+    def _entry_hash(entry: dict, json_path, stem: str) -> str:
+        h = text_sha256(entry["text"])
+        recorded = entry.get("text_sha256")
+        if recorded is not None and recorded != h:
+            # The text was edited after prepare_latents made the latent from it.
+            raise DataFormatError(
+                f"{json_path}: entry {stem!r} records text_sha256 {_short(recorded)} (the text its latent was "
+                f"made from) but its text now hashes to {_short(h)}: the text was changed after the latent was "
+                f"made. Fix: {_LATENTS_FIX} Then re-run preprocess_tokenize_text."
+            )
+        return h
+
+    def _check_text_hashes(self, entries: list[dict] | None) -> None:
+        """Refuse token files listed as made from another text than the data list's (a data list
+        replaced after tokenizing). Reads tokens_info.json only, never the token files."""
+        expected, texts_from = self._expected_hashes(entries)
+        if texts_from is None:
+            return  # directory pairing without a data list: no texts to compare with
+        info = read_tokens_info(self.token_dir)
+        info_path = self.token_dir / TOKENS_INFO_FILE
+        listed = info.get("text_sha256") if info is not None else None
+        if not isinstance(listed, dict):
+            why = f"it has no {TOKENS_INFO_FILE}" if info is None else f"its {TOKENS_INFO_FILE} records no text hashes (older file)"
+            warnings.warn(
+                f"{self.token_dir}: cannot check that these token files were made from the texts of {texts_from}: "
+                f"{why}. Re-run preprocess_tokenize_text on that data list to record them.", stacklevel=3)
+            return
+        if info.get("complete") is False:
+            raise DataFormatError(
+                f"{info_path}: records an unfinished preprocess_tokenize_text run (killed or failed part-way), so "
+                f"the token files in {self.token_dir} may not match {texts_from}. Fix: re-run preprocess_tokenize_text "
+                "with the same arguments; it finishes the job and marks the listing complete."
+            )
+        bad = [i for i, h in enumerate(expected) if h is not None and listed.get(self.stems[i], h) != h]
+        if bad:
+            i = bad[0]
+            raise DataFormatError(
+                f"{self.token_paths[i]}: made from another text than {texts_from} entry {i} (stem {self.stems[i]!r}): "
+                f"the token file's text_sha256 is {_short(listed[self.stems[i]])}, the entry's text hashes to "
+                f"{_short(expected[i])} ({len(bad)} of {len(self.stems)} token files disagree; the data list was "
+                f"replaced after tokenizing, e.g. by prepare_latents --overwrite). Fix: re-run "
+                f"`python -m rwkv_diffusion_rnn.preprocess_tokenize_text --json_path {texts_from} --output_dir "
+                f"{self.token_dir.parent}`; it rewrites the token files whose text changed."
+            )
+        unlisted = sum(1 for i, h in enumerate(expected) if h is not None and self.stems[i] not in listed)
+        if unlisted:
+            warnings.warn(
+                f"{info_path}: {unlisted} of {len(self.stems)} token files have no recorded text hash, so they "
+                f"cannot be checked against {texts_from}. Re-run preprocess_tokenize_text to record them.",
+                stacklevel=3)
+
+    # ---- token ids: inside the model's vocabulary ---------------------------------------------
+
+    def arm_vocab_check(self, vocab_size: int, mask_id: int | None) -> None:
+        """From now on, check each token file's ids the first time it is read: real tokens
+        (attention_mask 1) must lie in ``[0, vocab_size)`` and must not be ``mask_id``."""
+        self._vocab = (int(vocab_size), None if mask_id is None else int(mask_id))
+        self._ids_checked = np.zeros(len(self.stems), dtype=bool)  # one flag per file, not a set
+
+    def check_token_ids(self, indices: Sequence[int] | None = None, *, desc: str = "checking token ids",
+                        progress: bool = True) -> None:
+        """Read token files ``indices`` (all by default) now, so a bad id is reported before
+        training instead of when the file is first batched. Needs :meth:`arm_vocab_check`."""
+        if self._vocab is None:
+            raise RuntimeError("check_token_ids needs arm_vocab_check(vocab_size, mask_id) first")
+        from tqdm.auto import tqdm
+
+        idx = range(len(self)) if indices is None else indices
+        for i in tqdm(idx, desc=desc, unit="file", disable=not progress or len(idx) < 2000):
+            if not self._ids_checked[i]:
+                self._load_tokens(i)
+
+    def _check_ids(self, i: int, ids: np.ndarray, mask: np.ndarray | None) -> None:
+        vocab_size, mask_id = self._vocab
+        real = np.flatnonzero(mask) if mask is not None else np.arange(ids.size)
+        values = ids[real].astype(np.int64)  # pad positions carry pad_id, which may be any id: skipped
+        bad = (values < 0) | (values >= vocab_size)
+        if mask_id is not None:
+            bad |= values == mask_id
+        if bad.any():
+            k = int(np.argmax(bad))
+            pos, v = int(real[k]), int(values[k])
+            what = (f"is model.mask_id {mask_id}, which marks noised positions and cannot be a data token"
+                    if v == mask_id else f"is outside the vocabulary [0, {vocab_size})")
+            raise DataFormatError(
+                f"{self.token_paths[i]}: input_ids[{pos}] = {v} {what} (model.vocab_size={vocab_size}, "
+                f"model.mask_id={mask_id}; {int(bad.sum())} such ids in this file). {self._made_with()}"
+                "Fix: tokenize with the model's tokenizer (preprocess_tokenize_text --tokenizer ... --overwrite), "
+                "or set tokenizer.name / model.vocab_size / model.mask_id to the tokenizer that made these files."
+            )
+        self._ids_checked[i] = True
+
+    def _made_with(self) -> str:
+        try:
+            info = read_tokens_info(self.token_dir) or {}
+        except DataFormatError:
+            info = {}
+        if "tokenizer" not in info:
+            return ""
+        return (f"{self.token_dir / TOKENS_INFO_FILE} says they were made with tokenizer={info['tokenizer']!r} "
+                f"(vocab_size {info.get('vocab_size')}, mask_id {info.get('mask_id')}). ")
 
     def _load_latent(self, i: int) -> np.ndarray:
         path = self.latent_paths[i]
@@ -353,9 +544,11 @@ class TextLatentDataset(Dataset):
             raise
         except Exception as e:
             raise DataFormatError(f"{path}: cannot read token file ({e}). Fix: {_TOKENS_FIX}") from None
+        if mask is not None and mask.shape != ids.shape:
+            raise DataFormatError(f"{path}: attention_mask shape {mask.shape} != input_ids shape {ids.shape}. {_TOKENS_FIX}")
+        if self._vocab is not None and not self._ids_checked[i]:
+            self._check_ids(i, ids, mask)
         if mask is not None:
-            if mask.shape != ids.shape:
-                raise DataFormatError(f"{path}: attention_mask shape {mask.shape} != input_ids shape {ids.shape}. {_TOKENS_FIX}")
             ids = ids[mask.astype(bool)]
         return ids, mask
 
@@ -369,6 +562,15 @@ class TextLatentDataset(Dataset):
             "attention_mask": torch.ones(input_ids.shape[0], dtype=torch.bool),
             "latent": torch.from_numpy(self._load_latent(i).copy()),
         }
+
+
+def dataset_and_indices(ds: Dataset) -> tuple[Dataset, list[int] | None]:
+    """The dataset under (nested) ``Subset``s and the indices into it they select (None: all)."""
+    indices: list[int] | None = None
+    while isinstance(ds, Subset):
+        indices = list(ds.indices) if indices is None else [ds.indices[j] for j in indices]
+        ds = ds.dataset
+    return ds, indices
 
 
 # --------------------------------------------------------------------------------------------

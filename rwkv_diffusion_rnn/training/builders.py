@@ -181,6 +181,22 @@ class TextLatentData(_EpochData):
             max_samples=d.max_samples, num_workers=d.num_workers, seed=rng.seed_of("data_order", seed),
             pad_id=0 if tokenizer is None else int(tokenizer.pad_id), shuffle=d.shuffle)
 
+    def check_vocab(self, vocab_size: int, mask_id: int) -> None:
+        """Refuse token ids the model cannot embed: every token file (train and validation) is
+        checked against ``vocab_size`` / ``mask_id`` when first read, and the whole validation
+        split is read now, so a bad validation file is named before training, not at the final
+        evaluation."""
+        from ..data.data_simple import dataset_and_indices
+        armed = set()
+        for loader in (self.train, self.val):
+            base, _ = dataset_and_indices(loader.dataset) if loader is not None else (None, None)
+            if base is not None and id(base) not in armed:   # a held-out split shares its dataset
+                base.arm_vocab_check(vocab_size, mask_id)
+                armed.add(id(base))
+        if self.val is not None:
+            base, indices = dataset_and_indices(self.val.dataset)
+            base.check_token_ids(indices, desc="checking validation token ids")
+
 
 class CorpusData(_EpochData):
     """A text corpus (``data.kind=text``): random training windows and fixed validation windows
