@@ -11,13 +11,22 @@ Output, under ``<output_root>/<name>/``::
 
     latents/train/<id>.npy     float32 [latent_dim]
     latents/val/<id>.npy
-    train_data.json            [{"id": "00000000", "text": ..., "latent_path": "latents/train/00000000.npy"}, ...]
+    train_data.json            [{"id": "00000000", "text": ..., "text_sha256": ..., "latent_path": "latents/train/00000000.npy"}, ...]
     val_data.json
     projection.npz             mean [source_dim], components [latent_dim, source_dim], scale [latent_dim]
     projection.json            source_model, source_dim, latent_dim, whiten, normalize_embeddings, ...
 
 ``<id>`` is the example's zero-padded position in the input, so a token file with the same stem
 (``preprocess_tokenize_text``) pairs with it. ``latent_path`` is relative to the JSON's directory.
+``text_sha256`` is the SHA-256 of the UTF-8 text the latent was made from; the tokenizer CLI and
+the trainer compare it with what the token files were made from.
+
+Every text is checked before any work (a lone surrogate, which a JSON ``\\ud800`` escape can
+produce, is refused naming the file and entry). The dataset is built in ``<output_root>/.<name>.new``
+and swapped in only when complete (old dataset renamed to ``.<name>.old``, new one renamed in,
+old one deleted), so a run killed at any moment leaves the complete old or the complete new
+dataset; the next run restores or deletes what such a run left, and says so. Because the whole
+folder is swapped, a folder holding files this tool did not write is refused.
 
 Projection: PCA fitted on the train split only. ``latent = (embedding - mean) @ components.T * scale``.
 Each component's sign is fixed so that its largest-magnitude coefficient is positive (the result
@@ -64,6 +73,8 @@ from rwkv_diffusion_rnn.data.data_simple import (
     atomic_write_json,
     resolve_data_path,
     split_indices,
+    text_sha256,
+    unicode_problem,
 )
 
 __all__ = [
@@ -105,10 +116,12 @@ class Corpus:
 
 
 def _entry_text(obj, where: str, text_field: str) -> str:
-    if isinstance(obj, str):
-        return obj
-    if isinstance(obj, dict) and isinstance(obj.get(text_field), str):
-        return obj[text_field]
+    text = obj if isinstance(obj, str) else obj.get(text_field) if isinstance(obj, dict) else None
+    if isinstance(text, str):
+        problem = unicode_problem(text)  # refused here, not deep inside the embedding model's tokenizer
+        if problem:
+            raise LatentPrepError(f"{where}: {problem}. Nothing was written.")
+        return text
     what = f"an object without a string \"{text_field}\" field" if isinstance(obj, dict) else f"a {type(obj).__name__}"
     raise LatentPrepError(f"{where} is {what}; every entry needs \"{text_field}\" (fix or remove it, or pass --text_field).")
 
@@ -533,15 +546,80 @@ def load_embedding_files(
 # --------------------------------------------------------------------------------------------
 
 
-def _clear_outputs(out_dir: Path) -> None:
-    for split in ("train", "val"):
-        d = out_dir / "latents" / split
-        if d.is_dir():
-            shutil.rmtree(d)
-    for name in ("train_data.json", "val_data.json", PROJECTION_NPZ, PROJECTION_JSON):
-        p = out_dir / name
-        if p.exists():
-            p.unlink()
+_OUTPUT_NAMES = {"latents", "train_data.json", "val_data.json", PROJECTION_NPZ, PROJECTION_JSON}
+
+
+def _staging_dirs(out_dir: Path) -> tuple[Path, Path]:
+    """Where a run builds the new dataset, and where the old one waits while they are swapped."""
+    return out_dir.with_name(f".{out_dir.name}.new"), out_dir.with_name(f".{out_dir.name}.old")
+
+
+def _note(message: str) -> None:
+    print(f"prepare_latents: {message}", file=sys.stderr)
+
+
+def recover_interrupted(out_dir: Path) -> None:
+    """Undo what a killed run left beside ``out_dir``: the old dataset moved aside (restored, or
+    deleted when the new one is already in place) and an unfinished new one (deleted)."""
+    new, old = _staging_dirs(out_dir)
+    if old.exists():
+        if (out_dir / "train_data.json").is_file():
+            shutil.rmtree(old)  # the swap had finished; only deleting the old dataset was left
+            _note(f"deleted {old}, the dataset an interrupted --overwrite run had already replaced with {out_dir}.")
+        elif not out_dir.exists():
+            os.rename(old, out_dir)  # killed between moving the old one aside and renaming the new one in
+            _note(f"restored {out_dir} from {old}: an --overwrite run was killed while swapping datasets.")
+        else:
+            raise LatentPrepError(
+                f"{old} holds the dataset an interrupted run moved aside, and {out_dir} is incomplete (no "
+                f"train_data.json); move whichever you want to keep to {out_dir} and delete the other."
+            )
+    if new.exists():
+        shutil.rmtree(new)
+        _note(f"deleted {new}, the unfinished dataset of an interrupted run.")
+
+
+def _refuse_foreign_files(out_dir: Path) -> None:
+    # The whole folder is replaced: anything else in it would be deleted with the old dataset.
+    if not out_dir.is_dir():
+        return
+    foreign = sorted(n for n in os.listdir(out_dir) if n not in _OUTPUT_NAMES and not n.startswith(".writing-"))
+    if foreign:
+        raise LatentPrepError(
+            f"{out_dir} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which prepare_latents "
+            "did not write; the dataset is replaced as a whole folder, so move them elsewhere or choose another --name."
+        )
+
+
+def _swap_in(new: Path, out_dir: Path) -> None:
+    """Put the complete dataset ``new`` at ``out_dir``; a kill between any two steps leaves
+    a complete dataset that :func:`recover_interrupted` puts back in place."""
+    _, old = _staging_dirs(out_dir)
+    if out_dir.exists():
+        os.rename(out_dir, old)
+    os.rename(new, out_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _write_dataset(new: Path, texts: list[str], latents: np.ndarray, splits: dict[str, list[int]],
+                   proj: Projection, show_progress: bool) -> None:
+    """All files of the dataset into the staging folder ``new``; the JSON lists go last."""
+    width = max(8, len(str(len(texts) - 1)))
+    lists: dict[str, list[dict]] = {"train": [], "val": []}
+    with tqdm(total=len(texts), desc="writing latents", unit="file", disable=not show_progress) as bar:
+        for split, idxs in splits.items():
+            for i in idxs:
+                ident = f"{i:0{width}d}"
+                rel = f"latents/{split}/{ident}.npy"
+                atomic_save_npy(new / rel, latents[i])
+                lists[split].append({"id": ident, "text": texts[i], "text_sha256": text_sha256(texts[i]),
+                                     "latent_path": rel})
+                bar.update(1)
+    (new / "latents" / "val").mkdir(parents=True, exist_ok=True)
+    proj.save(new)
+    atomic_write_json(new / "val_data.json", lists["val"])
+    atomic_write_json(new / "train_data.json", lists["train"])
 
 
 def prepare_latents(
@@ -573,11 +651,13 @@ def prepare_latents(
     ``embedding_model`` lets a caller pass an already loaded model object; pass its name as
     ``model`` too, so the saved projection names the model that :func:`encode_texts` reloads."""
     out_dir = Path(output_root) / name
+    recover_interrupted(out_dir)
     if (out_dir / "train_data.json").exists() and not overwrite:
         raise LatentPrepError(
             f"{out_dir / 'train_data.json'} already exists; pass --overwrite to replace that dataset "
-            "(its latents and projection are deleted first) or choose another --name."
+            "(the new one is built beside it and replaces it once complete) or choose another --name."
         )
+    _refuse_foreign_files(out_dir)
     corpus = read_corpus(input_path, text_field=text_field)
     n = len(corpus.texts) if max_samples is None else min(max_samples, len(corpus.texts))
     if n == 0:
@@ -613,24 +693,14 @@ def prepare_latents(
                      input=str(input_path))
     latents = proj.transform(embeddings)
 
-    # Nothing complete is there (no train_data.json, or --overwrite): drop leftovers so no stale
-    # latent files sit next to the new ones.
-    _clear_outputs(out_dir)
-    width = max(8, len(str(n - 1)))
-    lists: dict[str, list[dict]] = {"train": [], "val": []}
-    with tqdm(total=n, desc="writing latents", unit="file", disable=not show_progress) as bar:
-        for split, idxs in (("train", train_idx), ("val", val_idx)):
-            for i in idxs:
-                ident = f"{i:0{width}d}"
-                rel = f"latents/{split}/{ident}.npy"
-                atomic_save_npy(out_dir / rel, latents[i])
-                lists[split].append({"id": ident, "text": texts[i], "latent_path": rel})
-                bar.update(1)
-    (out_dir / "latents" / "val").mkdir(parents=True, exist_ok=True)
-    proj.save(out_dir)
-    # The JSON lists go last: their presence marks a complete dataset.
-    atomic_write_json(out_dir / "val_data.json", lists["val"])
-    atomic_write_json(out_dir / "train_data.json", lists["train"])
+    # Built beside the old dataset and swapped in whole: a kill never leaves a mix of the two.
+    new, _ = _staging_dirs(out_dir)
+    try:
+        _write_dataset(new, texts, latents, {"train": train_idx, "val": val_idx}, proj, show_progress)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    _swap_in(new, out_dir)
     return {
         "output_dir": str(out_dir),
         "n_train": len(train_idx),
