@@ -59,7 +59,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .data_simple import DataFormatError, _epoch_seed, atomic_write_json
+from .data_simple import DataFormatError, _epoch_seed, atomic_write_json, unicode_problem
 from .tokenizer import ByteTokenizer, CharTokenizer, UnknownCharacterError, tokenizer_spec
 
 __all__ = ["FORMAT_VERSION", "CorpusSpec", "Corpus", "prepare_corpus", "TrainWindows", "ValWindows"]
@@ -264,7 +264,7 @@ def _file_documents(path: str, text_field: str) -> Iterator[tuple[str, tuple]]:
 
 def _document_text(obj, text_field: str, where: str) -> str:
     if isinstance(obj, str):
-        return obj
+        return _valid_text(obj, where)
     if not isinstance(obj, dict):
         raise DataFormatError(
             f"{where}: a {type(obj).__name__}, not an object with data.text_field={text_field!r} "
@@ -281,6 +281,15 @@ def _document_text(obj, text_field: str, where: str) -> str:
             f"{where}: the {text_field!r} field (data.text_field) is a {type(text).__name__}, not "
             "a string. Fix or remove it."
         )
+    return _valid_text(text, where)
+
+
+def _valid_text(text: str, where: str) -> str:
+    # A JSON \ud800 escape gives a str no tokenizer can encode; name the document here rather
+    # than fail with a bare UnicodeEncodeError while tokenizing or writing the cache's meta.json.
+    problem = unicode_problem(text)
+    if problem:
+        raise DataFormatError(f"{where}: {problem}.")
     return text
 
 
