@@ -6,7 +6,7 @@
 
 Each variant ``BACKEND:THREADS`` trains ``experiment=demo`` (its data prepared as the demo does)
 for ``--steps`` steps with ``OMP_NUM_THREADS=THREADS`` and ``model.wkv_backend=BACKEND``, logging
-every step; the learning-rate schedule is the full run's (``+training.stop_at_step``). The first
+every step; the learning-rate schedule is the full run's (``training.stop_at_step``). The first
 variant is the reference: the table gives, per variant, the relative loss difference at step 1,
 the first step where it exceeds 1e-4, and the largest difference. A checkout given with
 ``--repo`` runs its own code on the same data (another commit: same data order and streams?).
@@ -32,7 +32,7 @@ def run_variant(repo: Path, data_overrides, out: Path, backend: str, threads: st
                 overrides=()) -> list:
     env = dict(os.environ, OMP_NUM_THREADS=threads, PYTHONPATH=str(repo))
     cmd = [sys.executable, "-m", "rwkv_diffusion_rnn.train_rwkv", "experiment=demo", *data_overrides,
-           f"model.wkv_backend={backend}", f"+training.stop_at_step={steps}", "logging.log_freq=1",
+           f"model.wkv_backend={backend}", f"training.stop_at_step={steps}", "logging.log_freq=1",
            "logging.eval_freq=0", "logging.progress_bar=false", f"logging.save_dir={out}",
            f"hydra.run.dir={out / 'hydra'}", *overrides]
     subprocess.run(cmd, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)

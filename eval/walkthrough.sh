@@ -50,8 +50,8 @@ TRAIN=(model.rwkv_name="$W/rwkv7-tiny.pth" tokenizer.name=BlinkDL/rwkv7-g1
        optimizer.lr=1e-3 optimizer.warmup_steps=5 logging.log_freq=10 logging.eval_freq=20
        logging.save_every=20 logging.progress_bar=false logging.save_dir="$W/run")
 
-echo; echo "\$ python -m rwkv_diffusion_rnn.train_rwkv ${TRAIN[*]} +training.stop_at_step=20"
-$PY -m rwkv_diffusion_rnn.train_rwkv "${TRAIN[@]}" +training.stop_at_step=20 2>&1
+echo; echo "\$ python -m rwkv_diffusion_rnn.train_rwkv ${TRAIN[*]} training.stop_at_step=20"
+$PY -m rwkv_diffusion_rnn.train_rwkv "${TRAIN[@]}" training.stop_at_step=20 2>&1
 
 echo; echo "\$ ls $W/run"
 ls "$W/run"

@@ -72,7 +72,7 @@ def test_resume_on_a_corpus_is_exact(tmp_path):
     corpus = corpus_file(tmp_path)
     common = overrides(tmp_path, corpus, "training.max_steps=12", "logging.log_freq=2", "logging.eval_freq=0")
     run(compose_config([*common, f"logging.save_dir={tmp_path / 'full'}"]))
-    run(compose_config([*common, "+training.stop_at_step=6", f"logging.save_dir={tmp_path / 'part'}"]))
+    run(compose_config([*common, "training.stop_at_step=6", f"logging.save_dir={tmp_path / 'part'}"]))
     run(compose_config([*common, "training.resume=latest", f"logging.save_dir={tmp_path / 'part'}"]))
     full, part = read_train_log(tmp_path / "full"), read_train_log(tmp_path / "part")
     assert [r["step"] for r in part] == [r["step"] for r in full] == list(range(2, 13, 2))
@@ -82,7 +82,7 @@ def test_resume_on_a_corpus_is_exact(tmp_path):
 def test_resume_refuses_a_corpus_whose_chars_vocabulary_changed(tmp_path):
     corpus = corpus_file(tmp_path)
     common = overrides(tmp_path, corpus, "training.max_steps=4", "logging.eval_freq=0")
-    run(compose_config([*common, "+training.stop_at_step=2"]))
+    run(compose_config([*common, "training.stop_at_step=2"]))
     corpus.write_text(corpus.read_text().replace("c", "k"))   # same size, one character fewer
     with pytest.raises(Exception, match="vocab_size|tokenizer"):
         run(compose_config([*common, "training.resume=latest"]))

@@ -48,7 +48,7 @@ def test_stop_and_resume_gives_the_same_losses_as_one_run(data_dir, tmp_path):
     # 5: exactly one epoch of 5 batches; 7: mid-epoch and mid-log-window (log_freq 2)
     for stop in (5, 7):
         part = tmp_path / f"part{stop}"
-        run(compose_cfg([*common(data_dir, steps), f"+training.stop_at_step={stop}", f"logging.save_dir={part}"]))
+        run(compose_cfg([*common(data_dir, steps), f"training.stop_at_step={stop}", f"logging.save_dir={part}"]))
         assert (part / f"step_{stop:07d}").is_dir()
         assert max(r["step"] for r in read_log(part)) < stop + 1
         run(compose_cfg([*common(data_dir, steps), "training.resume=latest", f"logging.save_dir={part}"]))

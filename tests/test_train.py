@@ -37,7 +37,7 @@ def test_resume_is_exact_on_synthetic_data(tmp_path, optimizer):
     common = ["experiment=struct", *TINY, "training.max_steps=12", "logging.log_freq=2",
               "logging.eval_freq=0", "optimizer.warmup_steps=4", f"optimizer={optimizer}"]
     run(compose_cfg([*common, f"logging.save_dir={tmp_path / 'full'}"]))
-    run(compose_cfg([*common, "+training.stop_at_step=6", f"logging.save_dir={tmp_path / 'part'}"]))
+    run(compose_cfg([*common, "training.stop_at_step=6", f"logging.save_dir={tmp_path / 'part'}"]))
     assert (tmp_path / "part" / "step_0000006").is_dir()
     run(compose_cfg([*common, "training.resume=latest", f"logging.save_dir={tmp_path / 'part'}"]))
     full, part = read_log(tmp_path / "full"), read_log(tmp_path / "part")

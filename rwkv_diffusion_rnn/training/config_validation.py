@@ -7,10 +7,15 @@ values that cannot work together, e.g. an unknown mixer, a ``block_size`` that d
 
 from __future__ import annotations
 
+import difflib
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+# The Hydra configs: the primary rwkv_mmdit.yaml and one folder per config group.
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 
 class ConfigError(ValueError):
@@ -49,6 +54,48 @@ def _first_latent_dim(cfg: DictConfig):
     return None
 
 
+def _leaf_keys(node, prefix: str = "") -> set:
+    out = set()
+    for k, v in node.items():
+        key = f"{prefix}{k}"
+        out |= _leaf_keys(v, key + ".") if isinstance(v, dict) and v else {key}
+    return out
+
+
+@lru_cache(maxsize=None)
+def known_keys(config_dir: str = CONFIG_DIR) -> frozenset:
+    """Every key some file of the config tree sets: the keys the project reads. A group file
+    (``model/scratch.yaml``) sets keys under its group unless it is ``@package _global_``."""
+    root = Path(config_dir)
+    keys = set()
+    for file in root.rglob("*.yaml"):
+        node = OmegaConf.to_container(OmegaConf.load(file), resolve=False) or {}
+        node = {k: v for k, v in node.items() if k not in ("defaults", "hydra")}
+        group = file.parent.relative_to(root).as_posix()
+        is_global = file.parent == root or "@package _global_" in file.read_text(encoding="utf-8")[:500]
+        keys |= _leaf_keys(node, "" if is_global else group.replace("/", ".") + ".")
+    return frozenset(keys)
+
+
+def check_known_keys(cfg: DictConfig, config_dir: str = CONFIG_DIR) -> None:
+    """Refuses a key no config file defines, e.g. ``+training.max_step=3`` (the ``+`` form Hydra
+    suggests for a typo), which nothing would read."""
+    if not Path(config_dir).is_dir():
+        return
+    known = known_keys(config_dir)
+    prefixes = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
+    cfg_keys = _leaf_keys({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"})
+    for key in sorted(cfg_keys):
+        if key in known or any(key.startswith(k + ".") for k in known):
+            continue  # a known key whose value is itself a mapping
+        if key in prefixes:
+            continue  # an empty mapping under a known group
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"{key} is not a setting of this trainer (no file under {config_dir} defines it, "
+                          f"so nothing would read it){hint} Remove the override, or fix its name")
+
+
 def validate_config(cfg: DictConfig) -> None:
     from ..diffusion.continuous_diffusion import LATENT_SCHEDULES, TARGETS
     from ..diffusion.diffusion_process import LOSS_TYPES, NOISE_TYPES, SCHEDULES
@@ -60,6 +107,7 @@ def validate_config(cfg: DictConfig) -> None:
     from .builders import AUTOCAST_DTYPES, DATA_KINDS, DEVICES, denoiser_config, objective_config
     from .optimizer import OPTIMIZERS, SCHEDULES as LR_SCHEDULES
 
+    check_known_keys(cfg)
     m, tr, d = cfg.model, cfg.training, cfg.data
     _choice(cfg, "model.mixer", sorted(MIXERS))
     _choice(cfg, "model.time_conditioning", TIME_CONDITIONINGS)
@@ -132,6 +180,10 @@ def validate_config(cfg: DictConfig) -> None:
     std = m.pos_emb_init_std
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not std >= 0:
         raise ConfigError(f"model.pos_emb_init_std={std!r} must be a number >= 0 (0: zeros)")
+    mbs = tr.max_bad_steps
+    if not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 0:
+        raise ConfigError(f"training.max_bad_steps={mbs!r} must be an integer >= 0 (0: stop at the first "
+                          "non-finite loss or gradient)")
     if tr.ema_decay is not None and not 0 < tr.ema_decay < 1:
         raise ConfigError(f"training.ema_decay={tr.ema_decay} must be in (0, 1) or null")
     # the dataclasses' own checks (their messages name the config keys), before any data is read;
