@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a file: python rwkv_diffusion_rnn/train_
 import hydra
 from omegaconf import DictConfig
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+from rwkv_diffusion_rnn.training.config_validation import CONFIG_DIR  # noqa: E402
 
 
 def compose_config(overrides=()) -> DictConfig:
@@ -45,9 +45,14 @@ def main(cfg: DictConfig) -> None:
     from rwkv_diffusion_rnn.training.config_validation import ConfigError
     from rwkv_diffusion_rnn.data.data_simple import DataFormatError
     from rwkv_diffusion_rnn.weights.pretrained_rwkv import CheckpointError
+    from rwkv_diffusion_rnn.training.improved_trainer import TrainingDiverged
+    from rwkv_diffusion_rnn.training.run_lock import RunLockedError
     try:
         metrics = run(cfg)
-    except (ConfigError, DataFormatError, CheckpointError, FileNotFoundError, OSError) as e:
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except (ConfigError, DataFormatError, CheckpointError, RunLockedError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print("final metrics: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"

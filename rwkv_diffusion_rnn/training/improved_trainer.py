@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -33,22 +34,49 @@ from .builders import (autocast, build_data, build_latent_diffusion, build_model
                        build_optimizer_and_scheduler, build_text_diffusion, resolve_device, resolve_vocab)
 from .config_validation import validate_config
 from .ema import EMA
+from .run_lock import RunLock
 
 
 LOG_FILE = "train_log.jsonl"
+BAD_LOG_FILE = "train_log.bad.jsonl"     # damaged lines moved out of the log on resume
+# Settings a resumed run must share with its checkpoint: the weights' shapes, and the batches the
+# saved data position counts (another batch size would not continue the same epoch).
+RESUME_KEYS = ("model", "training.train_batch_size", "training.grad_accum_steps")
+
+
+class TrainingDiverged(RuntimeError):
+    """More than ``training.max_bad_steps`` steps in a row had a non-finite loss or gradient."""
 
 
 def read_train_log(save_dir) -> List[Dict[str, Any]]:
-    """The records of ``<save_dir>/train_log.jsonl``, one dict per logged step ([] if none)."""
+    """The records of ``<save_dir>/train_log.jsonl``, one dict per logged step ([] if none).
+    A line that is not JSON is skipped with a warning naming it."""
     log = Path(save_dir) / LOG_FILE
     if not log.exists():
         return []
-    return [json.loads(line) for line in log.read_text().splitlines()]
+    records = []
+    for i, line in enumerate(log.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{log} line {i} is not JSON and was skipped: {line[:80]!r}")
+    return records
+
+
+def json_safe(obj):
+    """``obj`` with non-finite floats as None, so that the text is valid JSON (no bare NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _empty_window() -> Dict[str, float]:
-    """Running sums of the steps since the last log record."""
-    return {"loss": 0.0, "text_loss": 0.0, "latent_loss": 0.0, "n": 0, "tokens": 0}
+    """Running sums of the steps since the last log record (``skipped``: non-finite steps)."""
+    return {"loss": 0.0, "text_loss": 0.0, "latent_loss": 0.0, "n": 0, "tokens": 0, "skipped": 0}
 
 
 class Trainer:
@@ -64,6 +92,9 @@ class Trainer:
         self.synthetic = cfg.data.kind == "synthetic"
         self.data = build_data(cfg)
         resolve_vocab(cfg, self.data)       # vocab_size / mask_id follow the tokenizer
+        check_vocab = getattr(self.data, "check_vocab", None)
+        if check_vocab is not None:         # token files on disk: ids checked against the vocabulary
+            check_vocab(int(cfg.model.vocab_size), int(cfg.model.mask_id))
         self.tokenizer = getattr(self.data, "tokenizer", None)
         self.model = build_model(cfg).to(self.device)
         self.text_diff = build_text_diffusion(cfg)
@@ -79,8 +110,12 @@ class Trainer:
         self.saved_step = None            # the step of the newest checkpoint of this run
         self.metrics: Dict[str, Any] = {}
         self.window = _empty_window()
+        self.bad_steps = 0                # consecutive steps skipped for a non-finite loss / gradient
+        self.pending_record = None        # the last step's log record, written after its evaluation
+        self.lock = RunLock(self.save_dir)
         self.stop_requested = False
         self.wandb = None
+        self.resumed_from = None
         if tr.resume:
             self._resume(tr.resume)
         self.config_dict = OmegaConf.to_container(cfg, resolve=True)
@@ -98,9 +133,12 @@ class Trainer:
 
     def _trainer_state(self) -> Dict[str, Any]:
         data_state, _ = self.data.state()
-        return {"global_step": self.global_step, "epoch": self.data.epoch, "data": data_state,
-                "window": dict(self.window), "metrics": self.metrics,
-                "backbone_trainable": any(p.requires_grad for p in self.model.backbone.parameters())}
+        state = {"global_step": self.global_step, "epoch": self.data.epoch, "data": data_state,
+                 "window": dict(self.window), "metrics": json_safe(self.metrics), "bad_steps": self.bad_steps,
+                 "backbone_trainable": any(p.requires_grad for p in self.model.backbone.parameters())}
+        if self.pending_record is not None:
+            state["pending_record"] = json_safe(self.pending_record)
+        return state
 
     def save(self, name: str) -> Path:
         _, tensors = self.data.state()
@@ -123,7 +161,7 @@ class Trainer:
         if saved_cfg_path.exists():
             saved = OmegaConf.to_container(OmegaConf.load(saved_cfg_path), resolve=False)
             current = OmegaConf.to_container(self.cfg, resolve=False)
-            ckpt.check_config_compatible(saved, current, keys=("model",))
+            ckpt.check_config_compatible(saved, current, keys=RESUME_KEYS, checkpoint=path)
         saved_tok, tok = ckpt.read_tokenizer_spec(path), self._tokenizer_spec()
         if saved_tok is not None and saved_tok != tok:
             raise ckpt.CheckpointError(
@@ -137,32 +175,70 @@ class Trainer:
         if state.get("backbone_trainable"):
             self.model.set_backbone_trainable(True)
         self.global_step = self.saved_step = int(state["global_step"])
-        self.window = state.get("window", self.window)
+        self.window = dict(_empty_window(), **state.get("window", {}))
         self.metrics = state.get("metrics", {})
-        self.data.load(state.get("data", {}), tensors)
+        self.bad_steps = int(state.get("bad_steps", 0))
+        self.pending_record = state.get("pending_record")
+        try:
+            self.data.load(state.get("data", {}), tensors)
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"training.resume={resume} ({path}): {e}") from None
         self.noise_gen.set_state(tensors["noise_rng"])
-        self._truncate_log(self.global_step)
+        self.resumed_from = path
         print(f"resumed from {path} at step {self.global_step}")
 
+    def _claim_save_dir(self):
+        """Takes the run folder's lock; a fresh run refuses a folder that holds another run."""
+        self.lock.acquire()
+        if self.resumed_from is not None:
+            self._truncate_log(self.global_step)
+            return
+        found = ckpt.list_checkpoints(self.save_dir)
+        if found:
+            self.lock.release()
+            raise ckpt.CheckpointError(
+                f"logging.save_dir={self.save_dir} already holds a run (checkpoints up to {found[-1].name}); "
+                "a new run there would overwrite it. Continue it with training.resume=latest, or write "
+                "this run into another logging.save_dir")
+        log = self.save_dir / LOG_FILE
+        if log.exists() and log.stat().st_size:     # a run killed before its first checkpoint
+            aside = log.with_name(f"train_log.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            os.replace(log, aside)
+            print(f"{log} of an earlier run that wrote no checkpoint moved to {aside}")
+
     def _truncate_log(self, step: int):
-        """Drops log lines written after the checkpoint we resume from (a killed run's tail)."""
+        """Drops log lines written after the checkpoint we resume from (a killed run's tail). A
+        damaged line in the middle is moved to train_log.bad.jsonl and the records after it kept."""
         log = self.save_dir / LOG_FILE
         if not log.exists():
             return
-        keep = []
-        for line in log.read_text().splitlines():
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        keep, bad = [], []
+        for i, line in enumerate(lines, 1):
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
+                record = json.loads(line)
             except json.JSONDecodeError:
-                break  # a line cut by the kill
+                if i < len(lines):          # the last line may be cut by the kill; others are damage
+                    bad.append((i, line))
+                continue
+            if record.get("step", 0) <= step:
+                keep.append(line)
+        if self.pending_record is not None and any(
+                json.loads(line).get("step") == self.pending_record.get("step") for line in keep):
+            self.pending_record = None      # the final record was written before the run ended
+        if bad:
+            with open(self.save_dir / BAD_LOG_FILE, "a", encoding="utf-8") as f:
+                f.writelines(f"{line}\n" for _, line in bad)
+            print(f"{log}: line{'s' if len(bad) > 1 else ''} {', '.join(str(i) for i, _ in bad)} "
+                  f"{'are' if len(bad) > 1 else 'is'} not JSON; moved to {self.save_dir / BAD_LOG_FILE}, "
+                  "the records after kept")
         tmp = log.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
         os.replace(tmp, log)
 
     def _log(self, record: Dict[str, Any]):
-        with open(self.save_dir / LOG_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(self.save_dir / LOG_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 
@@ -287,38 +363,67 @@ class Trainer:
             return True
         return not self.synthetic and tr.num_epochs is not None and self.data.epoch >= tr.num_epochs
 
-    def _accumulate(self, batch) -> None:
-        """Forward and backward of one micro-batch; its losses go into the log window."""
+    def _accumulate(self, batch, step_sums: Dict[str, float]) -> None:
+        """Forward and backward of one micro-batch; its losses go into this step's sums."""
         accum = self.cfg.training.grad_accum_steps
         loss, st = self.compute_loss(batch)
         (loss / accum).backward()
-        w = self.window
-        w["text_loss"] += st["text_loss"] / accum
-        w["latent_loss"] += st["latent_loss"] / accum
-        w["loss"] += float(loss.detach()) / accum
-        w["tokens"] += st["tokens"]
+        step_sums["text_loss"] += st["text_loss"] / accum
+        step_sums["latent_loss"] += st["latent_loss"] / accum
+        step_sums["loss"] += float(loss.detach()) / accum
+        step_sums["tokens"] += st["tokens"]
 
-    def _optimizer_step(self):
-        """Clip, step the optimizer, LR schedule and EMA. Returns (grad norm, LR of the step)."""
+    def _optimizer_step(self, step_sums: Dict[str, float]):
+        """Clip, step the optimizer, LR schedule and EMA. Returns (grad norm, LR of the step).
+
+        A step whose loss or gradient norm is not finite changes no weight, optimizer moment or
+        EMA (the LR schedule still advances, so it stays a function of the step); more than
+        ``training.max_bad_steps`` of them in a row stop the run (:class:`TrainingDiverged`)."""
         clip = self.cfg.training.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.grad is not None], clip if clip else float("inf"))
-        self.optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.grad is not None], clip if clip else float("inf")))
+        finite = math.isfinite(step_sums["loss"]) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         g0 = self.optimizer.param_groups[0]
         lr = g0["lr"] / g0.get("lr_mult", 1.0)
         self.scheduler.step()
-        if self.ema:
+        if finite and self.ema:
             self.ema.update(self.model)
         self.global_step += 1
-        self.window["n"] += 1
-        return float(grad_norm), lr
+        if finite:
+            self.bad_steps = 0
+            for key in ("loss", "text_loss", "latent_loss", "tokens"):
+                self.window[key] += step_sums[key]
+            self.window["n"] += 1
+        else:
+            self.bad_steps += 1
+            self.window["skipped"] += 1
+            self._bad = f"loss {step_sums['loss']}, gradient norm {grad_norm}"
+            if not self._diverged():
+                print(f"step {self.global_step}: {self._bad}: the update is skipped ({self.bad_steps} in a "
+                      f"row; training.max_bad_steps={self.cfg.training.max_bad_steps})")
+        return grad_norm, lr
+
+    def _diverged(self) -> bool:
+        return self.bad_steps > self.cfg.training.max_bad_steps
+
+    def _stop_diverged(self):
+        limit = self.cfg.training.max_bad_steps
+        last = ckpt.latest_checkpoint(self.save_dir)
+        good = (f"the last checkpoint, {last}, holds finite weights: resume from it with "
+                f"training.resume={last}" if last else "no checkpoint was written before")
+        raise TrainingDiverged(
+            f"training diverged at step {self.global_step}: {self._bad}, {self.bad_steps} steps in a row "
+            f"(more than training.max_bad_steps={limit}); {good} and a lower optimizer.lr, a "
+            "training.grad_clip, or fp32 (training.dtype). No checkpoint was written from these weights.")
 
     def _eval_step(self) -> Dict[str, float]:
         """Evaluates when ``logging.eval_freq`` (or the last step) says so; {} otherwise."""
         lg, step = self.cfg.logging, self.global_step
-        if not lg.eval_freq or not (step % lg.eval_freq == 0 or self._done()):
-            return {}
+        if not lg.eval_freq or step % lg.eval_freq or self._done():
+            return {}  # the last step is evaluated by _finish, after its checkpoint
         ev = self.evaluate()
         self.metrics.update(ev)
         self.metrics["step"] = step
@@ -329,26 +434,39 @@ class Trainer:
         step = self.global_step
         if pbar is not None:
             pbar.update(1)
-        if not (step % self.cfg.logging.log_freq == 0 or evals or self._done()):
+        if not (step % self.cfg.logging.log_freq == 0 or evals or self._done() or self._diverged()):
             return
         now = time.perf_counter()
         w, n = self.window, max(self.window["n"], 1)
-        rec = {"step": step, "epoch": epoch, "loss": w["loss"] / n, "text_loss": w["text_loss"] / n,
-               "latent_loss": w["latent_loss"] / n, "lr": lr, "grad_norm": grad_norm,
+        rec = {"step": step, "epoch": epoch, "loss": w["loss"] / n if w["n"] else None,
+               "text_loss": w["text_loss"] / n if w["n"] else None,
+               "latent_loss": w["latent_loss"] / n if w["n"] else None, "lr": lr, "grad_norm": grad_norm,
                "tokens_per_s": w["tokens"] / max(now - self._t_window, 1e-9), **evals}
-        self._log(rec)
-        if pbar is not None:
+        if w["skipped"]:
+            rec["skipped_steps"] = w["skipped"]
+        if self._done() and not self._diverged():
+            self.pending_record = rec       # written by _finish with the final evaluation
+        else:
+            self._log(rec)
+        if pbar is not None and rec["loss"] is not None:
             pbar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         self.window = _empty_window()
         self._t_window = time.perf_counter()
+
+    def _can_save_periodic(self) -> bool:
+        """No periodic checkpoint while steps are being skipped: its weights give non-finite
+        losses, and with logging.keep_last it would push out the last good checkpoint."""
+        if self.bad_steps:
+            print(f"step {self.global_step}: checkpoint not written ({self.bad_steps} non-finite steps in a row)")
+        return not self.bad_steps
 
     def _save_step(self) -> bool:
         """Checkpoints due after a step: every ``logging.save_every`` steps, and on a requested
         stop. True when the run should stop."""
         lg, step = self.cfg.logging, self.global_step
-        stop_at = self.cfg.training.get("stop_at_step")
+        stop_at = self.cfg.training.stop_at_step
         stop = self.stop_requested or bool(stop_at and step >= stop_at)
-        if (lg.save_every and step % lg.save_every == 0) or stop:
+        if (lg.save_every and step % lg.save_every == 0 and self._can_save_periodic()) or stop:
             self.save(ckpt.step_dir_name(step))
         if stop:
             print(f"stopped at step {step}; resume with training.resume=latest logging.save_dir={self.save_dir}")
@@ -356,8 +474,18 @@ class Trainer:
 
     def train(self) -> Dict[str, Any]:
         """Trains to ``training.max_steps`` / ``num_epochs``; returns the final metrics."""
+        self._claim_save_dir()
+        try:
+            return self._train()
+        finally:
+            self.lock.release()
+
+    def _train(self) -> Dict[str, Any]:
         tr, lg = self.cfg.training, self.cfg.logging
         self._init_wandb()
+        if self.pending_record is not None and not self._done():
+            # resumed from a finished run's last checkpoint to train further: its record first
+            self._write_pending_record()
         old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.model.train()
         pbar = None
@@ -371,21 +499,25 @@ class Trainer:
             while not self._done():
                 epoch = self.data.epoch
                 self._maybe_unfreeze(epoch)
+                step_sums = _empty_window()
                 for batch in self.data.epoch_batches():
-                    self._accumulate(batch)
+                    self._accumulate(batch, step_sums)
                     micro += 1
                     if micro < tr.grad_accum_steps:
                         continue
                     micro = 0
-                    grad_norm, lr = self._optimizer_step()
+                    grad_norm, lr = self._optimizer_step(step_sums)
+                    step_sums = _empty_window()
                     evals = self._eval_step()
                     self._log_step(epoch, grad_norm, lr, evals, pbar)
+                    if self._diverged():
+                        self._stop_diverged()
                     if self._save_step():
                         return self.metrics
                     if self._done():
                         break
                 epoch_finished = self.data.epoch != epoch or self.data.at_epoch_end
-                if epoch_finished and lg.save_epochs:
+                if epoch_finished and lg.save_epochs and self._can_save_periodic():
                     self.save(ckpt.epoch_dir_name(epoch))
         finally:
             if pbar is not None:
@@ -394,16 +526,28 @@ class Trainer:
                 signal.signal(s, h)
         return self._finish(epoch)
 
+    def _write_pending_record(self) -> None:
+        """The last step's log record, with the evaluation of that step."""
+        if self.metrics.get("step") != self.global_step:
+            self.metrics.update(self.evaluate())
+            self.metrics["step"] = self.global_step
+        evals = {k: v for k, v in self.metrics.items() if k not in ("step", "epoch")}
+        self._log(dict(self.pending_record, **evals))
+        self.pending_record = None
+
     def _finish(self, epoch: int) -> Dict[str, Any]:
-        """The last evaluation, the checkpoint of the last step, and ``metrics.json``."""
+        """The checkpoint of the last step, then the last evaluation (so that an evaluation that
+        fails loses no training), the last log record and ``metrics.json``."""
+        if self.global_step and self.saved_step != self.global_step:
+            self.save(ckpt.step_dir_name(self.global_step))
         if self.metrics.get("step") != self.global_step:  # not already evaluated at this step
             self.metrics.update(self.evaluate())
         self.metrics["step"] = self.global_step
         self.metrics["epoch"] = epoch
-        if self.global_step and self.saved_step != self.global_step:
-            self.save(ckpt.step_dir_name(self.global_step))
+        if self.pending_record is not None:
+            self._write_pending_record()
         tmp = self.save_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(self.metrics, indent=2))
+        tmp.write_text(json.dumps(json_safe(self.metrics), indent=2, allow_nan=False))
         os.replace(tmp, self.save_dir / "metrics.json")
         if self.wandb is not None:
             self.wandb.summary.update(self.metrics)
