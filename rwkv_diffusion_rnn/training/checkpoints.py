@@ -21,15 +21,28 @@ Saving writes into ``<save_dir>/.tmp-<name>-<pid>``, fsyncs, then renames the di
 ``<name>``. A directory under a checkpoint name is therefore always complete, and a run killed
 mid-save leaves the previous checkpoint untouched. Leftover ``.tmp-*`` directories are removed by
 the next save (``clean_save_dir``). Only one process (rank 0) should save into a save_dir.
+
+Nothing lost, nothing silently wrong:
+
+* a failed write (a full disk above all) removes the temp directory and raises
+  CheckpointWriteError naming the save_dir, the file and the newest intact checkpoint;
+* weights holding NaN/inf are refused before writing (NonFiniteError); every manifest records
+  ``"finite": true`` and keep_last never prunes the newest checkpoint so recorded;
+* a directory under the name being saved that has no manifest is moved aside to
+  ``<name>.incomplete-<unix time>``, not deleted, and ``resolve_resume("latest")`` refuses to
+  skip a newer-looking ``step_*``/``epoch_*`` directory without a readable manifest;
+* ``read_saved_config`` checks config.yaml against the manifest before parsing it.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 import warnings
@@ -41,10 +54,23 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..weights.pretrained_rwkv import CheckpointError
+from ..weights.pretrained_rwkv import CheckpointError, _first_line, unsafe_pickle_reason
+
+
+class NonFiniteError(CheckpointError):
+    """save_checkpoint refused weights holding NaN or inf; nothing was written."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (no space left, a read-only or vanished save_dir, ...). The
+    half-written directory is removed and no existing checkpoint is touched. Also an OSError so
+    that code catching disk errors still catches it; ``errno`` is the failure's when known."""
+
 
 __all__ = [
     "CheckpointError",
+    "NonFiniteError",
+    "CheckpointWriteError",
     "epoch_dir_name",
     "step_dir_name",
     "save_checkpoint",
@@ -55,6 +81,8 @@ __all__ = [
     "resolve_resume",
     "check_config_compatible",
     "load_config",
+    "read_saved_config",
+    "parse_config_file",
     "read_trainer_state",
     "clean_save_dir",
 ]
@@ -77,6 +105,8 @@ STATE_DICT_PARTS = (("optimizer", "optimizer.pt"), ("scheduler", "scheduler.pt")
 
 # Prefixes of the working directories inside save_dir (never listed as checkpoints).
 _TMP, _OLD, _TRASH = ".tmp-", ".old-", ".trash-"
+# Suffix of a same-named directory without a manifest that a save moved aside (kept, listed nowhere).
+_INCOMPLETE = ".incomplete-"
 
 
 def epoch_dir_name(epoch: int) -> str:
@@ -107,9 +137,15 @@ def save_checkpoint(
 ) -> Path:
     """Write a complete checkpoint to ``<save_dir>/<name>`` atomically and return its path.
 
-    An existing ``<name>`` is replaced. ``trainer_state`` must be JSON-serialisable (tuples come
-    back as lists, dict keys as strings). ``keep_last=N`` then deletes the oldest complete
-    checkpoints in save_dir (by global_step) so that N remain, never the one just written.
+    An existing complete checkpoint ``<name>`` is replaced; an existing ``<name>`` without a
+    manifest is moved aside to ``<name>.incomplete-<unix time>`` (with a warning), never deleted.
+    ``trainer_state`` must be JSON-serialisable (tuples come back as lists, dict keys as strings).
+    ``keep_last=N`` then deletes the oldest complete checkpoints in save_dir (by global_step) so
+    that N remain, never the one just written nor the newest one recorded finite.
+
+    Raises NonFiniteError (nothing written) when a floating tensor of the model or EMA is NaN or
+    inf, and CheckpointWriteError (the half-written directory removed, nothing existing touched)
+    when writing fails, e.g. for lack of disk space.
     """
     save_dir = Path(save_dir)
     if not name or name != Path(name).name or name.startswith("."):
@@ -120,6 +156,10 @@ def save_checkpoint(
         raise TypeError(f"trainer_state must be a dict, got {type(trainer_state).__name__}")
 
     # Everything that can be refused is checked before the first byte is written.
+    model, ema = _unwrap(model), (_unwrap(ema) if ema is not None else None)
+    for module, where in ((model, "model"), (ema, "ema")):
+        if module is not None:
+            _check_weights(module.state_dict(), where, save_dir, name)
     state_text = _to_json(trainer_state, "trainer_state")
     metrics_text = _to_json(trainer_state["metrics"], "trainer_state['metrics']") if "metrics" in trainer_state else None
     config_text = _config_yaml(config) if config is not None else None
@@ -137,42 +177,65 @@ def save_checkpoint(
         pt_parts[EXTRA_FILE] = extra_tensors
     pt_parts[RNG_FILE] = _rng_state()
 
+    # (file name, writer) in the order written; the manifest comes last, after all of them.
+    writers = [(MODEL_FILE, lambda f: _save_weights(f, model, "model"))]
+    if ema is not None:
+        writers.append((EMA_FILE, lambda f: _save_weights(f, ema, "ema")))
+    writers += [(fname, lambda f, obj=obj: torch.save(obj, f)) for fname, obj in pt_parts.items()]
+    for fname, text in ((STATE_FILE, state_text), (CONFIG_FILE, config_text), (METRICS_FILE, metrics_text),
+                        (TOKENIZER_FILE, tokenizer_text)):
+        if text is not None:
+            writers.append((fname, lambda f, text=text: f.write_text(text, encoding="utf-8")))
+    meta = {"name": name, "global_step": trainer_state.get("global_step"), "epoch": trainer_state.get("epoch")}
+
     save_dir.mkdir(parents=True, exist_ok=True)
     clean_save_dir(save_dir)
-    final = save_dir / name
     tmp = save_dir / f"{_TMP}{name}-{os.getpid()}"
-    tmp.mkdir()
+    _write_tmp(tmp, writers, meta, save_dir, name)
+    final = _move_into_place(tmp, save_dir, name)
+    if keep_last is not None:
+        _prune(save_dir, keep_last, final)
+    return final
+
+
+def _write_tmp(tmp: Path, writers: list, meta: dict, save_dir: Path, name: str) -> None:
+    """Write every file and then the manifest into ``tmp``; on failure remove ``tmp`` and raise
+    CheckpointWriteError (a KeyboardInterrupt and the like pass through unchanged)."""
+    writing = tmp
     try:
+        tmp.mkdir()
         files: dict[str, dict] = {}
-        _save_weights(tmp / MODEL_FILE, _unwrap(model), "model")
-        files[MODEL_FILE] = _record(tmp / MODEL_FILE)
-        if ema is not None:
-            _save_weights(tmp / EMA_FILE, _unwrap(ema), "ema")
-            files[EMA_FILE] = _record(tmp / EMA_FILE)
-        for fname, obj in pt_parts.items():
-            torch.save(obj, tmp / fname)
-            files[fname] = _record(tmp / fname)
-        for fname, text in ((STATE_FILE, state_text), (CONFIG_FILE, config_text), (METRICS_FILE, metrics_text),
-                            (TOKENIZER_FILE, tokenizer_text)):
-            if text is not None:
-                (tmp / fname).write_text(text, encoding="utf-8")
-                files[fname] = _record(tmp / fname)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "name": name,
-            "global_step": trainer_state.get("global_step"),
-            "epoch": trainer_state.get("epoch"),
-            "created_unix": time.time(),
-            "files": files,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _record(tmp / MANIFEST)
+        for fname, write in writers:
+            writing = tmp / fname
+            write(writing)
+            files[fname] = _record(writing)
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "created_unix": time.time(),
+                    # save refuses non-finite weights, so every manifest written says so (see _prune)
+                    "finite": True, "files": files}
+        writing = tmp / MANIFEST
+        writing.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _record(writing)
         _fsync_dir(tmp)
+    except Exception as e:
+        free = _free_bytes(save_dir)  # measured before the partial files are removed
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(e, writing, save_dir, name, free) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+
+def _move_into_place(tmp: Path, save_dir: Path, name: str) -> Path:
+    final = save_dir / name
+    if final.exists() or final.is_symlink():
+        try:
+            _read_manifest(final)
+        except CheckpointError as e:
+            # Not a checkpoint this code wrote to completion, but maybe data someone needs: keep it.
+            aside = _aside_name(save_dir, name)
+            os.replace(final, aside)
+            warnings.warn(f"{final} was not a complete checkpoint ({e}); it was moved aside to {aside} "
+                          f"instead of being replaced. Delete it once you know it is not needed.", stacklevel=3)
     if final.exists():
         # A non-empty directory cannot be renamed over: move the old one aside first. A kill
         # between the two renames leaves it under .old-*, which clean_save_dir puts back.
@@ -184,10 +247,128 @@ def save_checkpoint(
     else:
         os.replace(tmp, final)
         _fsync_dir(save_dir)
-
-    if keep_last is not None:
-        _prune(save_dir, keep_last, final)
     return final
+
+
+def _aside_name(save_dir: Path, name: str) -> Path:
+    """``<name>.incomplete-<unix time>``: not dot-prefixed, so clean_save_dir never deletes it."""
+    stamp = int(time.time())
+    aside, n = save_dir / f"{name}{_INCOMPLETE}{stamp}", 1
+    while aside.exists() or aside.is_symlink():
+        aside, n = save_dir / f"{name}{_INCOMPLETE}{stamp}-{n}", n + 1
+    return aside
+
+
+def _check_weights(state: dict, where: str, save_dir: Path, name: str) -> None:
+    """Refuse, before writing, entries safetensors cannot store and any NaN / inf weight.
+
+    One isfinite-reduction per floating tensor, all queued before the first result is read, so a
+    GPU model syncs once; tensors tied together are checked once."""
+    flags, seen = [], set()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{where}.state_dict() entry {key!r} is a {type(value).__name__}; "
+                            f"{where} weights are stored in safetensors, which holds tensors only")
+        if value.device.type == "meta":
+            raise ValueError(f"{where}.state_dict() entry {key!r} is on the meta device and has no data to save")
+        view = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if (value.is_floating_point() or value.is_complex()) and view not in seen:
+            seen.add(view)
+            flags.append((key, value, torch.isfinite(value).all()))
+    for key, value, finite in flags:
+        if not bool(finite):
+            bad = int((~torch.isfinite(value)).sum())
+            raise NonFiniteError(
+                f"refusing to save checkpoint {name} in {save_dir}: {where} tensor {key!r} holds {bad} NaN/inf "
+                f"values of {value.numel()}, and a checkpoint of non-finite weights cannot be trained on. "
+                f"{_sentence(_previous_clause(save_dir))}. The run has diverged: resume from an intact checkpoint with a "
+                "lower learning rate, training.grad_clip, or fp32 (training.dtype)."
+            )
+
+
+# Text of errors that mean the disk (or quota, or file size limit) is full.
+_NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NO_SPACE_TEXT = ("no space left", "disk quota exceeded", "file too large")
+# torch.save's zip writer reports a failed write without its cause.
+_ZIP_WRITER_TEXT = ("unexpected pos", "pytorchstreamwriter failed")
+
+
+def _write_error(e: Exception, file: Path, save_dir: Path, name: str, free: int | None) -> CheckpointWriteError:
+    """The CheckpointWriteError for ``e`` raised while writing ``file``."""
+    kind, code = _failure_kind(e)
+    space = f"{_show_bytes(free)} free" if free is not None else "free space unknown"
+    cause = f"writing {file} failed ({_first_line(e)})"
+    if kind == "unclear" and free is not None and free < _LOW_SPACE:
+        kind, code = "no_space", code or errno.ENOSPC
+    if kind == "no_space":
+        head = f"no space left on {save_dir}; {_previous_clause(save_dir)}"
+        fix = ("Free disk space (or lower logging.keep_last, or set logging.save_dir to a larger disk), then "
+               "resume with training.resume=latest.")
+        text = f"cannot save checkpoint {name}: {head} ({cause}; {space}). {fix}"
+    else:
+        unclear = " (torch's writer does not say why)" if kind == "unclear" else ""
+        text = (f"cannot save checkpoint {name}: {cause}{unclear}; {space} on {save_dir}. "
+                f"{_sentence(_previous_clause(save_dir))}. Check that logging.save_dir is writable and has room, "
+                "then resume with training.resume=latest.")
+    err = CheckpointWriteError(text)
+    err.errno = code
+    return err
+
+
+def _failure_kind(e: BaseException) -> tuple[str, int | None]:
+    """("no_space" | "unclear" | "other", errno) for a write failure, following __cause__."""
+    seen = set()
+    kind, code = "other", None
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e).lower()
+        if isinstance(e, OSError) and e.errno is not None:
+            code = code or e.errno
+            if e.errno in _NO_SPACE_ERRNOS:
+                return "no_space", e.errno
+        if any(t in text for t in _NO_SPACE_TEXT):  # safetensors' error carries the OS text only
+            return "no_space", code or errno.ENOSPC
+        if any(t in text for t in _ZIP_WRITER_TEXT):
+            kind = "unclear"
+        e = e.__cause__ or e.__context__
+    return kind, code
+
+
+# Below this much free space an unexplained write failure is reported as a full disk.
+_LOW_SPACE = 16 << 20
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+def _show_bytes(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"
+
+
+def _previous_clause(save_dir: Path) -> str:
+    """ "the previous checkpoint <path> is intact" (the newest that verifies), or why there is none."""
+    ckpts = list_checkpoints(save_dir)
+    for candidate in reversed(ckpts):
+        try:
+            _verify(candidate)
+        except (CheckpointError, OSError):
+            continue
+        return f"the previous checkpoint {os.path.abspath(candidate)} is intact"
+    if ckpts:
+        return f"no earlier checkpoint in {save_dir} verifies against its manifest"
+    return "no earlier checkpoint exists"
+
+
+def _sentence(clause: str) -> str:
+    return clause[:1].upper() + clause[1:]
 
 
 def clean_save_dir(save_dir) -> None:
@@ -219,13 +400,29 @@ def clean_save_dir(save_dir) -> None:
 
 
 def _prune(save_dir: Path, keep_last: int, just_written: Path) -> None:
+    """Delete the oldest checkpoints beyond ``keep_last``, sparing two: the one just written and
+    the newest one whose manifest records ``"finite": true`` (so keep_last=1 can leave two when
+    the one just written is older by global_step). Manifests without the key (written before
+    it existed) count as unknown: they are pruned by age as before."""
     ckpts = list_checkpoints(save_dir)
+    spared = {just_written.name}
+    finite = [p for p in ckpts if _manifest_says_finite(p)]
+    if finite:
+        spared.add(finite[-1].name)
     n_drop = len(ckpts) - keep_last
-    for path in [p for p in ckpts[:max(n_drop, 0)] if p.name != just_written.name]:
+    for path in [p for p in ckpts[:max(n_drop, 0)] if p.name not in spared]:
         # Rename first so that a kill during rmtree never leaves a half-deleted checkpoint.
         trash = save_dir / f"{_TRASH}{path.name}-{os.getpid()}"
         os.replace(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+
+def _manifest_says_finite(path: Path) -> bool:
+    try:
+        return _read_manifest(path).get("finite") is True
+    except CheckpointError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,13 +494,62 @@ def read_trainer_state(path) -> dict:
 
 
 def load_config(path) -> dict | None:
-    """The run config stored in a checkpoint as a plain dict, or None when it has none."""
+    """The run config stored in a checkpoint as a plain dict, or None when it has none.
+
+    Not verified against the manifest (read_saved_config is); a config.yaml that does not parse
+    is a CheckpointError naming the file."""
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         return None
+    return _config_container(parse_config_file(file), file, resolve=True)
+
+
+def read_saved_config(path, resolve: bool = True) -> dict | None:
+    """The run config of the checkpoint at ``path`` as a plain dict, checked before it is parsed:
+    the manifest, every file's size and config.yaml's sha256 (the full check of the other files
+    is load_checkpoint's). None when the manifest lists no config.yaml. Any problem, invalid
+    YAML included, is a CheckpointError naming the file (and, for damage, an intact checkpoint)."""
+    path = Path(path)
+    try:
+        manifest = _read_manifest(path)
+        _check_sizes(path, manifest)
+        if CONFIG_FILE not in manifest["files"]:
+            return None
+        _verify(path, only=(CONFIG_FILE,))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}\n{_intact_alternative(path)}") from None
+    file = path / CONFIG_FILE
+    return _config_container(parse_config_file(file), file, resolve=resolve)
+
+
+def parse_config_file(file):
+    """``OmegaConf.load(file)`` as a DictConfig; a file that is not a YAML mapping is a
+    CheckpointError naming it (yaml, omegaconf and decoding errors alike)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    file = Path(file)
+    try:
+        cfg = OmegaConf.load(file)
+    except Exception as e:  # yaml.YAMLError, UnicodeDecodeError, OSError("Invalid loaded object type")
+        raise CheckpointError(_bad_config(file, e)) from None
+    if not isinstance(cfg, DictConfig):
+        raise CheckpointError(_bad_config(file, TypeError(f"it holds a {type(cfg).__name__}, not a mapping")))
+    return cfg
+
+
+def _config_container(cfg, file: Path, resolve: bool) -> dict:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(file), resolve=True)
+    try:
+        return OmegaConf.to_container(cfg, resolve=resolve)
+    except Exception as e:  # an interpolation that does not resolve
+        raise CheckpointError(_bad_config(file, e)) from None
+
+
+def _bad_config(file: Path, e: BaseException) -> str:
+    why = " ".join(str(e).split())  # yaml's messages span several lines
+    return (f"{file} is not a valid run config ({type(e).__name__}: {why}). Restore it from a copy, or "
+            "resume from an earlier checkpoint with training.resume=<its directory>.")
 
 
 def read_tokenizer_spec(path) -> dict | None:
@@ -368,32 +614,95 @@ def latest_checkpoint(save_dir) -> Path | None:
 def resolve_resume(resume: str, save_dir) -> Path:
     """Map ``training.resume`` to a checkpoint directory.
 
-    ``latest`` is the newest complete checkpoint under save_dir. Anything else is a path; a
-    bare name that does not exist where it is given is looked up inside save_dir.
+    ``latest`` is the newest complete checkpoint under save_dir; it is refused when a
+    checkpoint-named directory (step_*/epoch_*) that looks newer (a higher number of the same
+    kind, or a later mtime) has no readable manifest, since resuming would later overwrite it.
+    Anything else is a path; a bare name that does not exist where it is given is looked up
+    inside save_dir.
     """
     save_dir = Path(save_dir)
     resume = str(resume).strip()
     if resume == "latest":
-        path = latest_checkpoint(save_dir)
-        if path is None:
-            why = "holds no complete checkpoint" if save_dir.is_dir() else "does not exist"
-            raise CheckpointError(
-                f"training.resume=latest: {save_dir} {why}. Start without training.resume, "
-                f"or set training.resume=<checkpoint dir> and logging.save_dir to where the run saved."
-            )
-        return path
+        return _resolve_latest(save_dir)
     path = Path(resume).expanduser()
     if not path.exists() and not path.is_absolute() and (save_dir / resume).exists():
         path = save_dir / resume
+    if path.is_file():
+        raise CheckpointError(f"training.resume={resume}: {path} is a file, not a checkpoint directory. "
+                              f"{_parent_hint(path, save_dir)}")
     if not path.is_dir():
-        latest = latest_checkpoint(save_dir)
-        hint = f"The newest checkpoint in {save_dir} is {latest}." if latest else f"{save_dir} holds no complete checkpoint."
-        raise CheckpointError(f"training.resume={resume}: checkpoint directory {path} does not exist. {hint}")
+        raise CheckpointError(f"training.resume={resume}: checkpoint directory {path} does not exist. "
+                              f"{_latest_hint(save_dir)}")
     try:
         _check_sizes(path, _read_manifest(path))
     except CheckpointError as e:
         raise CheckpointError(f"training.resume={resume}: {e}\n{_intact_alternative(path)}") from None
     return path
+
+
+def _resolve_latest(save_dir: Path) -> Path:
+    path = latest_checkpoint(save_dir)
+    broken = _broken_newer(save_dir, path)
+    if broken:
+        listed = "; ".join(f"{d} ({why})" for d, why in broken)
+        example = f"mv {broken[0][0]} {broken[0][0]}.damaged"
+        if path is None:
+            raise CheckpointError(
+                f"training.resume=latest: {save_dir} holds no complete checkpoint, only checkpoint directories "
+                f"that are incomplete or damaged: {listed}. Restore them from a copy, or move them aside "
+                f"(e.g. {example}) and start without training.resume.")
+        raise CheckpointError(
+            f"training.resume=latest: the newest complete checkpoint is {path}, but the newer-looking {listed} "
+            f"cannot be used; resuming from {path} would later overwrite it. Either move the damaged directory "
+            f"aside (e.g. {example}) and rerun, or resume explicitly from the older one with "
+            f"training.resume={os.path.abspath(path)}.")
+    if path is None:
+        why = "holds no complete checkpoint" if save_dir.is_dir() else "does not exist"
+        raise CheckpointError(
+            f"training.resume=latest: {save_dir} {why}. Start without training.resume, "
+            f"or set training.resume=<checkpoint dir> and logging.save_dir to where the run saved."
+        )
+    return path
+
+
+_CKPT_NAME = re.compile(r"(step|epoch)_(\d+)")
+
+
+def _broken_newer(save_dir: Path, chosen: Path | None) -> list[tuple[Path, str]]:
+    """Checkpoint-named directories without a readable manifest that are newer than ``chosen``
+    (all of them when there is none), each with the reason."""
+    if not save_dir.is_dir():
+        return []
+    chosen_name = _CKPT_NAME.fullmatch(chosen.name) if chosen is not None else None
+    found = []
+    for d in sorted(save_dir.iterdir()):
+        m = _CKPT_NAME.fullmatch(d.name)
+        if m is None or not d.is_dir() or (chosen is not None and d.name == chosen.name):
+            continue
+        try:
+            _read_manifest(d)
+            continue
+        except CheckpointError as e:
+            why = str(e)
+        if chosen is not None:
+            by_number = (chosen_name is not None and chosen_name.group(1) == m.group(1)
+                         and int(m.group(2)) > int(chosen_name.group(2)))
+            if not (by_number or d.stat().st_mtime > chosen.stat().st_mtime):
+                continue
+        found.append((d, why))
+    return found
+
+
+def _parent_hint(file: Path, save_dir: Path) -> str:
+    parent = file.resolve().parent
+    if (parent / MANIFEST).is_file():
+        return f"Its folder {parent} is a checkpoint: resume from it with training.resume={parent}"
+    return _latest_hint(save_dir)
+
+
+def _latest_hint(save_dir: Path) -> str:
+    latest = latest_checkpoint(save_dir)
+    return f"The newest checkpoint in {save_dir} is {latest}." if latest else f"{save_dir} holds no complete checkpoint."
 
 
 def check_config_compatible(saved_config: dict, config: dict, keys=("model",), *, checkpoint=None) -> None:
@@ -629,10 +938,13 @@ def _check_sizes(path: Path, manifest: dict) -> None:
             )
 
 
-def _verify(path: Path) -> None:
+def _verify(path: Path, only=None) -> None:
+    """Manifest, sizes, then the sha256 of every file (or of the names in ``only``)."""
     manifest = _read_manifest(path)
     _check_sizes(path, manifest)
     for fname, entry in manifest["files"].items():
+        if only is not None and fname not in only:
+            continue
         file = path / fname
         digest = hashlib.sha256()
         with open(file, "rb") as f:
@@ -665,10 +977,13 @@ def _torch_load(file: Path, map_location) -> Any:
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
     except Exception as e:  # unpickling errors, a damaged zip archive, ...
+        refused = unsafe_pickle_reason(file, e)
+        if refused:
+            raise CheckpointError(f"{file} {refused}. Checkpoint files may hold only tensors and plain "
+                                  "Python values.") from e
         raise CheckpointError(
-            f"{file} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            "Checkpoint files may hold only tensors and plain Python values."
-        ) from e
+            f"{file} cannot be loaded ({_first_line(e)}): it is truncated or corrupted. Restore it from a "
+            "copy, or resume from an earlier checkpoint.") from e
 
 
 _SCALARS = (type(None), bool, int, float, complex, str, bytes)

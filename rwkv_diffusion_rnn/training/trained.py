@@ -56,7 +56,7 @@ def saved_config(path: Path, overrides: Sequence[str] = ()) -> DictConfig:
     if not file.is_file():
         raise ckpt.CheckpointError(f"{path} has no {ckpt.CONFIG_FILE}: the model and data it was trained on "
                                    "cannot be rebuilt; use a checkpoint the trainer wrote")
-    cfg = OmegaConf.load(file)
+    cfg = ckpt.parse_config_file(file)  # invalid YAML is a CheckpointError naming the file
     OmegaConf.set_struct(cfg, True)
     for item in overrides:
         key, sep, _ = item.partition("=")
