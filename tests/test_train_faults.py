@@ -238,3 +238,12 @@ def test_sigkills_at_random_moments_including_saves_still_resume_exactly(tmp_pat
     a = load_file(str(tmp_path / "full" / "step_0000014" / "model.safetensors"))
     b = load_file(str(part / "step_0000014" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_invalid_yaml_in_a_checkpoint_config_is_refused_by_name_on_resume(tmp_path):
+    common = [*TINY, "training.max_steps=4", f"logging.save_dir={tmp_path}"]
+    run(compose_config([*common, "training.stop_at_step=2"]))
+    cfg_file = tmp_path / "step_0000002" / "config.yaml"
+    cfg_file.write_text("model: [unclosed\n")
+    with pytest.raises(ckpt.CheckpointError, match="config.yaml"):
+        Trainer(compose_config([*common, "training.resume=latest"]))

@@ -157,9 +157,8 @@ class Trainer:
 
     def _resume(self, resume: str):
         path = ckpt.resolve_resume(str(resume), self.save_dir)
-        saved_cfg_path = path / "config.yaml"
-        if saved_cfg_path.exists():
-            saved = OmegaConf.to_container(OmegaConf.load(saved_cfg_path), resolve=False)
+        saved = ckpt.read_saved_config(path, resolve=False)     # verified before it is parsed
+        if saved is not None:
             current = OmegaConf.to_container(self.cfg, resolve=False)
             ckpt.check_config_compatible(saved, current, keys=RESUME_KEYS, checkpoint=path)
         saved_tok, tok = ckpt.read_tokenizer_spec(path), self._tokenizer_spec()
