@@ -15,9 +15,12 @@ directly instead of only through the scan from the prefix. A mixer (``causal``, 
 ``dw_jrt``, ``block_causal``) decides how the blocks read the sequence. Two heads: text logits at the text positions, and the latent prediction (eps, x0 or v)
 from the prefix positions.
 
-Build one with :func:`~rwkv_diffusion_rnn.weights.pretrained_rwkv.build_denoiser` (pretrained
-rwkv7 weights or sizes from scratch) or pass an :class:`~rwkv_diffusion_rnn.models.rwkv7.RWKV7`
-backbone directly.
+``arch`` names the network inside: ``rwkv7`` (the default) or ``transformer``, a bidirectional
+transformer baseline (:mod:`~rwkv_diffusion_rnn.models.transformer`) that gets the same prefix,
+conditioning and heads. Build one with
+:func:`~rwkv_diffusion_rnn.weights.pretrained_rwkv.build_denoiser` (pretrained rwkv7 weights or
+sizes from scratch) or pass a backbone (:class:`~rwkv_diffusion_rnn.models.rwkv7.RWKV7` or
+:class:`~rwkv_diffusion_rnn.models.transformer.Transformer`) directly.
 """
 
 from __future__ import annotations
@@ -30,14 +33,17 @@ import torch.nn as nn
 
 from .time_conditioning import AdaLNZero, FiLM, TimeConditioner
 from .mixers import MIXERS, Modulation, build_mixer, mixer_options
-from .rwkv7 import RWKV7, LayerState, RWKV7Config
+from .rwkv7 import RWKV7, LayerState
+from .transformer import ATTENTION_MIXERS, AttentionMixer, Transformer
 
 TIME_CONDITIONINGS = ("film", "adaln_zero", "none")
+ARCHS = {"rwkv7": RWKV7, "transformer": Transformer}     # model.arch -> the backbone's class
 
 
 @dataclass
 class DenoiserConfig:
     """Everything the denoiser needs besides its backbone."""
+    arch: str = "rwkv7"                 # the backbone's network (ARCHS)
     vocab_size: int = 65536
     mask_id: int = 65535
     latent_dim: int = 32
@@ -60,6 +66,15 @@ class DenoiserConfig:
     latent_in_cond: bool = False        # also add the latent's embedding to the conditioning vector
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"model.arch={self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.arch == "transformer":
+            if self.mixer not in ATTENTION_MIXERS:
+                raise ValueError(f"model.mixer={self.mixer!r} is an RWKV-7 scan order; model.arch=transformer "
+                                 f"attends to both sides at once: set model.mixer={ATTENTION_MIXERS[0]}")
+            if self.use_rwkv_lm_head:
+                raise ValueError("model.use_rwkv_lm_head=true reuses a pretrained RWKV-7 head; "
+                                 "model.arch=transformer has its own text head: set it to false")
         if self.time_conditioning not in TIME_CONDITIONINGS:
             raise ValueError(f"model.time_conditioning={self.time_conditioning!r}; choose one of "
                              f"{TIME_CONDITIONINGS}")
@@ -85,10 +100,13 @@ class DenoiserOutput(NamedTuple):
 
 
 class MultimodalRWKVDenoiser(nn.Module):
-    def __init__(self, backbone: RWKV7, cfg: DenoiserConfig):
+    def __init__(self, backbone, cfg: DenoiserConfig):
         super().__init__()
+        if not isinstance(backbone, ARCHS[cfg.arch]):
+            raise TypeError(f"model.arch={cfg.arch} needs a {ARCHS[cfg.arch].__name__} backbone, "
+                            f"got {type(backbone).__name__}")
         self.config = cfg
-        bc: RWKV7Config = backbone.config
+        bc = backbone.config               # RWKV7Config or TransformerConfig: the sizes read below
         C = bc.n_embd
         if cfg.use_rwkv_lm_head and bc.vocab_size != cfg.vocab_size:
             raise ValueError(f"model.use_rwkv_lm_head needs vocab_size == the backbone's "
@@ -126,10 +144,13 @@ class MultimodalRWKVDenoiser(nn.Module):
                 self.cond = nn.ModuleList(AdaLNZero(C, C, identity_init=cfg.adaln_identity_init)
                                           for _ in range(bc.n_layer))
 
-        sizes = {"n_embd": C, "n_head": bc.n_head}
-        self.mixer = build_mixer(cfg.mixer, backbone.blocks,
-                                 **{k: sizes[k] if k in sizes else getattr(cfg, k)
-                                    for k in mixer_options(cfg.mixer)})
+        if cfg.arch == "transformer":
+            self.mixer = AttentionMixer(C, bc.n_head, bc.rope_base)
+        else:
+            sizes = {"n_embd": C, "n_head": bc.n_head}
+            self.mixer = build_mixer(cfg.mixer, backbone.blocks,
+                                     **{k: sizes[k] if k in sizes else getattr(cfg, k)
+                                        for k in mixer_options(cfg.mixer)})
         if not cfg.use_rwkv_lm_head:
             self.text_head = nn.Linear(C, cfg.vocab_size, bias=False)
             nn.init.normal_(self.text_head.weight, std=C ** -0.5)

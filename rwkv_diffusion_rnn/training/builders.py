@@ -58,6 +58,11 @@ def denoiser_config(m: DictConfig, **replace) -> DenoiserConfig:
 
 def build_model(cfg: DictConfig) -> MultimodalRWKVDenoiser:
     m = cfg.model
+    if m.arch == "transformer":
+        from ..models.transformer import Transformer, TransformerConfig
+        backbone = Transformer(TransformerConfig(vocab_size=m.vocab_size, n_layer=m.n_layer, n_embd=m.n_embd,
+                                                 n_head=m.n_embd // m.head_size))
+        return MultimodalRWKVDenoiser(backbone, denoiser_config(m))
     return build_denoiser(denoiser_config(m), rwkv_name=m.rwkv_name, rwkv_filename=m.rwkv_filename,
                           rwkv_revision=m.rwkv_revision, cache_dir=m.cache_dir,
                           local_files_only=m.local_files_only, n_layer=m.n_layer or 2,

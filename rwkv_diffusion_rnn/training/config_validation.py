@@ -102,13 +102,14 @@ def validate_config(cfg: DictConfig) -> None:
     from ..diffusion.objective import OBJECTIVES
     from ..models.mixers import MIXERS
     from ..models.mixers.base import Fusion
-    from ..models.rwkv_denoiser import TIME_CONDITIONINGS
+    from ..models.rwkv_denoiser import ARCHS, TIME_CONDITIONINGS
     from ..ops.wkv7 import BACKENDS
     from .builders import AUTOCAST_DTYPES, DATA_KINDS, DEVICES, denoiser_config, objective_config
     from .optimizer import OPTIMIZERS, SCHEDULES as LR_SCHEDULES
 
     check_known_keys(cfg)
     m, tr, d = cfg.model, cfg.training, cfg.data
+    _choice(cfg, "model.arch", tuple(ARCHS))
     _choice(cfg, "model.mixer", sorted(MIXERS))
     _choice(cfg, "model.time_conditioning", TIME_CONDITIONINGS)
     _choice(cfg, "model.latent_target", TARGETS)
@@ -160,6 +161,15 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("data.kind=synthetic is an endless stream: set training.max_steps")
     if m.mask_id is not None and m.vocab_size is not None and not 0 <= m.mask_id < m.vocab_size:
         raise ConfigError(f"model.mask_id={m.mask_id} must be below model.vocab_size={m.vocab_size}")
+    if m.arch == "transformer":
+        if m.rwkv_name:
+            raise ConfigError(f"model.arch=transformer is built from scratch, but model.rwkv_name={m.rwkv_name!r} "
+                              "names pretrained RWKV-7 weights: set model.rwkv_name=null (model=scratch)")
+        if m.freeze_backbone:
+            raise ConfigError("model.arch=transformer is trained from scratch: set model.freeze_backbone=false")
+        if tr.objective == "ar":
+            raise ConfigError("training.objective=ar decodes through RWKV-7's recurrent state; the AR "
+                              "baseline is model.arch=rwkv7 model.mixer=causal")
     if m.rwkv_name is None:
         for key in ("n_layer", "n_embd", "head_size"):
             _positive(cfg, f"model.{key}")
