@@ -48,6 +48,8 @@ MODELS = {
     "block_causal": ["model.mixer=block_causal", "model.block_size=16"],
     # no time conditioning: the sampler's state cache is then exact (sampling.py, "State caching")
     "block_causal_tnone": ["model.mixer=block_causal", "model.block_size=16", "model.time_conditioning=none"],
+    # the baseline denoiser: a bidirectional transformer of about the same size (1.13M vs 1.26M)
+    "transformer": ["model.arch=transformer", "model.mixer=bi"],
 }
 
 
