@@ -212,7 +212,7 @@ class Trainer:
         if not log.exists():
             return
         lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
-        keep, bad = [], []
+        keep, kept_steps, bad = [], set(), []
         for i, line in enumerate(lines, 1):
             try:
                 record = json.loads(line)
@@ -222,8 +222,8 @@ class Trainer:
                 continue
             if record.get("step", 0) <= step:
                 keep.append(line)
-        if self.pending_record is not None and any(
-                json.loads(line).get("step") == self.pending_record.get("step") for line in keep):
+                kept_steps.add(record.get("step"))
+        if self.pending_record is not None and self.pending_record.get("step") in kept_steps:
             self.pending_record = None      # the final record was written before the run ended
         if bad:
             with open(self.save_dir / BAD_LOG_FILE, "a", encoding="utf-8") as f:
