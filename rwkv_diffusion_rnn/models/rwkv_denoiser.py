@@ -15,9 +15,10 @@ directly instead of only through the scan from the prefix. A mixer (``causal``, 
 ``dw_jrt``, ``block_causal``) decides how the blocks read the sequence. Two heads: text logits at the text positions, and the latent prediction (eps, x0 or v)
 from the prefix positions.
 
-``arch`` names the network inside: ``rwkv7`` (the default) or ``transformer``, a bidirectional
-transformer baseline (:mod:`~rwkv_diffusion_rnn.models.transformer`) that gets the same prefix,
-conditioning and heads. Build one with
+``arch`` names the network inside: ``rwkv7`` (the default), ``transformer``, a bidirectional
+transformer baseline (:mod:`~rwkv_diffusion_rnn.models.transformer`), or ``hybrid``, RWKV-7 with
+attention blocks at chosen layers (:mod:`~rwkv_diffusion_rnn.models.hybrid`); each gets the same
+prefix, conditioning and heads. Build one with
 :func:`~rwkv_diffusion_rnn.weights.pretrained_rwkv.build_denoiser` (pretrained rwkv7 weights or
 sizes from scratch) or pass a backbone (:class:`~rwkv_diffusion_rnn.models.rwkv7.RWKV7` or
 :class:`~rwkv_diffusion_rnn.models.transformer.Transformer`) directly.
@@ -34,10 +35,13 @@ import torch.nn as nn
 from .time_conditioning import AdaLNZero, FiLM, TimeConditioner
 from .mixers import MIXERS, Modulation, build_mixer, mixer_options
 from .rwkv7 import RWKV7, LayerState
+from .hybrid import HYBRID_MIXERS, Hybrid, HybridMixer
 from .transformer import ATTENTION_MIXERS, AttentionMixer, Transformer
 
 TIME_CONDITIONINGS = ("film", "adaln_zero", "none")
-ARCHS = {"rwkv7": RWKV7, "transformer": Transformer}     # model.arch -> the backbone's class
+ARCHS = {"rwkv7": RWKV7, "transformer": Transformer, "hybrid": Hybrid}  # model.arch -> backbone class
+# The model.mixer values of each arch other than rwkv7 (which takes every mixer in MIXERS).
+ARCH_MIXERS = {"transformer": ATTENTION_MIXERS, "hybrid": HYBRID_MIXERS}
 
 
 @dataclass
@@ -68,13 +72,15 @@ class DenoiserConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"model.arch={self.arch!r}; choose one of {', '.join(ARCHS)}")
-        if self.arch == "transformer":
-            if self.mixer not in ATTENTION_MIXERS:
-                raise ValueError(f"model.mixer={self.mixer!r} is an RWKV-7 scan order; model.arch=transformer "
-                                 f"attends to both sides at once: set model.mixer={ATTENTION_MIXERS[0]}")
+        if self.arch in ARCH_MIXERS:
+            mixers = ARCH_MIXERS[self.arch]
+            if self.mixer not in mixers:
+                raise ValueError(f"model.mixer={self.mixer!r} is an RWKV-7 scan order that model.arch={self.arch} "
+                                 f"does not implement (its attention sees both sides at once): set "
+                                 f"model.mixer={mixers[0]}")
             if self.use_rwkv_lm_head:
                 raise ValueError("model.use_rwkv_lm_head=true reuses a pretrained RWKV-7 head; "
-                                 "model.arch=transformer has its own text head: set it to false")
+                                 f"model.arch={self.arch} has its own text head: set it to false")
         if self.time_conditioning not in TIME_CONDITIONINGS:
             raise ValueError(f"model.time_conditioning={self.time_conditioning!r}; choose one of "
                              f"{TIME_CONDITIONINGS}")
@@ -146,6 +152,9 @@ class MultimodalRWKVDenoiser(nn.Module):
 
         if cfg.arch == "transformer":
             self.mixer = AttentionMixer(C, bc.n_head, bc.rope_base)
+        elif cfg.arch == "hybrid":
+            self.mixer = HybridMixer(backbone.blocks, C, bc.n_head, bc.rope_base, cfg.bi_fusion,
+                                     cfg.bi_share_weights)
         else:
             sizes = {"n_embd": C, "n_head": bc.n_head}
             self.mixer = build_mixer(cfg.mixer, backbone.blocks,

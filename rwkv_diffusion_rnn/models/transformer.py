@@ -55,7 +55,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class SelfAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.head_dim, self.rope_base = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.rope_base
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
@@ -97,6 +97,23 @@ def run_attention_block(block: TransformerBlock, x, cos, sin, mod: Optional[Modu
     return x + (h if mod.gate2 is None else mod.gate2 * h)
 
 
+def _init_linear_embedding(m: nn.Module):
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
+def init_gpt2(module: nn.Module, blocks: Sequence[TransformerBlock], n_layer: int) -> None:
+    """GPT-2's initialisation of ``module``: N(0, 0.02) weights, then the residual projections of
+    ``blocks`` scaled down by sqrt(2 * n_layer) so that the residual stream's variance does not
+    grow with depth."""
+    module.apply(_init_linear_embedding)
+    for block in blocks:
+        for p in (block.attn.proj.weight, block.mlp.proj.weight):
+            nn.init.normal_(p, std=0.02 / (2 * n_layer) ** 0.5)
+
+
 class Transformer(nn.Module):
     """Token embedding, blocks, final norm and LM head (the parts the denoiser uses)."""
 
@@ -107,19 +124,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.apply(self._init)
-        for block in self.blocks:  # GPT-2's scaled init of the residual projections
-            for p in (block.attn.proj.weight, block.mlp.proj.weight):
-                nn.init.normal_(p, std=0.02 / (2 * cfg.n_layer) ** 0.5)
-
-    @staticmethod
-    def _init(m):
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
+        init_gpt2(self, self.blocks, cfg.n_layer)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.emb(input_ids)

@@ -63,6 +63,12 @@ def build_model(cfg: DictConfig) -> MultimodalRWKVDenoiser:
         backbone = Transformer(TransformerConfig(vocab_size=m.vocab_size, n_layer=m.n_layer, n_embd=m.n_embd,
                                                  n_head=m.n_embd // m.head_size))
         return MultimodalRWKVDenoiser(backbone, denoiser_config(m))
+    if m.arch == "hybrid":
+        from ..models.hybrid import Hybrid, HybridConfig, attention_layers
+        layers = attention_layers(m.n_layer, m.attn_layers, m.attn_every)
+        backbone = Hybrid(HybridConfig(vocab_size=m.vocab_size, n_layer=m.n_layer, n_embd=m.n_embd,
+                                       head_size=m.head_size, attn_layers=layers, wkv_backend=m.wkv_backend))
+        return MultimodalRWKVDenoiser(backbone, denoiser_config(m))
     return build_denoiser(denoiser_config(m), rwkv_name=m.rwkv_name, rwkv_filename=m.rwkv_filename,
                           rwkv_revision=m.rwkv_revision, cache_dir=m.cache_dir,
                           local_files_only=m.local_files_only, n_layer=m.n_layer or 2,

@@ -161,15 +161,24 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("data.kind=synthetic is an endless stream: set training.max_steps")
     if m.mask_id is not None and m.vocab_size is not None and not 0 <= m.mask_id < m.vocab_size:
         raise ConfigError(f"model.mask_id={m.mask_id} must be below model.vocab_size={m.vocab_size}")
-    if m.arch == "transformer":
+    if m.arch in ("transformer", "hybrid"):
         if m.rwkv_name:
-            raise ConfigError(f"model.arch=transformer is built from scratch, but model.rwkv_name={m.rwkv_name!r} "
+            raise ConfigError(f"model.arch={m.arch} is built from scratch, but model.rwkv_name={m.rwkv_name!r} "
                               "names pretrained RWKV-7 weights: set model.rwkv_name=null (model=scratch)")
         if m.freeze_backbone:
-            raise ConfigError("model.arch=transformer is trained from scratch: set model.freeze_backbone=false")
-        if tr.objective == "ar":
-            raise ConfigError("training.objective=ar decodes through RWKV-7's recurrent state; the AR "
-                              "baseline is model.arch=rwkv7 model.mixer=causal")
+            raise ConfigError(f"model.arch={m.arch} is trained from scratch: set model.freeze_backbone=false")
+    if m.arch != "rwkv7" and tr.objective == "ar":
+        raise ConfigError("training.objective=ar decodes through RWKV-7's recurrent state; the AR "
+                          "baseline is model.arch=rwkv7 model.mixer=causal")
+    if m.arch == "hybrid":
+        from ..models.hybrid import attention_layers
+        try:
+            attention_layers(m.n_layer, m.attn_layers, m.attn_every)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from None
+    elif m.attn_layers is not None or m.attn_every is not None:
+        raise ConfigError(f"model.attn_layers / model.attn_every place attention blocks in model.arch=hybrid; "
+                          f"model.arch={m.arch} does not read them: set model.arch=hybrid or leave both null")
     if m.rwkv_name is None:
         for key in ("n_layer", "n_embd", "head_size"):
             _positive(cfg, f"model.{key}")

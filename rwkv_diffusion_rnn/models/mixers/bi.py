@@ -34,10 +34,18 @@ class BiMixer(nn.Module):
             raise ValueError("model.mixer=bi reads the whole sequence at once and has no recurrent "
                              "state to carry; use block_causal for cached block generation")
         mods = layer_mods(mods, len(blocks))
-        back = blocks if self.share else self.backward_blocks
-        vf_f = vf_b = None
+        v_first = None
         for i, block in enumerate(blocks):
-            y_f, vf_f, _ = run_block(block, x, vf_f, mods[i])
-            y_b, vf_b, _ = run_block(back[i], x.flip(1), vf_b, mods[i])
-            x = self.fusion[i](x, y_f, y_b.flip(1))
+            x, v_first = self.layer(i, block, x, v_first, mods[i])
         return x, None
+
+    def layer(self, i: int, block, x, v_first=None, mod=None):
+        """Layer ``i`` (forward-direction block ``block``) read both ways and fused.
+
+        ``v_first`` is what the previous layer returned (None at the first layer): each
+        direction's value residual, carried from the first block to the later ones."""
+        back = block if self.share else self.backward_blocks[i]
+        vf_f, vf_b = v_first if v_first is not None else (None, None)
+        y_f, vf_f, _ = run_block(block, x, vf_f, mod)
+        y_b, vf_b, _ = run_block(back, x.flip(1), vf_b, mod)
+        return self.fusion[i](x, y_f, y_b.flip(1)), (vf_f, vf_b)
