@@ -17,8 +17,9 @@ from the prefix positions.
 
 ``arch`` names the network inside: ``rwkv7`` (the default), ``transformer``, a bidirectional
 transformer baseline (:mod:`~rwkv_diffusion_rnn.models.transformer`), or ``hybrid``, RWKV-7 with
-attention blocks at chosen layers (:mod:`~rwkv_diffusion_rnn.models.hybrid`); each gets the same
-prefix, conditioning and heads. Build one with
+attention blocks at chosen layers (:mod:`~rwkv_diffusion_rnn.models.hybrid`), or ``qwen3``,
+transformers' Qwen3Model run without its causal mask (:mod:`~rwkv_diffusion_rnn.models.qwen3`);
+each gets the same prefix, conditioning and heads. Build one with
 :func:`~rwkv_diffusion_rnn.weights.pretrained_rwkv.build_denoiser` (pretrained rwkv7 weights or
 sizes from scratch) or pass a backbone (:class:`~rwkv_diffusion_rnn.models.rwkv7.RWKV7` or
 :class:`~rwkv_diffusion_rnn.models.transformer.Transformer`) directly.
@@ -36,12 +37,14 @@ from .time_conditioning import AdaLNZero, FiLM, TimeConditioner
 from .mixers import MIXERS, Modulation, build_mixer, mixer_options
 from .rwkv7 import RWKV7, LayerState
 from .hybrid import HYBRID_MIXERS, Hybrid, HybridMixer
+from .qwen3 import QWEN3_MIXERS, Qwen3Backbone, Qwen3Mixer
 from .transformer import ATTENTION_MIXERS, AttentionMixer, Transformer
 
 TIME_CONDITIONINGS = ("film", "adaln_zero", "none")
-ARCHS = {"rwkv7": RWKV7, "transformer": Transformer, "hybrid": Hybrid}  # model.arch -> backbone class
+# model.arch -> the backbone's class
+ARCHS = {"rwkv7": RWKV7, "transformer": Transformer, "hybrid": Hybrid, "qwen3": Qwen3Backbone}
 # The model.mixer values of each arch other than rwkv7 (which takes every mixer in MIXERS).
-ARCH_MIXERS = {"transformer": ATTENTION_MIXERS, "hybrid": HYBRID_MIXERS}
+ARCH_MIXERS = {"transformer": ATTENTION_MIXERS, "hybrid": HYBRID_MIXERS, "qwen3": QWEN3_MIXERS}
 
 
 @dataclass
@@ -63,6 +66,7 @@ class DenoiserConfig:
     dw_jrt_alpha_init: float = 0.0
     dw_jrt_layer_start: int = 1
     block_size: int = 16
+    block_attention: bool = False       # qwen3: training-time block attention (blocks of block_size)
     use_rwkv_lm_head: bool = False
     freeze_backbone: bool = False
     pos_emb_len: int = 0                # learned position embedding for this many text positions
@@ -81,6 +85,10 @@ class DenoiserConfig:
             if self.use_rwkv_lm_head:
                 raise ValueError("model.use_rwkv_lm_head=true reuses a pretrained RWKV-7 head; "
                                  f"model.arch={self.arch} has its own text head: set it to false")
+        if self.block_attention and self.arch != "qwen3":
+            raise ValueError(f"model.block_attention=true is an attention bias of model.arch=qwen3; "
+                             f"model.arch={self.arch} does not read it (RWKV-7's block order is "
+                             "model.mixer=block_causal): set it to false")
         if self.time_conditioning not in TIME_CONDITIONINGS:
             raise ValueError(f"model.time_conditioning={self.time_conditioning!r}; choose one of "
                              f"{TIME_CONDITIONINGS}")
@@ -152,6 +160,8 @@ class MultimodalRWKVDenoiser(nn.Module):
 
         if cfg.arch == "transformer":
             self.mixer = AttentionMixer(C, bc.n_head, bc.rope_base)
+        elif cfg.arch == "qwen3":
+            self.mixer = Qwen3Mixer(backbone.model.rotary_emb, cfg.block_attention, cfg.block_size)
         elif cfg.arch == "hybrid":
             self.mixer = HybridMixer(backbone.blocks, C, bc.n_head, bc.rope_base, cfg.bi_fusion,
                                      cfg.bi_share_weights)
@@ -203,7 +213,7 @@ class MultimodalRWKVDenoiser(nn.Module):
     def forward(self, input_ids: torch.Tensor, t: torch.Tensor, latent: Optional[torch.Tensor] = None,
                 s: Optional[torch.Tensor] = None, latent_drop: Optional[torch.Tensor] = None,
                 state: Optional[List[LayerState]] = None, return_state: bool = False,
-                pos_offset: int = 0) -> DenoiserOutput:
+                pos_offset: int = 0, attention_bias: Optional[torch.Tensor] = None) -> DenoiserOutput:
         """Denoise.
 
         Args:
@@ -218,6 +228,8 @@ class MultimodalRWKVDenoiser(nn.Module):
                 prefix was read by the call that produced the state.
             pos_offset: the text position of ``input_ids[:, 0]`` (a continuation call passes the
                 number of text tokens its state has read); used by the position embedding.
+            attention_bias: [B, 1, L, L] additive bias over [prefix | text] (0 visible, -inf
+                hidden); model.arch=qwen3 only.
         """
         cfg = self.config
         B, T = input_ids.shape
@@ -247,8 +259,13 @@ class MultimodalRWKVDenoiser(nn.Module):
             c = self.time_cond(t.float(), s.float() if cfg.latent_prefix_len else None)
             if cfg.latent_in_cond:
                 c = c + self.latent_cond(prefix.float().mean(1))
+        extra = {}
+        if attention_bias is not None:
+            if cfg.arch != "qwen3":
+                raise ValueError(f"attention_bias is read by model.arch=qwen3, not {cfg.arch}")
+            extra["attention_bias"] = attention_bias
         x, new_state = self.mixer(self.backbone.blocks, x, self._modulations(c), state=state,
-                                  return_state=return_state, prefix_len=P)
+                                  return_state=return_state, prefix_len=P, **extra)
 
         h_text = self.backbone.ln_out(x[:, P:])
         head = self.backbone.head if cfg.use_rwkv_lm_head else self.text_head

@@ -63,6 +63,20 @@ def build_model(cfg: DictConfig) -> MultimodalRWKVDenoiser:
         backbone = Transformer(TransformerConfig(vocab_size=m.vocab_size, n_layer=m.n_layer, n_embd=m.n_embd,
                                                  n_head=m.n_embd // m.head_size))
         return MultimodalRWKVDenoiser(backbone, denoiser_config(m))
+    if m.arch == "qwen3":
+        from ..models.qwen3 import load_qwen3
+        try:
+            backbone = load_qwen3(m.qwen3_name, cache_dir=m.cache_dir, local_files_only=m.local_files_only)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        rows = backbone.config.vocab_size
+        if m.vocab_size > rows:
+            raise ConfigError(f"the tokenizer's vocabulary (model.vocab_size={m.vocab_size}, tokenizer.name="
+                              f"{cfg.tokenizer.name}) does not fit the Qwen3 embedding of model.qwen3_name="
+                              f"{m.qwen3_name!r} ({rows} rows): use that checkpoint's tokenizer "
+                              f"(tokenizer.name={m.qwen3_name}) or a Qwen3 with a vocabulary of at least "
+                              f"{m.vocab_size}")
+        return MultimodalRWKVDenoiser(backbone, denoiser_config(m))
     if m.arch == "hybrid":
         from ..models.hybrid import Hybrid, HybridConfig, attention_layers
         layers = attention_layers(m.n_layer, m.attn_layers, m.attn_every)

@@ -170,6 +170,21 @@ def validate_config(cfg: DictConfig) -> None:
     if m.arch != "rwkv7" and tr.objective == "ar":
         raise ConfigError("training.objective=ar decodes through RWKV-7's recurrent state; the AR "
                           "baseline is model.arch=rwkv7 model.mixer=causal")
+    if m.arch == "qwen3":
+        if not m.qwen3_name:
+            raise ConfigError("model.arch=qwen3 loads a pretrained Qwen3: set model.qwen3_name to a directory "
+                              "written by save_pretrained or a Hub name (model=qwen3 sets Qwen/Qwen3-0.6B-Base)")
+        if m.rwkv_name:
+            raise ConfigError(f"model.arch=qwen3 takes its weights from model.qwen3_name, but model.rwkv_name="
+                              f"{m.rwkv_name!r} names RWKV-7 weights: set model.rwkv_name=null (or use model=qwen3)")
+    elif m.qwen3_name:
+        raise ConfigError(f"model.qwen3_name={m.qwen3_name!r} is read by model.arch=qwen3 only (model.arch="
+                          f"{m.arch}): set model.arch=qwen3, or model.qwen3_name=null")
+    if m.block_attention:
+        _positive(cfg, "model.block_size")
+        if d.seq_len % m.block_size:
+            raise ConfigError(f"model.block_attention=true cuts the text into blocks of model.block_size="
+                              f"{m.block_size}, which does not divide data.seq_len={d.seq_len}")
     if m.arch == "hybrid":
         from ..models.hybrid import attention_layers
         try:
@@ -179,7 +194,7 @@ def validate_config(cfg: DictConfig) -> None:
     elif m.attn_layers is not None or m.attn_every is not None:
         raise ConfigError(f"model.attn_layers / model.attn_every place attention blocks in model.arch=hybrid; "
                           f"model.arch={m.arch} does not read them: set model.arch=hybrid or leave both null")
-    if m.rwkv_name is None:
+    if m.rwkv_name is None and m.arch != "qwen3":
         for key in ("n_layer", "n_embd", "head_size"):
             _positive(cfg, f"model.{key}")
         if m.n_embd % m.head_size:

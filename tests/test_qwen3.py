@@ -1,0 +1,152 @@
+"""Qwen3 as the denoiser's network (model.arch=qwen3), on tiny random Qwen3 checkpoints written with
+save_pretrained: without a bias it equals Qwen3Model called with an all-visible mask (forward and
+backward), the block-attention bias is the one of its definition and Qwen3Model agrees with it,
+both sides are seen, refusals name the keys, and a run on text trains, evaluates with the bound,
+resumes exactly and generates."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaModel, Qwen3Config, Qwen3Model
+
+from rwkv_diffusion_rnn.models.qwen3 import Qwen3Mixer, block_attention_bias, load_qwen3
+from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, MultimodalRWKVDenoiser
+from rwkv_diffusion_rnn.train_rwkv import compose_config, run
+from rwkv_diffusion_rnn.training.config_validation import ConfigError
+from rwkv_diffusion_rnn.training.improved_trainer import Trainer, read_train_log
+
+from test_lm import corpus_file, overrides
+
+V = 64
+
+
+def save_tiny_qwen3(path, vocab_size=V, seed=0):
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    model = Qwen3Model(cfg)
+    with torch.no_grad():   # post_init's N(0, 0.02) leaves attention nearly uniform: make it matter
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return save_tiny_qwen3(tmp_path_factory.mktemp("qwen3") / "tiny")
+
+
+def reference(path):
+    return Qwen3Model.from_pretrained(path, dtype=torch.float64, attn_implementation="sdpa")
+
+
+def test_with_no_bias_the_mixer_equals_qwen3model_called_with_an_all_visible_mask(qwen_dir):
+    backbone = load_qwen3(str(qwen_dir)).double()
+    mixer = Qwen3Mixer(backbone.model.rotary_emb)
+    ref = reference(qwen_dir)
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 32, dtype=torch.float64, requires_grad=True)
+    ours = backbone.ln_out(mixer(backbone.blocks, x)[0])
+    theirs = ref(inputs_embeds=x, attention_mask=torch.zeros(2, 1, 9, 9, dtype=torch.float64)).last_hidden_state
+    torch.testing.assert_close(ours, theirs)
+    causal = ref(inputs_embeds=x).last_hidden_state          # Qwen3's own causal default differs
+    assert (causal[:, :-1] - theirs[:, :-1]).abs().max() > 1e-3
+    g = torch.randn_like(ours)
+    gx, gw = torch.autograd.grad((ours * g).sum(), (x, backbone.blocks[0].self_attn.q_proj.weight))
+    rx, rw = torch.autograd.grad((theirs * g).sum(), (x, ref.layers[0].self_attn.q_proj.weight))
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+
+
+def test_the_block_attention_bias_shows_the_prompt_to_all_and_each_block_only_itself():
+    bias = block_attention_bias(torch.tensor([2, 0]), 7, 2)
+    assert bias.shape == (2, 1, 7, 7)
+    for b, p in enumerate([2, 0]):
+        for q in range(7):
+            for k in range(7):
+                if q < p:
+                    visible = k < p
+                else:
+                    visible = k < p or (k >= p and (q - p) // 2 == (k - p) // 2)
+                assert (bias[b, 0, q, k] == 0) == visible and (visible or bias[b, 0, q, k] == float("-inf"))
+
+
+def test_qwen3model_with_the_same_bias_as_a_4d_mask_agrees(qwen_dir):
+    backbone = load_qwen3(str(qwen_dir)).double()
+    mixer = Qwen3Mixer(backbone.model.rotary_emb, block_attention=True, block_size=3)
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    ours = backbone.ln_out(mixer(backbone.blocks, x, prefix_len=1)[0])
+    bias = block_attention_bias(torch.tensor([1, 1]), 10, 3, torch.float64)
+    torch.testing.assert_close(ours, reference(qwen_dir)(inputs_embeds=x, attention_mask=bias).last_hidden_state)
+    with pytest.raises(ValueError, match=r"attention_bias must be \[B, 1, L, L\]"):
+        mixer(backbone.blocks, x, attention_bias=bias[:, :, :5])
+
+
+def denoiser(path, **kw):
+    cfg = DenoiserConfig(arch="qwen3", vocab_size=V, mask_id=V - 1, mixer="bi", latent_prefix_len=0, **kw)
+    return MultimodalRWKVDenoiser(load_qwen3(str(path)), cfg).double()
+
+
+def test_the_qwen3_denoiser_sees_both_sides_and_block_attention_cuts_it_to_blocks(qwen_dir):
+    ids = torch.randint(0, V - 1, (1, 12))
+    t = torch.full((1,), 0.5, dtype=torch.float64)
+    later = ids.clone()
+    later[0, 8] = (ids[0, 8] + 1) % (V - 1)
+    earlier = ids.clone()
+    earlier[0, 3] = (ids[0, 3] + 1) % (V - 1)
+    full = denoiser(qwen_dir)
+    base = full(ids, t).logits
+    assert (full(later, t).logits[0, 3] - base[0, 3]).abs().max() > 1e-6     # reads ahead
+    assert (full(earlier, t).logits[0, 8] - base[0, 8]).abs().max() > 1e-6   # and behind
+    blocks = denoiser(qwen_dir, block_attention=True, block_size=4)
+    base = blocks(ids, t).logits
+    moved = (blocks(later, t).logits - base).abs().amax(-1)[0]              # block 2 is 8..11
+    assert moved[:8].max() == 0 and moved[8:].max() > 1e-6
+
+
+def test_adaln_zero_starts_every_qwen3_layer_as_the_identity(qwen_dir):
+    model = denoiser(qwen_dir, time_conditioning="adaln_zero", adaln_identity_init=False)
+    ids = torch.randint(0, V - 1, (2, 6))
+    out = model(ids, torch.tensor([0.1, 0.7], dtype=torch.float64)).logits
+    x = model.backbone.embed(ids) + model.type_emb.weight[1]
+    torch.testing.assert_close(out, model.text_head(model.backbone.ln_out(x)))
+
+
+def test_bad_qwen3_settings_are_refused_naming_the_keys(tmp_path, qwen_dir):
+    corpus = corpus_file(tmp_path)
+    base = overrides(tmp_path, corpus, "model.arch=qwen3")
+    with pytest.raises(ConfigError, match="set model.qwen3_name"):
+        Trainer(compose_config(base))
+    with pytest.raises(ConfigError, match=r"model.qwen3_name=.*cannot read a model config there"):
+        Trainer(compose_config([*base, f"model.qwen3_name={tmp_path / 'nothing'}"]))
+    small = save_tiny_qwen3(tmp_path / "small", vocab_size=8)
+    with pytest.raises(ConfigError, match=r"model.vocab_size=\d+, tokenizer.name=chars.*\(8 rows\)"):
+        Trainer(compose_config([*base, f"model.qwen3_name={small}"]))
+    LlamaModel(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4)).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ConfigError, match="holds a 'llama' model"):
+        Trainer(compose_config([*base, f"model.qwen3_name={tmp_path / 'llama'}"]))
+    with pytest.raises(ConfigError, match="model.mixer='dw_jrt'.*model.arch=qwen3"):
+        Trainer(compose_config([*base, f"model.qwen3_name={qwen_dir}", "model.mixer=dw_jrt"]))
+    with pytest.raises(ConfigError, match="model.qwen3_name=.*model.arch=qwen3 only"):
+        Trainer(compose_config(overrides(tmp_path, corpus, f"model.qwen3_name={qwen_dir}")))
+    with pytest.raises(ConfigError, match="model.block_attention=true is an attention bias of model.arch=qwen3"):
+        Trainer(compose_config(overrides(tmp_path, corpus, "model.block_attention=true")))
+
+
+@pytest.mark.parametrize("block_attention", [False, True])
+def test_a_qwen3_run_on_text_trains_evaluates_the_bound_resumes_exactly_and_generates(tmp_path, qwen_dir,
+                                                                                      block_attention):
+    from rwkv_diffusion_rnn.generate import generate
+    corpus = corpus_file(tmp_path)
+    arch = ["model.arch=qwen3", f"model.qwen3_name={qwen_dir}", f"model.block_attention={block_attention}",
+            "model.block_size=8", "training.max_steps=6", "logging.eval_freq=3", "logging.log_freq=1"]
+    metrics = run(compose_config(overrides(tmp_path / "full", corpus, *arch)))
+    assert metrics["val_nelbo"] > 0 and metrics["val_nelbo_stderr"] > 0
+    part = overrides(tmp_path / "part", corpus, *arch)
+    run(compose_config([*part, "training.stop_at_step=3"]))
+    run(compose_config([*part, "training.resume=latest"]))
+    a, b = read_train_log(tmp_path / "full" / "run"), read_train_log(tmp_path / "part" / "run")
+    assert len(a) == 6 and [r["loss"] for r in a] == [r["loss"] for r in b]
+    records = generate(tmp_path / "full" / "run", num_samples=2, steps=4, length=16, eos=False)
+    assert len(records) == 2 and all(len(r["token_ids"]) == 16 for r in records)
