@@ -50,6 +50,8 @@ MODELS = {
     "block_causal_tnone": ["model.mixer=block_causal", "model.block_size=16", "model.time_conditioning=none"],
     # the baseline denoiser: a bidirectional transformer of about the same size (1.13M vs 1.26M)
     "transformer": ["model.arch=transformer", "model.mixer=bi"],
+    # RWKV-7 at layers 0 and 2 (read both ways), attention at 1 and 3: 1.19M parameters
+    "hybrid": ["model.arch=hybrid", "model.mixer=bi", "model.attn_layers=[1,3]"],
 }
 
 
