@@ -10,7 +10,11 @@ One denoiser per row, random weights, text only (no latent prefix), FiLM time co
 * ``rwkv7_bi``: RWKV-7 blocks read both ways (``model.mixer=bi``, shared weights, sum fusion),
   WKV through ``--backend`` (``auto``: fla's chunked kernels on CUDA, the chunked torch path on CPU);
 * ``transformer``: the bidirectional transformer (``model.arch=transformer``: rotary positions,
-  ``scaled_dot_product_attention`` without a mask).
+  ``scaled_dot_product_attention`` without a mask);
+* ``hybrid``: RWKV-7 read both ways at layers 0 and 2, attention at 1 and 3 (``model.arch=hybrid
+  model.attn_layers=[1,3]``);
+* ``qwen3``: transformers' Qwen3Model with random weights run without its causal mask
+  (``model.arch=qwen3``; SDPA, grouped MLP of ``8/3 x`` width, heads of ``--head-size``).
 
 Each cell (architecture, N) runs in a fresh subprocess so that its peak memory is its own: one
 warm-up call, then ``--repeats`` forward+backward passes of one sequence of N tokens (a
@@ -37,7 +41,8 @@ import sys
 import time
 from pathlib import Path
 
-ARCHS = {"rwkv7_bi": dict(arch="rwkv7", mixer="bi"), "transformer": dict(arch="transformer", mixer="bi")}
+ARCHS = {"rwkv7_bi": dict(arch="rwkv7", mixer="bi"), "transformer": dict(arch="transformer", mixer="bi"),
+         "hybrid": dict(arch="hybrid", mixer="bi"), "qwen3": dict(arch="qwen3", mixer="bi")}
 
 
 def build(name: str, n_layer: int, n_embd: int, head_size: int, vocab: int, backend: str):
@@ -50,6 +55,19 @@ def build(name: str, n_layer: int, n_embd: int, head_size: int, vocab: int, back
     if spec["arch"] == "rwkv7":
         backbone = RWKV7(RWKV7Config(vocab_size=vocab, n_layer=n_layer, n_embd=n_embd, head_size=head_size,
                                      wkv_backend=backend))
+    elif spec["arch"] == "hybrid":
+        from rwkv_diffusion_rnn.models.hybrid import Hybrid, HybridConfig, attention_layers
+        backbone = Hybrid(HybridConfig(vocab_size=vocab, n_layer=n_layer, n_embd=n_embd, head_size=head_size,
+                                       attn_layers=attention_layers(n_layer, attn_every=2), wkv_backend=backend))
+    elif spec["arch"] == "qwen3":
+        from transformers import Qwen3Config, Qwen3Model
+        from rwkv_diffusion_rnn.models.qwen3 import Qwen3Backbone
+        qcfg = Qwen3Config(vocab_size=vocab, hidden_size=n_embd, intermediate_size=round(8 * n_embd / 3),
+                           num_hidden_layers=n_layer, num_attention_heads=n_embd // head_size,
+                           num_key_value_heads=n_embd // head_size, head_dim=head_size,
+                           max_position_embeddings=1 << 16)
+        qcfg._attn_implementation = "sdpa"
+        backbone = Qwen3Backbone(Qwen3Model(qcfg))
     else:
         backbone = Transformer(TransformerConfig(vocab_size=vocab, n_layer=n_layer, n_embd=n_embd,
                                                  n_head=n_embd // head_size))
