@@ -9,11 +9,11 @@ from rwkv_diffusion_rnn.models.hybrid import Hybrid, HybridConfig, attention_lay
 from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, MultimodalRWKVDenoiser
 from rwkv_diffusion_rnn.models.transformer import rotary, run_attention_block
-from rwkv_diffusion_rnn.train_rwkv import compose_config, run
+from rwkv_diffusion_rnn.train_rwkv import compose_config
 from rwkv_diffusion_rnn.training.config_validation import ConfigError
-from rwkv_diffusion_rnn.training.improved_trainer import Trainer, read_train_log
+from rwkv_diffusion_rnn.training.improved_trainer import Trainer
 
-from test_lm import corpus_file, overrides
+from test_lm import check_trains_bound_resumes_and_generates, corpus_file, overrides
 
 V = 20
 
@@ -150,17 +150,5 @@ def test_hybrid_combinations_that_cannot_work_are_refused_by_key(tmp_path):
 
 
 def test_a_hybrid_run_on_text_trains_evaluates_the_bound_resumes_exactly_and_generates(tmp_path):
-    from rwkv_diffusion_rnn.generate import generate
-    corpus = corpus_file(tmp_path)
-    arch = ["model.arch=hybrid", "model.n_layer=2", "model.attn_layers=[1]", "training.max_steps=8",
-            "logging.eval_freq=4", "logging.log_freq=1"]
-    full = overrides(tmp_path / "full", corpus, *arch)
-    metrics = run(compose_config(full))
-    assert metrics["val_nelbo"] > 0 and metrics["val_nelbo_stderr"] > 0
-    part = overrides(tmp_path / "part", corpus, *arch)
-    run(compose_config([*part, "training.stop_at_step=4"]))
-    run(compose_config([*part, "training.resume=latest"]))
-    a, b = read_train_log(tmp_path / "full" / "run"), read_train_log(tmp_path / "part" / "run")
-    assert len(a) == 8 and [r["loss"] for r in a] == [r["loss"] for r in b]
-    records = generate(tmp_path / "full" / "run", num_samples=2, steps=4, length=12, eos=False)
-    assert len(records) == 2 and all(len(r["token_ids"]) == 12 for r in records)
+    check_trains_bound_resumes_and_generates(tmp_path, "model.arch=hybrid", "model.n_layer=2",
+                                             "model.attn_layers=[1]")

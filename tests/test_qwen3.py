@@ -9,11 +9,11 @@ from transformers import LlamaConfig, LlamaModel, Qwen3Config, Qwen3Model
 
 from rwkv_diffusion_rnn.models.qwen3 import Qwen3Mixer, block_attention_bias, load_qwen3
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, MultimodalRWKVDenoiser
-from rwkv_diffusion_rnn.train_rwkv import compose_config, run
+from rwkv_diffusion_rnn.train_rwkv import compose_config
 from rwkv_diffusion_rnn.training.config_validation import ConfigError
-from rwkv_diffusion_rnn.training.improved_trainer import Trainer, read_train_log
+from rwkv_diffusion_rnn.training.improved_trainer import Trainer
 
-from test_lm import corpus_file, overrides
+from test_lm import check_trains_bound_resumes_and_generates, corpus_file, overrides
 
 V = 64
 
@@ -137,16 +137,6 @@ def test_bad_qwen3_settings_are_refused_naming_the_keys(tmp_path, qwen_dir):
 @pytest.mark.parametrize("block_attention", [False, True])
 def test_a_qwen3_run_on_text_trains_evaluates_the_bound_resumes_exactly_and_generates(tmp_path, qwen_dir,
                                                                                       block_attention):
-    from rwkv_diffusion_rnn.generate import generate
-    corpus = corpus_file(tmp_path)
-    arch = ["model.arch=qwen3", f"model.qwen3_name={qwen_dir}", f"model.block_attention={block_attention}",
-            "model.block_size=8", "training.max_steps=6", "logging.eval_freq=3", "logging.log_freq=1"]
-    metrics = run(compose_config(overrides(tmp_path / "full", corpus, *arch)))
-    assert metrics["val_nelbo"] > 0 and metrics["val_nelbo_stderr"] > 0
-    part = overrides(tmp_path / "part", corpus, *arch)
-    run(compose_config([*part, "training.stop_at_step=3"]))
-    run(compose_config([*part, "training.resume=latest"]))
-    a, b = read_train_log(tmp_path / "full" / "run"), read_train_log(tmp_path / "part" / "run")
-    assert len(a) == 6 and [r["loss"] for r in a] == [r["loss"] for r in b]
-    records = generate(tmp_path / "full" / "run", num_samples=2, steps=4, length=16, eos=False)
-    assert len(records) == 2 and all(len(r["token_ids"]) == 16 for r in records)
+    check_trains_bound_resumes_and_generates(tmp_path, "model.arch=qwen3", f"model.qwen3_name={qwen_dir}",
+                                             f"model.block_attention={block_attention}", "model.block_size=8",
+                                             steps=6)
