@@ -1017,6 +1017,46 @@ def c_pickle_payload(ctx: Ctx):
     return "extra.pt holds an os.mkdir payload (manifest rewritten)", outcome, yn(not verifies(save / "step_0000002")), msg
 
 
+def save_tiny_qwen3(path: Path, vocab_size: int) -> Path:
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+    torch.manual_seed(0)
+    Qwen3Model(Qwen3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8)).save_pretrained(path)
+    return path
+
+
+@case("27", "model.arch=qwen3 whose embedding is smaller than the vocabulary")
+def c_qwen3_vocab(ctx: Ctx):
+    root = ctx.dir("qwen3-vocab")
+    qwen = save_tiny_qwen3(root / "qwen3", vocab_size=16)     # the struct task has 53 ids
+    res = ctx.train([*TINY, "training.max_steps=2", "model.arch=qwen3", f"model.qwen3_name={qwen}",
+                     f"logging.save_dir={root / 'run'}"])
+    outcome, msg = judge_refusal(res, ["model.qwen3_name", "model.vocab_size=53", "16 rows"])
+    run_dir = root / "run"
+    return "a saved Qwen3 of 16 rows, the task's 53 ids", outcome, yn(run_dir.exists() and any(run_dir.iterdir())), msg
+
+
+@case("28", "model.qwen3_name a folder without a model")
+def c_qwen3_missing(ctx: Ctx):
+    root = ctx.dir("qwen3-missing")
+    (root / "empty").mkdir()
+    res = ctx.train([*TINY, "training.max_steps=2", "model.arch=qwen3", f"model.qwen3_name={root / 'empty'}",
+                     f"logging.save_dir={root / 'run'}"])
+    outcome, msg = judge_refusal(res, ["model.qwen3_name", "config.json"])
+    run_dir = root / "run"
+    return "model.arch=qwen3 model.qwen3_name=<empty folder>", outcome, yn(run_dir.exists() and any(run_dir.iterdir())), msg
+
+
+@case("29", "model.arch=hybrid with both attn_layers and attn_every")
+def c_hybrid_keys(ctx: Ctx):
+    save = ctx.dir("hybrid-keys") / "run"
+    res = ctx.train([*TINY, "model.n_layer=2", "model.arch=hybrid", "model.attn_layers=[1]", "model.attn_every=2",
+                     f"logging.save_dir={save}"])
+    outcome, msg = judge_refusal(res, ["model.attn_layers", "model.attn_every", "exactly one"])
+    return "model.attn_layers=[1] model.attn_every=2", outcome, yn(save.exists() and any(save.iterdir())), msg
+
+
 # ------------------------------------------------------------------------------------------ driver
 
 def run_case(ctx: Ctx, cid: str, title: str, fn) -> Row:

@@ -71,8 +71,9 @@ def build_model(cfg: DictConfig) -> MultimodalRWKVDenoiser:
             raise ConfigError(str(e)) from None
         rows = backbone.config.vocab_size
         if m.vocab_size > rows:
-            raise ConfigError(f"the tokenizer's vocabulary (model.vocab_size={m.vocab_size}, tokenizer.name="
-                              f"{cfg.tokenizer.name}) does not fit the Qwen3 embedding of model.qwen3_name="
+            tok = f", tokenizer.name={cfg.tokenizer.name}" if cfg.tokenizer.name else ""
+            raise ConfigError(f"the vocabulary (model.vocab_size={m.vocab_size}{tok}) does not fit the Qwen3 "
+                              f"embedding of model.qwen3_name="
                               f"{m.qwen3_name!r} ({rows} rows): use that checkpoint's tokenizer "
                               f"(tokenizer.name={m.qwen3_name}) or a Qwen3 with a vocabulary of at least "
                               f"{m.vocab_size}")
