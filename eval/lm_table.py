@@ -52,7 +52,25 @@ MODELS = {
     "transformer": ["model.arch=transformer", "model.mixer=bi"],
     # RWKV-7 at layers 0 and 2 (read both ways), attention at 1 and 3: 1.19M parameters
     "hybrid": ["model.arch=hybrid", "model.mixer=bi", "model.attn_layers=[1,3]"],
+    # Qwen3's architecture (RMSNorm, SwiGLU, q/k norms) run without its causal mask, from random
+    # weights of about the same size (no pretrained Qwen3 is at hand offline): QWEN3_INIT
+    "qwen3": ["model.arch=qwen3", "model.qwen3_name={qwen3_init}"],
 }
+# 4 layers, width 128, 4 heads of 32, SwiGLU width 512, 128 embedding rows (the characters fit)
+QWEN3_INIT = dict(vocab_size=128, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=256)
+
+
+def qwen3_init(out: Path) -> Path:
+    """``<out>/qwen3_init``: a Qwen3Model of QWEN3_INIT with transformers' own random
+    initialisation (seed 0), written once with save_pretrained."""
+    d = out / "qwen3_init"
+    if not (d / "config.json").exists():
+        import torch
+        from transformers import Qwen3Config, Qwen3Model
+        torch.manual_seed(0)
+        Qwen3Model(Qwen3Config(**QWEN3_INIT)).save_pretrained(d)
+    return d
 
 
 def run_dir(out: Path, model: str, budget: int) -> Path:
@@ -71,8 +89,9 @@ def run_one(out: Path, model: str, budget: int, threads: int) -> Path:
     d, steps = run_dir(out, model, budget), BASE_STEPS * budget
     if finished(d, steps):
         return d
+    model_args = [a.format(qwen3_init=qwen3_init(out)) if "{qwen3_init}" in a else a for a in MODELS[model]]
     cmd = [sys.executable, "-m", "rwkv_diffusion_rnn.train_rwkv", "experiment=shakespeare_char",
-           f"data.path={CORPUS}", f"training.max_steps={steps}", "logging.eval_freq=250", *MODELS[model],
+           f"data.path={CORPUS}", f"training.max_steps={steps}", "logging.eval_freq=250", *model_args,
            f"logging.save_dir={d}", "logging.progress_bar=false", f"hydra.run.dir={d}/hydra"]
     if latest_checkpoint(d) is not None:
         cmd.append("training.resume=latest")
