@@ -36,6 +36,12 @@ class Modulation:
                             for t in (self.shift1, self.scale1, self.gate1,
                                       self.shift2, self.scale2, self.gate2)))
 
+    def tile(self, n: int) -> "Modulation":
+        """For n batches stacked along dim 0, ``torch.cat([x] * n)`` (row b -> rows b, B + b, ...)."""
+        return Modulation(*(None if t is None else t.repeat(n, *([1] * (t.dim() - 1)))
+                            for t in (self.shift1, self.scale1, self.gate1,
+                                      self.shift2, self.scale2, self.gate2)))
+
 
 def _modulate(x, shift, scale):
     if scale is not None:
