@@ -23,6 +23,7 @@ from typing import List, NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ..ops.wkv7 import wkv7
 
@@ -78,6 +79,71 @@ def token_shift(x: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.cat([prev.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1) - x
 
 
+class _ShiftMix(torch.autograd.Function):
+    """``x + token_shift(x, prev) * mu`` for each mixing vector ``mu`` ([1, 1, C]), as one op.
+
+    The same arithmetic as BlinkDL's lerps; autograd through them allocates two or three
+    [B, T, C] temporaries per vector in the backward, here the gradients are summed in place
+    (the gradients of x, prev and every mu from one pass over each incoming gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x, prev, *mus):
+        xx = token_shift(x, prev)
+        ctx.save_for_backward(xx, *mus)
+        ctx.prev_dtype = None if prev is None else prev.dtype
+        return tuple(torch.addcmul(x, xx, mu) for mu in mus)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        xx, *mus = ctx.saved_tensors
+        gx = gxx = None
+        gmus = []
+        for g, mu, need in zip(grads, mus, ctx.needs_input_grad[2:]):
+            if g is None:
+                gmus.append(None)
+                continue
+            gx = g.clone() if gx is None else gx.add_(g)
+            gxx = g * mu if gxx is None else gxx.addcmul_(g, mu)
+            gmus.append((g * xx).sum_to_size(mu.shape).to(mu.dtype) if need else None)
+        if gx is None:
+            return (None, None, *gmus)
+        # xx_t = x_{t-1} - x_t (x_{-1} = prev): x_t gets -gxx_t + gxx_{t+1}, prev gets gxx_0
+        gx.sub_(gxx)
+        gx[:, :-1] += gxx[:, 1:]
+        gprev = None if ctx.prev_dtype is None else gxx[:, 0].to(ctx.prev_dtype)
+        return (gx, gprev, *gmus)
+
+
+def shift_mix(x: torch.Tensor, prev: Optional[torch.Tensor], *mus: torch.Tensor):
+    """``tuple(x + token_shift(x, prev) * mu for mu in mus)`` with a lighter backward."""
+    if not torch.is_grad_enabled():
+        xx = token_shift(x, prev)
+        return tuple(torch.addcmul(x, xx, mu) for mu in mus)
+    return _ShiftMix.apply(x, prev, *mus)
+
+
+class _ReluSquare(torch.autograd.Function):
+    """relu(k) ** 2 keeping relu(k) for a two-pass backward (2 relu(k) * grad)."""
+
+    @staticmethod
+    def forward(ctx, k):
+        r = torch.relu(k)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        r, = ctx.saved_tensors
+        return torch.mul(g, r).mul_(2)
+
+
+def relu_square(k: torch.Tensor) -> torch.Tensor:
+    return _ReluSquare.apply(k) if torch.is_grad_enabled() else torch.relu(k).square()
+
+
 class RWKV7TimeMix(nn.Module):
     def __init__(self, cfg: RWKV7Config, layer_id: int):
         super().__init__()
@@ -108,9 +174,8 @@ class RWKV7TimeMix(nn.Module):
         """x: normalised input [B, T, C]. Returns (out, v_first, last_x, final wkv state)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = token_shift(x, shift)
-        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
-        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+        xr, xw, xk, xv, xa, xg = shift_mix(x, shift, self.x_r, self.x_w, self.x_k,
+                                           self.x_v, self.x_a, self.x_g)
 
         r = self.receptance(xr)
         w = torch.tanh(xw @ self.w1) @ self.w2
@@ -148,8 +213,8 @@ class RWKV7ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, shift: Optional[torch.Tensor] = None):
         """x: normalised input [B, T, C]. Returns (out, last_x)."""
-        k = x + token_shift(x, shift) * self.x_k
-        return self.value(torch.relu(self.key(k)) ** 2), x[:, -1]
+        k, = shift_mix(x, shift, self.x_k)
+        return self.value(relu_square(self.key(k))), x[:, -1]
 
 
 class RWKV7Block(nn.Module):
