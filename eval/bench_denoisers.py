@@ -3,6 +3,7 @@
     python eval/bench_denoisers.py                                   # the table of eval/README.md
     python eval/bench_denoisers.py --ns 512 2048 --archs rwkv7_bi    # a quick probe
     python eval/bench_denoisers.py --ns 32768 --archs rwkv7_bi --repeats 1
+    python eval/bench_denoisers.py --keep-freed-memory               # glibc keeps freed memory
 
 One denoiser per row, random weights, text only (no latent prefix), FiLM time conditioning, at
 ``--n-layer`` 4, ``--n-embd`` 256, heads of 64 channels, vocabulary ``--vocab`` 1000:
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -88,6 +90,7 @@ def cell(args) -> dict:
     device = torch.device(args.device)
     model = build(args.arch, args.n_layer, args.n_embd, args.head_size, args.vocab, args.backend).to(device)
     params = sum(p.numel() for p in model.parameters())
+    allocator = {"malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
     if args.mode == "sample":
         from rwkv_diffusion_rnn.diffusion.sampling import generate_text
         model.eval()
@@ -95,7 +98,7 @@ def cell(args) -> dict:
                                     generator=torch.Generator(device=device).manual_seed(0))
         run()
         best = min(_timed(run, device) for _ in range(args.repeats))
-        return {"params": params, "sample_ms_per_step": 1000 * best / args.sample_steps}
+        return {"params": params, "sample_ms_per_step": 1000 * best / args.sample_steps, **allocator}
     base = _rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -109,7 +112,7 @@ def cell(args) -> dict:
     best = min(_timed(step, device) for _ in range(args.repeats))
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
-    return {"params": params, "tokens_per_s": args.n / best, "peak_mib": peak}
+    return {"params": params, "tokens_per_s": args.n / best, "peak_mib": peak, **allocator}
 
 
 def _timed(fn, device) -> float:
@@ -123,12 +126,19 @@ def _timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
+# glibc returns every freed block of 32 MB or more to the kernel, which zeroes the pages again at
+# the next allocation; at long N that costs more than the arithmetic (eval/notes/denoiser_speed.md).
+# These keep freed memory in the process instead, at the price of a higher peak.
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
+
+
 def run_cell(args, arch: str, n: int, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--cell", "--arch", arch, "--n", str(n), "--mode", mode]
     for key in ("threads", "device", "n_layer", "n_embd", "head_size", "vocab", "backend", "repeats", "sample_steps"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    env = dict(os.environ, **(KEEP_FREED_MEMORY if args.keep_freed_memory else {}))
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cell_timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cell_timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"over {args.cell_timeout} s"}
     if r.returncode != 0:
@@ -173,6 +183,9 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--no-sample", action="store_true", help="skip the sampling column")
     p.add_argument("--cell-timeout", type=float, default=900.0)
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="run the cells with glibc keeping freed memory (" +
+                        " ".join(f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items()) + ")")
     p.add_argument("--out", type=Path, default=Path("eval/out/bench_denoisers.md"))
     # one cell, run by the parent in a subprocess
     p.add_argument("--cell", action="store_true", help=argparse.SUPPRESS)

@@ -24,6 +24,14 @@ def test_the_bench_measures_every_cell_and_writes_the_table(tmp_path):
         assert rows[f"{a}/16"]["params"] == n and text.count(f"\n| {a} | {n:,} |") == 1
 
 
+def test_keep_freed_memory_reaches_the_cells(tmp_path):
+    out = tmp_path / "b.md"
+    assert bench_denoisers.main([*TOY, "--no-sample", "--archs", "transformer", "--keep-freed-memory",
+                                 "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert rows["transformer/16"]["malloc_mmap_threshold"] == bench_denoisers.KEEP_FREED_MEMORY["MALLOC_MMAP_THRESHOLD_"]
+
+
 def test_a_failing_cell_is_reported_in_its_row(tmp_path):
     out = tmp_path / "b.md"
     # heads of 10 channels give 3 heads, which do not divide a width of 32: the cell fails
