@@ -4,6 +4,7 @@
     python eval/bench_denoisers.py --ns 512 2048 --archs rwkv7_bi    # a quick probe
     python eval/bench_denoisers.py --ns 32768 --archs rwkv7_bi --repeats 1
     python eval/bench_denoisers.py --keep-freed-memory               # glibc keeps freed memory
+    python eval/bench_denoisers.py --grad-checkpointing --ns 4096    # blocks recomputed in backward
 
 One denoiser per row, random weights, text only (no latent prefix), FiLM time conditioning, at
 ``--n-layer`` 4, ``--n-embd`` 256, heads of 64 channels, vocabulary ``--vocab`` 1000:
@@ -89,6 +90,7 @@ def cell(args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = build(args.arch, args.n_layer, args.n_embd, args.head_size, args.vocab, args.backend).to(device)
+    model.set_grad_checkpointing(args.grad_checkpointing)
     params = sum(p.numel() for p in model.parameters())
     allocator = {"malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
     if args.mode == "sample":
@@ -136,6 +138,7 @@ def run_cell(args, arch: str, n: int, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--cell", "--arch", arch, "--n", str(n), "--mode", mode]
     for key in ("threads", "device", "n_layer", "n_embd", "head_size", "vocab", "backend", "repeats", "sample_steps"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    cmd += ["--grad-checkpointing"] if args.grad_checkpointing else []
     env = dict(os.environ, **(KEEP_FREED_MEMORY if args.keep_freed_memory else {}))
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cell_timeout, env=env)
@@ -183,6 +186,8 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--no-sample", action="store_true", help="skip the sampling column")
     p.add_argument("--cell-timeout", type=float, default=900.0)
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block in the backward (training.grad_checkpointing=true)")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="run the cells with glibc keeping freed memory (" +
                         " ".join(f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items()) + ")")

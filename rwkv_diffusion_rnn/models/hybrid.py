@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .mixers.base import layer_mods
+from .mixers.base import Mixer, layer_mods
 from .mixers.bi import BiMixer
 from .rwkv7 import RWKV7, RWKV7Config
 from .transformer import TransformerBlock, TransformerConfig, init_gpt2, rotary, run_attention_block
@@ -105,7 +105,7 @@ class Hybrid(nn.Module):
         return self.blocks[self._first_rwkv].ln0(self.emb(input_ids))
 
 
-class HybridMixer(nn.Module):
+class HybridMixer(Mixer):
     """Runs a hybrid stack over [latent prefix | text]: each RWKV-7 layer read both ways and fused
     (:class:`~rwkv_diffusion_rnn.models.mixers.bi.BiMixer` over the RWKV blocks alone, so its
     fusions and any separate backward weights exist only for them), each attention block once with
@@ -127,7 +127,7 @@ class HybridMixer(nn.Module):
         v_first, j = None, 0
         for i, block in enumerate(blocks):
             if is_attention(block):
-                x = run_attention_block(block, x, cos, sin, mods[i])
+                x = self.run(run_attention_block, block, x, cos, sin, mods[i])
             else:
                 x, v_first = self.bi.layer(j, block, x, v_first, mods[i])
                 j += 1

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .mixers.base import Modulation, _modulate, layer_mods
+from .mixers.base import Mixer, Modulation, _modulate, layer_mods
 
 # The model.mixer values Qwen3 implements: its attention sees both sides at once.
 QWEN3_MIXERS = ("bi",)
@@ -116,7 +116,7 @@ def run_qwen3_layer(layer: nn.Module, x: torch.Tensor, position_embeddings, atte
     return x + (h if mod.gate2 is None else mod.gate2 * h)
 
 
-class Qwen3Mixer(nn.Module):
+class Qwen3Mixer(Mixer):
     """Runs Qwen3 decoder layers over [latent prefix | text] with positions 0..L-1, both sides
     visible; with ``block_attention`` the latent prefix is the prompt of
     :func:`block_attention_bias` and the text is cut into blocks of ``block_size``."""
@@ -142,5 +142,5 @@ class Qwen3Mixer(nn.Module):
         rope = self.rotary(x, positions)
         mods = layer_mods(mods, len(blocks))
         for i, layer in enumerate(blocks):
-            x = run_qwen3_layer(layer, x, rope, attention_bias, mods[i])
+            x = self.run(run_qwen3_layer, layer, x, rope, attention_bias, mods[i])
         return x, None

@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from .time_conditioning import AdaLNZero, FiLM, TimeConditioner
 from .mixers import MIXERS, Modulation, build_mixer, mixer_options
+from .mixers.base import Mixer
 from .rwkv7 import RWKV7, LayerState
 from .hybrid import HYBRID_MIXERS, Hybrid, HybridMixer
 from .qwen3 import QWEN3_MIXERS, Qwen3Backbone, Qwen3Mixer
@@ -182,6 +183,13 @@ class MultimodalRWKVDenoiser(nn.Module):
         """Freezes or unfreezes the pretrained weights (embedding, blocks, ln_out, head)."""
         for p in self.backbone.parameters():
             p.requires_grad_(trainable)
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block in the backward instead of keeping its activations (every mixer,
+        the hybrid's inner bi mixer included): less memory, about one more forward of time."""
+        for m in self.modules():
+            if isinstance(m, Mixer):
+                m.grad_checkpointing = enabled
 
     # ------------------------------------------------------------------ forward pieces
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .mixers.base import Modulation, _modulate
+from .mixers.base import Mixer, Modulation, _modulate
 
 # The model.mixer values attention implements; RWKV's others are orders of a recurrent scan.
 ATTENTION_MIXERS = ("bi",)
@@ -130,7 +130,7 @@ class Transformer(nn.Module):
         return self.emb(input_ids)
 
 
-class AttentionMixer(nn.Module):
+class AttentionMixer(Mixer):
     """Runs transformer blocks over [latent prefix | text] with rotary positions 0..L-1 and no
     mask (both sides). Keeps no recurrent state."""
 
@@ -146,5 +146,5 @@ class AttentionMixer(nn.Module):
                              "(the state cache is RWKV-7's, for model.mixer=block_causal)")
         cos, sin = rotary(x.shape[1], self.head_dim, self.rope_base, x.device, x.dtype)
         for i, block in enumerate(blocks):
-            x = run_attention_block(block, x, cos, sin, None if mods is None else mods[i])
+            x = self.run(run_attention_block, block, x, cos, sin, None if mods is None else mods[i])
         return x, None

@@ -97,6 +97,7 @@ class Trainer:
             check_vocab(int(cfg.model.vocab_size), int(cfg.model.mask_id))
         self.tokenizer = getattr(self.data, "tokenizer", None)
         self.model = build_model(cfg).to(self.device)
+        self.model.set_grad_checkpointing(bool(tr.grad_checkpointing))
         self.text_diff = build_text_diffusion(cfg)
         self.latent_diff = build_latent_diffusion(cfg)
         self.has_latent = cfg.model.latent_prefix_len > 0

@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from ..rwkv7 import LayerState, RWKV7Block
 
@@ -69,6 +70,21 @@ def run_block(block: RWKV7Block, x: torch.Tensor, v_first: Optional[torch.Tensor
     h, ffn_last = block.ffn(h, ffn_shift)
     x = x + (h if mod.gate2 is None else mod.gate2 * h)
     return x, v_first, (LayerState(att_last, S, ffn_last) if return_state else None)
+
+
+class Mixer(nn.Module):
+    """Base of every mixer. With ``grad_checkpointing`` (``training.grad_checkpointing``) each
+    block's activations are not kept for the backward: :meth:`run` recomputes the block then
+    (PyTorch's non-reentrant ``checkpoint``; the blocks draw no random numbers, so the recomputed
+    values are the same)."""
+
+    grad_checkpointing = False
+
+    def run(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, one block's computation, checkpointed when enabled and training."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return fn(*args, **kwargs)
 
 
 def layer_mods(mods: Optional[Sequence[Modulation]], n: int) -> List[Optional[Modulation]]:

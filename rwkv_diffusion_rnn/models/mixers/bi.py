@@ -27,14 +27,14 @@ import copy
 import torch
 import torch.nn as nn
 
-from .base import Fusion, Modulation, layer_mods, run_block
+from .base import Fusion, Mixer, Modulation, layer_mods, run_block
 
 
 # Largest B * T (tokens of one direction) read as one batch of both directions.
 BATCH_BOTH_MAX_TOKENS = 1024
 
 
-class BiMixer(nn.Module):
+class BiMixer(Mixer):
     def __init__(self, blocks, n_embd: int, bi_fusion: str = "sum", bi_share_weights: bool = True):
         super().__init__()
         self.share = bi_share_weights
@@ -64,12 +64,12 @@ class BiMixer(nn.Module):
             if isinstance(v_first, tuple):
                 v_first = torch.cat(v_first)
             mod2 = mod.tile(2) if isinstance(mod, Modulation) else None
-            y, v_first, _ = run_block(block, torch.cat([x, x.flip(1)]), v_first, mod2)
+            y, v_first, _ = self.run(run_block, block, torch.cat([x, x.flip(1)]), v_first, mod2)
             return self.fusion[i](x, y[:B], y[B:].flip(1)), v_first
         if isinstance(v_first, torch.Tensor):
             v_first = (v_first[:B], v_first[B:])
         back = block if self.share else self.backward_blocks[i]
         vf_f, vf_b = v_first if v_first is not None else (None, None)
-        y_f, vf_f, _ = run_block(block, x, vf_f, mod)
-        y_b, vf_b, _ = run_block(back, x.flip(1), vf_b, mod)
+        y_f, vf_f, _ = self.run(run_block, block, x, vf_f, mod)
+        y_b, vf_b, _ = self.run(run_block, back, x.flip(1), vf_b, mod)
         return self.fusion[i](x, y_f, y_b.flip(1)), (vf_f, vf_b)

@@ -17,10 +17,10 @@ import copy
 import torch
 import torch.nn as nn
 
-from .base import Fusion, layer_mods, run_block
+from .base import Fusion, Mixer, layer_mods, run_block
 
 
-class BlockCausalMixer(nn.Module):
+class BlockCausalMixer(Mixer):
     def __init__(self, blocks, n_embd: int, block_size: int = 16, bi_fusion: str = "sum",
                  bi_share_weights: bool = True):
         super().__init__()
@@ -51,7 +51,7 @@ class BlockCausalMixer(nn.Module):
         for j, (start, length, n) in enumerate(segs):
             xs = x[:, start:start + length * n].reshape(B * n, length, C).flip(1)
             m = mod.repeat(n) if mod is not None else None
-            y, vf, _ = run_block(block, xs, v_first_parts[j], m)
+            y, vf, _ = self.run(run_block, block, xs, v_first_parts[j], m)
             outs.append(y.flip(1).reshape(B, length * n, C))
             new_vf.append(vf)
         return torch.cat(outs, dim=1), new_vf
@@ -63,7 +63,7 @@ class BlockCausalMixer(nn.Module):
         vf_f, vf_b = None, [None] * len(segs)
         new_state = []
         for i, block in enumerate(blocks):
-            y_f, vf_f, st = run_block(block, x, vf_f, mods[i],
+            y_f, vf_f, st = self.run(run_block, block, x, vf_f, mods[i],
                                       state[i] if state is not None else None, return_state)
             y_b, vf_b = self._backward(back[i], x, mods[i], vf_b, segs)
             x = self.fusion[i](x, y_f, y_b)

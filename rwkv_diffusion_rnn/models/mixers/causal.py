@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import torch.nn as nn
-
-from .base import layer_mods, run_block
+from .base import Mixer, layer_mods, run_block
 
 
-class CausalMixer(nn.Module):
+class CausalMixer(Mixer):
     def __init__(self, blocks):
         super().__init__()
 
@@ -15,7 +13,7 @@ class CausalMixer(nn.Module):
         mods = layer_mods(mods, len(blocks))
         v_first, new_state = None, []
         for i, block in enumerate(blocks):
-            x, v_first, s = run_block(block, x, v_first, mods[i],
+            x, v_first, s = self.run(run_block, block, x, v_first, mods[i],
                                       state[i] if state is not None else None, return_state)
             new_state.append(s)
         return x, (new_state if return_state else None)

@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 
 from ..rwkv7 import DECAY_SCALE
-from .base import layer_mods, run_block
+from .base import Mixer, layer_mods, run_block
 
 
-class DWJRTMixer(nn.Module):
+class DWJRTMixer(Mixer):
     def __init__(self, blocks, n_head: int, dw_jrt_scale: float = 1.0,
                  dw_jrt_learnable_alpha: bool = False, dw_jrt_alpha_init: float = 0.0,
                  dw_jrt_layer_start: int = 1):
@@ -51,6 +51,6 @@ class DWJRTMixer(nn.Module):
             init = None
             if S_prev is not None and l >= self.layer_start:
                 init = self.injection(l, block, S_prev)
-            x, v_first, st = run_block(block, x, v_first, mods[l], wkv_init=init, return_state=True)
+            x, v_first, st = self.run(run_block, block, x, v_first, mods[l], wkv_init=init, return_state=True)
             S_prev = st.wkv
         return x, None
