@@ -162,3 +162,31 @@ def test_position_embedding_is_an_embedding_no_decay_no_muon():
     for muon_lr in (None, 0.05):
         (g,) = [g for g in param_groups(model, 1e-3, 0.1, muon_lr=muon_lr) if "pos_emb" in g["names"]]
         assert g["weight_decay"] == 0.0 and not g["use_muon"]
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "lion8bit"])
+def test_8bit_optimizers_on_cpu_warn_and_train_with_adamw(name):
+    torch.manual_seed(0)
+    model = Tiny()
+    with pytest.warns(UserWarning, match=f"optimizer.name={name}: .*CUDA.*training with AdamW"):
+        opt = build_optimizer(model, lr=1e-2, name=name)
+    assert type(opt) is torch.optim.AdamW
+    torch.manual_seed(0)
+    ref = Tiny()
+    want = build_optimizer(ref, lr=1e-2, name="adamw")
+    assert [g["names"] for g in opt.param_groups] == [g["names"] for g in want.param_groups]
+    _train(opt, model)
+    _train(want, ref)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_a_run_with_an_8bit_optimizer_on_cpu_warns_and_trains(tmp_path):
+    from rwkv_diffusion_rnn.train_rwkv import compose_config, run
+    from rwkv_diffusion_rnn.training.improved_trainer import read_train_log
+    with pytest.warns(UserWarning, match="optimizer.name=adamw8bit"):
+        run(compose_config(["experiment=struct", "model.n_layer=1", "model.n_embd=32", "model.head_size=16",
+                            "optimizer=adamw", "optimizer.name=adamw8bit", "training.max_steps=3",
+                            "data.eval_size=8", "eval.sample_steps=2", "logging.log_freq=1",
+                            "logging.eval_freq=0", "logging.progress_bar=false", f"logging.save_dir={tmp_path}"]))
+    assert [r["step"] for r in read_train_log(tmp_path)] == [1, 2, 3]

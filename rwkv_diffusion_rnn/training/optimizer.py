@@ -11,18 +11,22 @@ the network can tell positions apart.
 ``optimizer.name``: ``adamw`` (every parameter), or ``muon``: :class:`MuonAdamW`, Muon's
 orthogonalised momentum on the hidden weight matrices (the decay-group 2-D weights other than
 the token embedding and the output heads) and AdamW on everything else, as in modded-nanogpt.
+``adamw8bit`` / ``lion8bit``: bitsandbytes' 8-bit AdamW / Lion on CUDA (their optimizer state in
+8 bits); without CUDA or bitsandbytes a warning, and AdamW.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
-OPTIMIZERS = ("adamw", "muon")
+OPTIMIZERS = ("adamw", "muon", "adamw8bit", "lion8bit")
+EIGHT_BIT = {"adamw8bit": "AdamW8bit", "lion8bit": "Lion8bit"}    # optimizer.name -> bitsandbytes class
 
 _NO_DECAY_SUFFIXES = (".bias", "emb.weight", "type_emb.weight", "pos_emb", "null_latent", ".r_k")
 # 2-D weights that stay with AdamW under Muon: token-indexed rows, not linear maps of the stream.
@@ -160,8 +164,30 @@ def build_optimizer(model: nn.Module, lr: float = 3e-4, weight_decay: float = 0.
         return MuonAdamW(groups, lr=lr, betas=betas, eps=eps, momentum=muon_momentum,
                          ns_steps=muon_ns_steps)
     groups = param_groups(model, lr, weight_decay, backbone_lr_mult, decay_lr_mult=decay_lr_mult)
+    if name in EIGHT_BIT:
+        eight_bit = _eight_bit(name, groups, lr, betas, eps, next(model.parameters()).device)
+        if eight_bit is not None:
+            return eight_bit
     # "names" is bookkeeping for logs and tests; AdamW keeps unknown group keys.
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def _eight_bit(name: str, groups, lr: float, betas, eps: float, device: torch.device):
+    """bitsandbytes' 8-bit optimizer ``name`` on CUDA, or None after a warning that says why not."""
+    if device.type != "cuda":
+        why = f"its 8-bit state is for CUDA, and the model is on {device.type}"
+    else:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            why = "bitsandbytes is not installed (pip install bitsandbytes)"
+        else:
+            cls = getattr(bnb.optim, EIGHT_BIT[name])
+            extra = {"eps": eps} if name == "adamw8bit" else {}
+            return cls(groups, lr=lr, betas=tuple(betas), **extra)
+    warnings.warn(f"optimizer.name={name}: {why}; training with AdamW (optimizer.name=adamw) instead",
+                  stacklevel=3)
+    return None
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: Optional[int],
