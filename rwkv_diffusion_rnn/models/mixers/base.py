@@ -31,17 +31,18 @@ class Modulation:
     scale2: Optional[torch.Tensor] = None
     gate2: Optional[torch.Tensor] = None
 
-    def repeat(self, n: int) -> "Modulation":
-        """For a batch reshaped from [B, ...] to [B * n, ...] (row b -> rows b*n .. b*n+n-1)."""
-        return Modulation(*(None if t is None else t.repeat_interleave(n, dim=0)
+    def _map(self, fn) -> "Modulation":
+        return Modulation(*(None if t is None else fn(t)
                             for t in (self.shift1, self.scale1, self.gate1,
                                       self.shift2, self.scale2, self.gate2)))
 
+    def repeat(self, n: int) -> "Modulation":
+        """For a batch reshaped from [B, ...] to [B * n, ...] (row b -> rows b*n .. b*n+n-1)."""
+        return self._map(lambda t: t.repeat_interleave(n, dim=0))
+
     def tile(self, n: int) -> "Modulation":
         """For n batches stacked along dim 0, ``torch.cat([x] * n)`` (row b -> rows b, B + b, ...)."""
-        return Modulation(*(None if t is None else t.repeat(n, *([1] * (t.dim() - 1)))
-                            for t in (self.shift1, self.scale1, self.gate1,
-                                      self.shift2, self.scale2, self.gate2)))
+        return self._map(lambda t: t.repeat(n, *([1] * (t.dim() - 1))))
 
 
 def _modulate(x, shift, scale):
