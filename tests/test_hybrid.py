@@ -33,8 +33,7 @@ def test_attention_layers_come_from_a_list_or_a_period_and_bad_values_are_refuse
     assert attention_layers(6, attn_every=2) == (1, 3, 5)
     assert attention_layers(6, attn_every=3) == (2, 5)
     assert attention_layers(4, attn_layers=[3, 1, 1]) == (1, 3)
-    with pytest.raises(ValueError, match="exactly one of model.attn_layers"):
-        attention_layers(4)
+    assert attention_layers(4) == (1, 3)             # neither key: every second layer
     with pytest.raises(ValueError, match="exactly one of model.attn_layers"):
         attention_layers(4, [1], 2)
     with pytest.raises(ValueError, match=r"names layers \[4\] outside 0..3"):
@@ -138,7 +137,7 @@ def test_hybrid_combinations_that_cannot_work_are_refused_by_key(tmp_path):
     corpus = corpus_file(tmp_path)
     base = overrides(tmp_path, corpus, "model.arch=hybrid", "model.n_layer=2")
     with pytest.raises(ConfigError, match="exactly one of model.attn_layers"):
-        Trainer(compose_config(base))
+        Trainer(compose_config([*base, "model.attn_layers=[1]", "model.attn_every=2"]))
     with pytest.raises(ConfigError, match="model.mixer='block_causal'.*model.mixer=bi"):
         Trainer(compose_config([*base, "model.attn_every=2", "model.mixer=block_causal"]))
     with pytest.raises(ConfigError, match=r"model.attn_layers=\[0, 5\] names layers \[5\]"):

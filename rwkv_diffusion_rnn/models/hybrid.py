@@ -2,7 +2,8 @@
 
 ``model.attn_layers=[1, 3]`` puts a bidirectional attention block
 (:class:`~rwkv_diffusion_rnn.models.transformer.TransformerBlock`: rotary positions, no mask) at
-layers 1 and 3 of ``model.n_layer``; ``model.attn_every=k`` at every k-th layer (k-1, 2k-1, ...).
+layers 1 and 3 of ``model.n_layer``; ``model.attn_every=k`` at every k-th layer (k-1, 2k-1, ...);
+neither key: every second layer (``DEFAULT_ATTN_EVERY``).
 The other layers are an ordinary RWKV-7 of that many blocks, numbered among themselves: the first
 RWKV block defines ``v_first`` and holds the embedding norm ``ln0`` wherever the attention blocks
 sit, and BlinkDL's depth-dependent initialisation runs over the RWKV blocks alone.
@@ -28,15 +29,20 @@ from .transformer import TransformerBlock, TransformerConfig, init_gpt2, rotary,
 
 # The model.mixer values a hybrid stack implements: its attention blocks see both sides at once.
 HYBRID_MIXERS = ("bi",)
+DEFAULT_ATTN_EVERY = 2      # neither model.attn_layers nor model.attn_every: every second layer
 
 
 def attention_layers(n_layer: int, attn_layers: Optional[Sequence[int]] = None,
                      attn_every: Optional[int] = None) -> Tuple[int, ...]:
-    """The layer indices that are attention blocks, from exactly one of the two keys."""
-    if (attn_layers is None) == (attn_every is None):
+    """The layer indices that are attention blocks, from one of the two keys (neither: every
+    ``DEFAULT_ATTN_EVERY``-th layer)."""
+    if attn_layers is not None and attn_every is not None:
         raise ValueError("model.arch=hybrid needs exactly one of model.attn_layers (a list of layer "
-                         "indices, e.g. [1, 3]) and model.attn_every (k: every k-th layer); "
-                         f"got attn_layers={attn_layers}, attn_every={attn_every}")
+                         "indices, e.g. [1, 3]) and model.attn_every (k: every k-th layer), or neither "
+                         f"(model.attn_every={DEFAULT_ATTN_EVERY}); got attn_layers={list(attn_layers)}, "
+                         f"attn_every={attn_every}")
+    if attn_layers is None and attn_every is None:
+        attn_every = DEFAULT_ATTN_EVERY
     if attn_every is not None:
         if attn_every < 1:
             raise ValueError(f"model.attn_every={attn_every} must be >= 1")
