@@ -34,10 +34,16 @@ def run(cfg: DictConfig) -> dict:
     """Trains with a composed config and returns the final metrics."""
     from rwkv_diffusion_rnn.training.improved_trainer import Trainer
     trainer = Trainer(cfg)
-    print(f"save_dir: {trainer.save_dir}  params: "
-          f"{sum(p.numel() for p in trainer.model.parameters()):,} "
-          f"(trainable {sum(p.numel() for p in trainer.model.parameters() if p.requires_grad):,})")
-    return trainer.train()
+    try:
+        if trainer.dist.main:
+            n_params = sum(p.numel() for p in trainer.model.parameters())
+            n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+            ranks = (f"  {trainer.dist.world} processes, training.parallel={trainer.dist.mode}"
+                     if trainer.dist.active else "")
+            print(f"save_dir: {trainer.save_dir}  params: {n_params:,} (trainable {n_train:,}){ranks}")
+        return trainer.train()
+    finally:
+        trainer.dist.close()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="rwkv_mmdit", version_base="1.3")
@@ -47,14 +53,22 @@ def main(cfg: DictConfig) -> None:
     from rwkv_diffusion_rnn.weights.pretrained_rwkv import CheckpointError
     from rwkv_diffusion_rnn.training.improved_trainer import TrainingDiverged
     from rwkv_diffusion_rnn.training.run_lock import RunLockedError
+    from rwkv_diffusion_rnn.training.distributed import OtherRankFailed, launched
+    main_rank = (launched() or (0,))[0] == 0     # under torchrun, rank 0 alone speaks
     try:
         metrics = run(cfg)
+    except OtherRankFailed:
+        sys.exit(2)
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
     except (ConfigError, DataFormatError, CheckpointError, RunLockedError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if not main_rank:
+        return
     print("final metrics: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in metrics.items()))
 

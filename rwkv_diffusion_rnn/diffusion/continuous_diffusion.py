@@ -170,19 +170,21 @@ class GaussianDiffusion:
         return alpha * self.predict_eps(xt, s, model_out) - sigma * self.predict_x0(xt, s, model_out)
 
     def loss(self, model_out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, s,
-             row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+             row_mask: Optional[torch.Tensor] = None, normalizer: Optional[float] = None) -> torch.Tensor:
         """Mean squared error to :meth:`target`, in float32.
 
         ``row_mask`` (optional [B] bool) keeps only some rows, e.g. those whose latent was
         noised; the mean is then over the kept rows (0 with the graph kept if none is kept).
+        ``normalizer`` replaces the number of kept rows: the whole batch's, when these rows are
+        one process's share of it.
         """
         target = self.target(x0.float(), noise.float(), s)
         err = (model_out.float() - target).pow(2)
-        if row_mask is None:
+        if row_mask is None and normalizer is None:
             return err.mean()
         err = err.reshape(err.shape[0], -1).mean(1)
-        keep = row_mask.to(err.device).float()
-        return (err * keep).sum() / keep.sum().clamp_min(1.0)
+        keep = torch.ones_like(err) if row_mask is None else row_mask.to(err.device).float()
+        return (err * keep).sum() / (keep.sum().clamp_min(1.0) if normalizer is None else normalizer)
 
     # ---- samplers -----------------------------------------------------------------------------
 

@@ -499,6 +499,7 @@ class MaskedDiffusion:
         t,
         valid: Optional[torch.Tensor] = None,
         answer_lengths: Optional[torch.Tensor] = None,
+        normalizer: Optional[float] = None,
     ):
         """Weighted cross-entropy at the masked positions.
 
@@ -507,6 +508,8 @@ class MaskedDiffusion:
             x0: [B, T] clean ids; is_masked: [B, T] bool from :meth:`noise`; t: [B] times.
             valid: optional [B, T] bool of positions that exist (e.g. not padding).
             answer_lengths: optional [B] answer length per row: SFT normalisation.
+            normalizer: optional divisor in place of ``N`` (or ``B`` with ``answer_lengths``):
+                the whole batch's, when these rows are one process's share of it.
 
         With ``ce[b, i]`` the cross-entropy of row ``b`` position ``i`` (label-smoothed by
         ``label_smoothing`` for ``soft_ce``: ``(1 - s) ce + s mean_v(-log p_v)``), ``w[b]``
@@ -543,10 +546,10 @@ class MaskedDiffusion:
         rows = torch.arange(B, device=x0.device)[:, None].expand(B, T)[sel]
         weighted = ce * w_row[rows]
         if answer_lengths is None:
-            loss = weighted.sum() / n_valid
+            loss = weighted.sum() / (n_valid if normalizer is None else normalizer)
         else:
             lengths = torch.as_tensor(answer_lengths, device=x0.device).float().clamp_min(1.0)
-            loss = (weighted / lengths[rows]).sum() / B
+            loss = (weighted / lengths[rows]).sum() / (B if normalizer is None else normalizer)
 
         with torch.no_grad():
             n = sel.sum()

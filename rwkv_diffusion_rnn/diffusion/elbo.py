@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -95,7 +95,8 @@ def _check_valid(valid: Optional[torch.Tensor], shape, device, name: str = "vali
 
 def masked_nelbo(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
                  schedule: MaskSchedule, mask_id: int, generator: torch.Generator, *,
-                 valid: Optional[torch.Tensor] = None, mc_samples: int = 1) -> torch.Tensor:
+                 valid: Optional[torch.Tensor] = None, mc_samples: int = 1,
+                 rows: slice = slice(None)) -> torch.Tensor:
     """Unbiased Monte-Carlo estimates of the masked-diffusion NELBO of each sequence (module docstring).
 
     Args:
@@ -111,6 +112,8 @@ def masked_nelbo(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
         valid: optional bool [B, T]: positions that exist. Only they are masked and scored;
             the others are passed to ``denoise`` as they are.
         mc_samples: independent draws per sequence (one ``denoise`` call of [B, T] each).
+        rows: score only these rows (one process's share of the batch): the draws are made for
+            all ``B`` rows as always, ``denoise`` sees only these, and the result has their columns.
 
     Each draw gives row ``b`` the time ``t_b = 1 - (u + pi(b)) / B`` (in (0, 1]; every stratum
     ``[k/B, (k+1)/B)`` holds one row, and each row's ``t`` alone is uniform), masks each of its
@@ -118,8 +121,8 @@ def masked_nelbo(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
     ``w(t_b) * sum over masked positions of -log p(x0_i | xt, t_b)``. A row that drew no mask
     scores 0. The log-softmax is taken in float32 (float64 logits stay float64), sums in float64.
 
-    Returns float64 [mc_samples, B] on ``x0``'s device: nats per sequence, summed over its
-    tokens. The result is differentiable; call under ``torch.no_grad()`` to evaluate.
+    Returns float64 [mc_samples, B] (B: the rows scored) on ``x0``'s device: nats per
+    sequence, summed over its tokens. The result is differentiable; call under ``torch.no_grad()`` to evaluate.
     """
     if x0.dim() != 2:
         raise ValueError(f"x0 must be [B, T] token ids, got shape {tuple(x0.shape)}")
@@ -134,28 +137,30 @@ def masked_nelbo(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
     if bool((x0.eq(mask_id) & valid).any()):
         raise ValueError(f"x0 holds the mask id {mask_id} at a valid position: its likelihood is 0 "
                          "under a model that never predicts the mask; mark it invalid or remap it")
-    rows = torch.arange(B, device=device)[:, None].expand(B, T)
+    x0_r, valid_r = x0[rows], valid[rows]
+    n = x0_r.shape[0]
+    row_ids = torch.arange(n, device=device)[:, None].expand(n, T)
     estimates = []
     for _ in range(mc_samples):
         # Randomness on the CPU, in float64 (so t stays strictly inside (0, 1] for any B).
         u = torch.rand((1,), generator=generator, dtype=torch.float64)
         perm = torch.randperm(B, generator=generator)
-        t = 1.0 - (u + perm.to(torch.float64)) / B
+        t = (1.0 - (u + perm.to(torch.float64)) / B)[rows]
         rate = schedule.mask_rate(t)
         weight = schedule.elbo_weight(t)
-        draw = torch.rand((B, T), generator=generator, dtype=torch.float64)
-        is_masked = (draw < rate[:, None]).to(device) & valid
-        xt = torch.where(is_masked, torch.full_like(x0, mask_id), x0)
+        draw = torch.rand((B, T), generator=generator, dtype=torch.float64)[rows]
+        is_masked = (draw < rate[:, None]).to(device) & valid_r
+        xt = torch.where(is_masked, torch.full_like(x0_r, mask_id), x0_r)
 
         logits = denoise(xt, t.to(device=device, dtype=torch.float32))
-        if logits.dim() != 3 or tuple(logits.shape[:2]) != (B, T):
-            raise ValueError(f"denoise must return logits [B, T, V] = [{B}, {T}, V], got "
+        if logits.dim() != 3 or tuple(logits.shape[:2]) != (n, T):
+            raise ValueError(f"denoise must return logits [B, T, V] = [{n}, {T}, V], got "
                              f"{tuple(logits.shape)}")
         # Only the masked positions go through the log-softmax: with a 65536-token vocabulary the
         # full [B, T, V] float32 copy would dwarf the model's own activations.
-        logp = _token_logprob(logits[is_masked], x0[is_masked], exclude=mask_id)
-        nll = torch.zeros(B, dtype=torch.float64, device=device).index_add(
-            0, rows[is_masked], -logp.to(torch.float64))
+        logp = _token_logprob(logits[is_masked], x0_r[is_masked], exclude=mask_id)
+        nll = torch.zeros(n, dtype=torch.float64, device=device).index_add(
+            0, row_ids[is_masked], -logp.to(torch.float64))
         # A row without a mask contributes exactly 0, also where its weight is large.
         estimates.append(torch.where(is_masked.any(1), weight.to(device) * nll, torch.zeros_like(nll)))
     return torch.stack(estimates)
@@ -249,6 +254,18 @@ class LikelihoodAccumulator:
             self._chars = None
         else:
             self._chars += int(chars)
+
+    @classmethod
+    def combine(cls, parts: Sequence["LikelihoodAccumulator"]) -> "LikelihoodAccumulator":
+        """One accumulator holding the sequences of all ``parts`` (the shares of several
+        processes that scored one corpus)."""
+        out = cls(exact=parts[0].exact)
+        for part in parts:
+            out._nats += part._nats
+            out._tokens += part._tokens
+            out._chars = None if out._chars is None or part._chars is None else out._chars + part._chars
+            out._mc_samples = out._mc_samples if part._mc_samples is None else part._mc_samples
+        return out
 
     def summary(self) -> LikelihoodSummary:
         """The corpus summary; ``nats_per_token = sum_b r_b / sum_b n_b``.

@@ -16,6 +16,11 @@ every row is a text row. The total is ``text_loss + latent_loss_weight * latent_
 All draws come from the one generator the caller passes, in a fixed order (truncation, ``t``,
 ``s``, roles, drops, latent noise, masks), so a run is reproduced by that generator's state.
 
+``rows`` runs the denoiser on some rows of the batch only (one process's share, see
+:mod:`~rwkv_diffusion_rnn.training.distributed`): the draws are still made for the whole batch,
+and the loss is those rows' terms over the whole batch's normaliser, so the shares' losses add up
+to the loss of the whole batch.
+
 :class:`AutoregressiveObjective` trains a causal denoiser (``mixer=causal``, no latent) to
 predict each token from those before it; it draws nothing.
 """
@@ -64,6 +69,22 @@ class NoisyBatch(NamedTuple):
     drop: Optional[torch.Tensor] = None  # [B] rows given the null latent
     latent_rows: Optional[torch.Tensor] = None  # [B] rows with a latent loss
 
+    def take(self, rows: slice) -> "NoisyBatch":
+        """These rows of every field."""
+        return NoisyBatch(*(None if v is None else v[rows] for v in self))
+
+
+class Normalizers(NamedTuple):
+    """The divisors of a whole batch's losses: its scored text positions and latent rows."""
+    text: float
+    latent: float
+
+    @classmethod
+    def of(cls, nb: NoisyBatch) -> "Normalizers":
+        text = max(float(nb.valid[nb.text_rows].sum()), 1.0)
+        latent = max(float(nb.latent_rows.sum()), 1.0) if nb.latent_rows is not None else 1.0
+        return cls(text, latent)
+
 
 class DiffusionObjective:
     """Noises a batch, runs the denoiser, and returns ``(loss, stats)`` (see the module docstring).
@@ -99,34 +120,40 @@ class DiffusionObjective:
         t = torch.where(clean_text, torch.zeros_like(t), t)
         return NoisyBatch(x0, xt, is_masked, valid, t, ~clean_text, **lat)
 
-    def loss(self, out, nb: NoisyBatch) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """The loss of the denoiser output ``out`` (``.logits``, ``.latent``) on ``nb``."""
+    def loss(self, out, nb: NoisyBatch, norm: Optional[Normalizers] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """The loss of the denoiser output ``out`` (``.logits``, ``.latent``) on ``nb``;
+        ``norm``: the divisors of the whole batch ``nb`` is a share of (default: its own)."""
         dev = out.logits.device
         rows = nb.text_rows
         if rows.any():
             text_loss, _ = self.text.loss(out.logits[rows], nb.x0[rows].to(dev), nb.is_masked[rows].to(dev),
-                                          nb.t[rows].to(dev), valid=nb.valid[rows].to(dev))
+                                          nb.t[rows].to(dev), valid=nb.valid[rows].to(dev),
+                                          normalizer=None if norm is None else norm.text)
         else:  # keeps the graph, so backward() works on a batch without text rows
             text_loss = out.logits.sum() * 0.0
         loss = text_loss
         latent_loss = torch.zeros((), device=dev)
         if self.latent is not None and nb.latent_rows.any():
             latent_loss = self.latent.loss(out.latent.float(), nb.z0.to(dev), nb.eps.to(dev), nb.s.to(dev),
-                                           row_mask=nb.latent_rows.to(dev))
+                                           row_mask=nb.latent_rows.to(dev),
+                                           normalizer=None if norm is None else norm.latent)
             loss = loss + self.config.latent_loss_weight * latent_loss
         return loss, {"text_loss": float(text_loss.detach()), "latent_loss": float(latent_loss.detach()),
                       "tokens": int(nb.valid.sum())}
 
     def __call__(self, model, batch: Dict[str, torch.Tensor], generator: torch.Generator,
-                 device: torch.device = torch.device("cpu"),
-                 autocast: Callable = nullcontext) -> Tuple[torch.Tensor, Dict[str, float]]:
+                 device: torch.device = torch.device("cpu"), autocast: Callable = nullcontext,
+                 rows: Optional[slice] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         nb = self.noise(batch, generator)
+        norm = None
+        if rows is not None:
+            norm, nb = Normalizers.of(nb), nb.take(rows)
         has_latent = nb.zs is not None
         with autocast():
             out = model(nb.xt.to(device), nb.t.to(device), nb.zs.to(device) if has_latent else None,
                         nb.s.to(device) if has_latent else None,
                         latent_drop=nb.drop.to(device) if has_latent else None)
-        return self.loss(out, nb)
+        return self.loss(out, nb, norm)
 
 
 def next_token_inputs(batch: Dict[str, torch.Tensor]):
@@ -144,16 +171,23 @@ def next_token_inputs(batch: Dict[str, torch.Tensor]):
 
 
 class AutoregressiveObjective:
-    """Mean cross-entropy of the next token under a causal denoiser (its time input fixed at 0)."""
+    """Mean cross-entropy of the next token under a causal denoiser (its time input fixed at 0);
+    with ``rows``, those rows' cross-entropies over the whole batch's target count."""
 
     def __call__(self, model, batch: Dict[str, torch.Tensor], generator: Optional[torch.Generator] = None,
-                 device: torch.device = torch.device("cpu"),
-                 autocast: Callable = nullcontext) -> Tuple[torch.Tensor, Dict[str, float]]:
+                 device: torch.device = torch.device("cpu"), autocast: Callable = nullcontext,
+                 rows: Optional[slice] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         inputs, targets, valid = next_token_inputs(batch)
+        count = None
+        if rows is not None:
+            count = max(float(valid.sum()), 1.0)
+            inputs, targets, valid = inputs[rows], targets[rows], valid[rows]
         inputs = inputs.to(device)
         t = torch.zeros(inputs.shape[0], device=device)
         with autocast():
             logits = model(inputs, t).logits
         valid = valid.to(device)
-        loss = torch.nn.functional.cross_entropy(logits[valid].float(), targets.to(device)[valid])
+        ce = torch.nn.functional.cross_entropy(logits[valid].float(), targets.to(device)[valid],
+                                               reduction="mean" if count is None else "sum")
+        loss = ce if count is None else ce / count
         return loss, {"text_loss": float(loss.detach()), "latent_loss": 0.0, "tokens": int(valid.sum())}

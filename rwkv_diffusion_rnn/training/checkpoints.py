@@ -14,6 +14,13 @@ file per stateful part of a training run:
     metrics.json         trainer_state["metrics"], for people reading the directory
     manifest.json        size and sha256 of every file above; written last
 
+An FSDP run (``training.parallel=fsdp``) keeps its weights sharded: ``sharded/`` holds the model,
+EMA and optimizer state as ``torch.distributed.checkpoint`` files (one per rank, keyed by
+parameter name) instead of model.safetensors, ema.safetensors and optimizer.pt; every rank writes
+its shard into a staging directory (:func:`save_shards`), then rank 0 moves it into the
+checkpoint with the other files. Such a checkpoint loads into FSDP at any world size and into an
+unsharded model in one process (:func:`load_checkpoint` reads whichever form it finds).
+
 The .pt files hold only tensors and plain Python values (numpy state is stored as tensors and
 ints), so every one loads with ``torch.load(weights_only=True)``; save refuses anything else.
 
@@ -85,6 +92,9 @@ __all__ = [
     "parse_config_file",
     "read_trainer_state",
     "clean_save_dir",
+    "save_shards",
+    "is_sharded",
+    "has_ema",
 ]
 
 MANIFEST = "manifest.json"
@@ -99,6 +109,7 @@ STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 TOKENIZER_FILE = "tokenizer.json"   # the tokenizer's spec (data.tokenizer.tokenizer_spec)
+SHARDED_DIR = "sharded"             # torch.distributed.checkpoint files of an FSDP run
 
 # Parts restored with `obj.load_state_dict(torch.load(file))`: (argument name, file).
 STATE_DICT_PARTS = (("optimizer", "optimizer.pt"), ("scheduler", "scheduler.pt"))
@@ -125,7 +136,7 @@ def save_checkpoint(
     save_dir,
     name: str,
     *,
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     optimizer=None,
     scheduler=None,
     ema: torch.nn.Module | None = None,
@@ -134,6 +145,7 @@ def save_checkpoint(
     config: dict | None = None,
     tokenizer: dict | None = None,
     keep_last: int | None = None,
+    sharded: Path | None = None,
 ) -> Path:
     """Write a complete checkpoint to ``<save_dir>/<name>`` atomically and return its path.
 
@@ -146,6 +158,9 @@ def save_checkpoint(
     Raises NonFiniteError (nothing written) when a floating tensor of the model or EMA is NaN or
     inf, and CheckpointWriteError (the half-written directory removed, nothing existing touched)
     when writing fails, e.g. for lack of disk space.
+
+    ``sharded``: a staging directory from :func:`save_shards`, moved into the checkpoint as
+    ``sharded/``; the model, EMA and optimizer are then in it (pass them as None here).
     """
     save_dir = Path(save_dir)
     if not name or name != Path(name).name or name.startswith("."):
@@ -156,7 +171,11 @@ def save_checkpoint(
         raise TypeError(f"trainer_state must be a dict, got {type(trainer_state).__name__}")
 
     # Everything that can be refused is checked before the first byte is written.
-    model, ema = _unwrap(model), (_unwrap(ema) if ema is not None else None)
+    if (model is None) == (sharded is None):
+        raise ValueError("save_checkpoint takes either model (unsharded weights) or sharded (the staging "
+                         "directory of save_shards), not both or neither")
+    model = _unwrap(model) if model is not None else None
+    ema = _unwrap(ema) if ema is not None else None
     for module, where in ((model, "model"), (ema, "ema")):
         if module is not None:
             _check_weights(module.state_dict(), where, save_dir, name)
@@ -178,7 +197,7 @@ def save_checkpoint(
     pt_parts[RNG_FILE] = _rng_state()
 
     # (file name, writer) in the order written; the manifest comes last, after all of them.
-    writers = [(MODEL_FILE, lambda f: _save_weights(f, model, "model"))]
+    writers = [(MODEL_FILE, lambda f: _save_weights(f, model, "model"))] if model is not None else []
     if ema is not None:
         writers.append((EMA_FILE, lambda f: _save_weights(f, ema, "ema")))
     writers += [(fname, lambda f, obj=obj: torch.save(obj, f)) for fname, obj in pt_parts.items()]
@@ -189,18 +208,19 @@ def save_checkpoint(
     meta = {"name": name, "global_step": trainer_state.get("global_step"), "epoch": trainer_state.get("epoch")}
 
     save_dir.mkdir(parents=True, exist_ok=True)
-    clean_save_dir(save_dir)
+    clean_save_dir(save_dir, keep=sharded)
     tmp = save_dir / f"{_TMP}{name}-{os.getpid()}"
-    _write_tmp(tmp, writers, meta, save_dir, name)
+    _write_tmp(tmp, writers, meta, save_dir, name, sharded)
     final = _move_into_place(tmp, save_dir, name)
     if keep_last is not None:
         _prune(save_dir, keep_last, final)
     return final
 
 
-def _write_tmp(tmp: Path, writers: list, meta: dict, save_dir: Path, name: str) -> None:
-    """Write every file and then the manifest into ``tmp``; on failure remove ``tmp`` and raise
-    CheckpointWriteError (a KeyboardInterrupt and the like pass through unchanged)."""
+def _write_tmp(tmp: Path, writers: list, meta: dict, save_dir: Path, name: str, sharded: Path | None = None) -> None:
+    """Write every file (and move in the ``sharded`` staging directory), then the manifest,
+    into ``tmp``; on failure remove ``tmp`` and raise CheckpointWriteError (a KeyboardInterrupt
+    and the like pass through unchanged)."""
     writing = tmp
     try:
         tmp.mkdir()
@@ -209,6 +229,13 @@ def _write_tmp(tmp: Path, writers: list, meta: dict, save_dir: Path, name: str) 
             writing = tmp / fname
             write(writing)
             files[fname] = _record(writing)
+        if sharded is not None:
+            writing = tmp / SHARDED_DIR
+            os.replace(sharded, writing)
+            for file in sorted(writing.rglob("*")):
+                if file.is_file():
+                    files[file.relative_to(tmp).as_posix()] = _record(file)
+            _fsync_dir(writing)
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "created_unix": time.time(),
                     # save refuses non-finite weights, so every manifest written says so (see _prune)
                     "finite": True, "files": files}
@@ -371,20 +398,20 @@ def _sentence(clause: str) -> str:
     return clause[:1].upper() + clause[1:]
 
 
-def clean_save_dir(save_dir) -> None:
+def clean_save_dir(save_dir, keep: Path | None = None) -> None:
     """Tidy what an interrupted save left in save_dir.
 
     ``.tmp-*`` (half-written) and ``.trash-*`` (half-deleted) directories are removed; an
     ``.old-<name>-*`` directory (the previous version of a checkpoint that was being replaced)
     is moved back to ``<name>`` when that name is empty. Directories of processes still running
-    (another save in progress) are left alone.
+    (another save in progress) are left alone, and ``keep`` (the shards of the save under way).
     """
     save_dir = Path(save_dir)
     if not save_dir.is_dir():
         return
     for entry in sorted(save_dir.iterdir()):
         prefix = next((p for p in (_OLD, _TMP, _TRASH) if entry.name.startswith(p)), None)
-        if prefix is None:
+        if prefix is None or (keep is not None and entry.name == Path(keep).name):
             continue
         ckpt_name, _, pid = entry.name[len(prefix):].rpartition("-")
         if not pid.isdigit() or not ckpt_name:
@@ -450,8 +477,12 @@ def load_checkpoint(
     verify_checkpoint(path)
     files = _read_manifest(path)["files"]
 
-    _load_weights(path / MODEL_FILE, _unwrap(model))
-    if ema is not None:
+    if is_sharded(path):
+        _load_sharded(path / SHARDED_DIR, _unwrap(model), optimizer, _unwrap(ema) if ema is not None else None)
+        optimizer = None        # its state was in the shards
+    else:
+        _load_weights(path / MODEL_FILE, _unwrap(model))
+    if ema is not None and not is_sharded(path):
         if EMA_FILE not in files:
             raise CheckpointError(
                 f"Checkpoint {path} has no EMA weights ({EMA_FILE}): the run that wrote it kept no EMA. "
@@ -482,6 +513,110 @@ def load_checkpoint(
     if restore_rng and RNG_FILE in files:
         _set_rng_state(_torch_load(path / RNG_FILE, "cpu"), path / RNG_FILE)
     return read_trainer_state(path), extra
+
+
+def is_sharded(path) -> bool:
+    """Whether the checkpoint at ``path`` keeps its weights as FSDP shards (``sharded/``)."""
+    try:
+        files = _read_manifest(Path(path))["files"]
+    except CheckpointError:
+        return False
+    return any(f.startswith(SHARDED_DIR + "/") for f in files)
+
+
+def has_ema(path) -> bool:
+    """Whether the checkpoint at ``path`` holds EMA weights (ema.safetensors, or in its shards)."""
+    path = Path(path)
+    if not is_sharded(path):
+        return (path / EMA_FILE).is_file()
+    import torch.distributed.checkpoint as dcp
+    try:
+        stored = dcp.FileSystemReader(str(path / SHARDED_DIR)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise CheckpointError(f"{path / SHARDED_DIR} cannot be read as torch.distributed.checkpoint shards "
+                              f"({type(e).__name__}: {_first_line(e)})") from e
+    return any(k.startswith("ema.") for k in stored)
+
+
+def _sharded_state(model: torch.nn.Module, optimizer=None, ema: torch.nn.Module | None = None) -> dict:
+    """The parts of an FSDP checkpoint as ``torch.distributed.checkpoint`` state dicts, keyed
+    by parameter name (sharded on an FSDP model, whole on a plain one)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    if ema is not None:
+        state["ema"] = get_model_state_dict(ema)
+    return state
+
+
+def save_shards(save_dir, name: str, dist, *, model: torch.nn.Module, optimizer=None,
+                ema: torch.nn.Module | None = None) -> Path:
+    """Every rank of an FSDP run: writes its shards of ``model``, ``optimizer`` and ``ema``
+    with ``torch.distributed.checkpoint`` into a staging directory of ``save_dir`` and returns
+    it, for rank 0's :func:`save_checkpoint` (``sharded=``). Refuses non-finite weights on any
+    rank before writing (NonFiniteError on every rank)."""
+    import torch.distributed.checkpoint as dcp
+    save_dir = Path(save_dir)
+    stage = save_dir / f"{_TMP}{name}-shards-{dist.broadcast(os.getpid())}"
+    bad = []
+    for module, where in ((model, "model"), (ema, "ema")):
+        for key, value in (module.state_dict().items() if module is not None else ()):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+                bad.append(f"{where}.{key}")
+    if dist.any(bool(bad)):
+        raise NonFiniteError(f"checkpoint {save_dir / name} not written: weights hold NaN or inf"
+                             + (f" ({_some(bad)})" if bad else " (on another rank)"))
+
+    def fresh_stage():
+        save_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+
+    dist.on_main(fresh_stage)
+    try:
+        dcp.save(_sharded_state(model, optimizer, ema), checkpoint_id=str(stage))
+    except Exception as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise _write_error(e, stage, save_dir, name, _free_bytes(save_dir)) from e
+    dist.barrier()
+    return stage
+
+
+def _load_sharded(directory: Path, model: torch.nn.Module, optimizer=None, ema: torch.nn.Module | None = None) -> None:
+    """Loads the shards into ``model`` (FSDP or plain), ``optimizer`` and ``ema``. Every weight
+    must be in the files. The optimizer may lack the state of parameters that never had a
+    gradient (an unused head): they keep the fresh state that the optimizer's first step would
+    give them anyway."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    state = _sharded_state(model, optimizer, ema)
+    try:
+        stored = set(dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata)
+    except Exception as e:
+        raise CheckpointError(f"{directory} cannot be read as torch.distributed.checkpoint shards "
+                              f"({type(e).__name__}: {_first_line(e)})") from e
+    missing = [f"{part}.{k}" for part in ("model", "ema") for k in state.get(part, {}) if f"{part}.{k}" not in stored]
+    if missing:
+        hint = " (this run keeps an EMA, the run that wrote it did not)" if any(m.startswith("ema.") for m in missing) else ""
+        raise CheckpointError(f"{directory} does not fit this run{hint}: missing {_some(missing)}. Resume with "
+                              "the model settings it was written with, or start a new run.")
+    try:
+        with warnings.catch_warnings():     # one process reading shards: DCP says it has no process group
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            dcp.load(state, checkpoint_id=str(directory), planner=DefaultLoadPlanner(allow_partial_load=True))
+    except Exception as e:
+        raise CheckpointError(
+            f"{directory} does not fit this run ({type(e).__name__}: {_first_line(e)}). It was written "
+            "with other model settings (or without EMA while this run keeps one): resume with the same "
+            "model config, or start a new run.") from e
+    set_model_state_dict(model, state["model"])
+    if ema is not None:
+        set_model_state_dict(ema, state["ema"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def read_trainer_state(path) -> dict:

@@ -214,8 +214,9 @@ def validate_config(cfg: DictConfig) -> None:
     std = m.pos_emb_init_std
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not std >= 0:
         raise ConfigError(f"model.pos_emb_init_std={std!r} must be a number >= 0 (0: zeros)")
-    if not isinstance(tr.grad_checkpointing, bool):
-        raise ConfigError(f"training.grad_checkpointing={tr.grad_checkpointing!r} must be true or false")
+    for key in ("grad_checkpointing", "resume_any_world_size"):
+        if not isinstance(tr[key], bool):
+            raise ConfigError(f"training.{key}={tr[key]!r} must be true or false")
     mbs = tr.max_bad_steps
     if not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 0:
         raise ConfigError(f"training.max_bad_steps={mbs!r} must be an integer >= 0 (0: stop at the first "

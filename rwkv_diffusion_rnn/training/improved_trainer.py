@@ -11,6 +11,10 @@ Exact resume: every random draw of training comes from the streams of
 :mod:`~rwkv_diffusion_rnn.training.rng`, whose states are saved in each checkpoint together with
 the data position and the running log accumulators, so a resumed run logs bit-identical losses
 on CPU. Evaluation draws from fixed streams of its own and never disturbs training randomness.
+
+Under torchrun the same loop runs on every rank (:mod:`~rwkv_diffusion_rnn.training.distributed`):
+each rank computes its share of every batch, the step's losses and every evaluation are summed
+over the ranks, and rank 0 alone writes the log, the metrics and the unsharded checkpoint files.
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..diffusion.sampling import generate_latent, generate_text
 from . import checkpoints as ckpt
-from . import likelihood, rng
-from .builders import (autocast, build_data, build_latent_diffusion, build_model, build_objective,
+from . import distributed, likelihood, rng
+from .builders import (AUTOCAST_DTYPES, autocast, build_data, build_latent_diffusion, build_model, build_objective,
                        build_optimizer_and_scheduler, build_text_diffusion, resolve_device, resolve_vocab)
-from .config_validation import validate_config
+from .config_validation import ConfigError, validate_config
 from .ema import EMA
 from .run_lock import RunLock
 
@@ -84,13 +88,15 @@ class Trainer:
         validate_config(cfg)
         self.cfg = cfg
         tr = cfg.training
-        self.save_dir = Path(cfg.logging.save_dir)
+        self.dist, self.device = distributed.setup(tr.parallel, resolve_device(tr.device), int(tr.train_batch_size))
+        # Each rank may have resolved Hydra's timestamped folder at another second: rank 0's counts.
+        self.save_dir = Path(self.dist.broadcast(str(cfg.logging.save_dir)))
         self.save_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(rng.seed_of("init", cfg.seed))
-        self.device = resolve_device(tr.device)
 
         self.synthetic = cfg.data.kind == "synthetic"
-        self.data = build_data(cfg)
+        with self.dist.first_main():        # rank 0 fills the token cache, the others read it
+            self.data = build_data(cfg)
         resolve_vocab(cfg, self.data)       # vocab_size / mask_id follow the tokenizer
         check_vocab = getattr(self.data, "check_vocab", None)
         if check_vocab is not None:         # token files on disk: ids checked against the vocabulary
@@ -103,8 +109,14 @@ class Trainer:
         self.has_latent = cfg.model.latent_prefix_len > 0
         self.objective = build_objective(cfg, self.text_diff, self.latent_diff)
         self.total_steps = self._total_steps()
-        self.optimizer, self.scheduler = build_optimizer_and_scheduler(cfg, self.model, self.total_steps)
         self.ema = EMA(self.model, tr.ema_decay) if tr.ema_decay else None
+        self._check_parallel()
+        # The module the loss runs (DDP's wrapper, or the model sharded in place by FSDP); the
+        # optimizer is built after it, on the parameters FSDP put in place.
+        self.net = self.dist.wrap(self.model, AUTOCAST_DTYPES[tr.dtype])
+        if self.ema is not None and self.dist.mode == "fsdp":
+            distributed.shard(self.ema.module, AUTOCAST_DTYPES[tr.dtype])
+        self.optimizer, self.scheduler = build_optimizer_and_scheduler(cfg, self.model, self.total_steps)
         self.noise_gen = rng.generator("noise", cfg.seed)
 
         self.global_step = 0
@@ -121,6 +133,20 @@ class Trainer:
             self._resume(tr.resume)
         self.config_dict = OmegaConf.to_container(cfg, resolve=True)
 
+    def _check_parallel(self):
+        tr, mode = self.cfg.training, self.dist.mode
+        if mode == "fsdp" and self.cfg.optimizer.name == "muon":
+            raise ConfigError("optimizer=muon orthogonalises whole weight matrices, which training.parallel=fsdp "
+                              "splits over the ranks; use optimizer=adamw with fsdp, or training.parallel=ddp")
+        if mode == "fsdp" and tr.unfreeze_backbone_at_epoch is not None:
+            raise ConfigError("training.unfreeze_backbone_at_epoch changes which weights train in the middle of "
+                              "a run, which training.parallel=fsdp cannot follow; use training.parallel=ddp, or "
+                              "set model.freeze_backbone=false from the start")
+
+    def _print(self, *args, **kwargs):
+        if self.dist.main:
+            print(*args, **kwargs)
+
     # ------------------------------------------------------------------ bookkeeping
 
     def _total_steps(self) -> Optional[int]:
@@ -136,7 +162,8 @@ class Trainer:
         data_state, _ = self.data.state()
         state = {"global_step": self.global_step, "epoch": self.data.epoch, "data": data_state,
                  "window": dict(self.window), "metrics": json_safe(self.metrics), "bad_steps": self.bad_steps,
-                 "backbone_trainable": any(p.requires_grad for p in self.model.backbone.parameters())}
+                 "backbone_trainable": any(p.requires_grad for p in self.model.backbone.parameters()),
+                 "world_size": self.dist.world, "parallel": self.dist.mode}
         if self.pending_record is not None:
             state["pending_record"] = json_safe(self.pending_record)
         return state
@@ -144,13 +171,20 @@ class Trainer:
     def save(self, name: str) -> Path:
         _, tensors = self.data.state()
         tensors = dict(tensors, noise_rng=self.noise_gen.get_state())
-        path = ckpt.save_checkpoint(
-            self.save_dir, name, model=self.model, optimizer=self.optimizer,
-            scheduler=self.scheduler, ema=self.ema.module if self.ema else None,
+        if self.dist.world > 1:             # every rank's own stream, in rank order
+            tensors["rank_noise_rng"] = torch.stack(self.dist.gather(self.noise_gen.get_state()))
+        ema = self.ema.module if self.ema else None
+        parts = dict(model=self.model, optimizer=self.optimizer, ema=ema)
+        sharded = None
+        if self.dist.mode == "fsdp":
+            sharded = ckpt.save_shards(self.save_dir, name, self.dist, **parts)
+            parts = dict(model=None, optimizer=None, ema=None)
+        path = self.dist.on_main(lambda: ckpt.save_checkpoint(
+            self.save_dir, name, **parts, scheduler=self.scheduler, sharded=sharded,
             trainer_state=self._trainer_state(), extra_tensors=tensors, config=self.config_dict,
-            tokenizer=self._tokenizer_spec(), keep_last=self.cfg.logging.keep_last)
+            tokenizer=self._tokenizer_spec(), keep_last=self.cfg.logging.keep_last))
         self.saved_step = self.global_step
-        return path
+        return Path(path)
 
     def _tokenizer_spec(self) -> Optional[Dict[str, Any]]:
         from ..data.tokenizer import tokenizer_spec
@@ -169,6 +203,7 @@ class Trainer:
                 f"{saved_tok.get('vocab_size')} ids, against {tok and tok.get('name')!r}, "
                 f"{tok and tok.get('vocab_size')} ids; a chars vocabulary follows the corpus): resume with the "
                 "data and tokenizer the checkpoint was trained on, or start a new run in another logging.save_dir")
+        self._check_resume_world(path)
         state, tensors = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
                                               scheduler=self.scheduler,
                                               ema=self.ema.module if self.ema else None)
@@ -183,12 +218,35 @@ class Trainer:
             self.data.load(state.get("data", {}), tensors)
         except ValueError as e:
             raise ckpt.CheckpointError(f"training.resume={resume} ({path}): {e}") from None
-        self.noise_gen.set_state(tensors["noise_rng"])
+        per_rank = tensors.get("rank_noise_rng")
+        same_world = int(state.get("world_size", 1)) == self.dist.world
+        # clone: set_state reads a row of the stacked states from its storage's start
+        self.noise_gen.set_state(per_rank[self.dist.rank].clone() if per_rank is not None and same_world
+                                 else tensors["noise_rng"])
         self.resumed_from = path
-        print(f"resumed from {path} at step {self.global_step}")
+        self._print(f"resumed from {path} at step {self.global_step}")
+
+    def _check_resume_world(self, path: Path):
+        """A checkpoint resumes exactly only with the world size that wrote it; another one
+        needs ``training.resume_any_world_size``, and a sharded checkpoint or an FSDP run the
+        other's form."""
+        state = ckpt.read_trainer_state(path)
+        saved, world = int(state.get("world_size", 1)), self.dist.world
+        if saved != world and not self.cfg.training.resume_any_world_size:
+            raise ckpt.CheckpointError(
+                f"{path} was written by a run of {saved} process{'es' if saved > 1 else ''} and this run has "
+                f"{world}: it would continue, but not repeat the {saved}-process run exactly (each process's "
+                "random stream, and sums grouped differently). Resume with the same world size "
+                f"(torchrun --nproc_per_node={saved}" + (", or without torchrun" if saved == 1 else "") +
+                "), or set training.resume_any_world_size=true to continue anyway")
+        if self.dist.mode == "fsdp" and not ckpt.is_sharded(path):
+            raise ckpt.CheckpointError(
+                f"{path} holds whole weights (a training.parallel={state.get('parallel', 'none')} run) and this "
+                "run shards them (training.parallel=fsdp): resume it with training.parallel=ddp or none")
 
     def _claim_save_dir(self):
-        """Takes the run folder's lock; a fresh run refuses a folder that holds another run."""
+        """Takes the run folder's lock; a fresh run refuses a folder that holds another run.
+        Rank 0's work: the lock and the log are its files."""
         self.lock.acquire()
         if self.resumed_from is not None:
             self._truncate_log(self.global_step)
@@ -237,6 +295,8 @@ class Trainer:
         os.replace(tmp, log)
 
     def _log(self, record: Dict[str, Any]):
+        if not self.dist.main:
+            return
         with open(self.save_dir / LOG_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         if self.wandb is not None:
@@ -244,7 +304,7 @@ class Trainer:
 
     def _init_wandb(self):
         lg = self.cfg.logging
-        if not lg.wandb:
+        if not lg.wandb or not self.dist.main:
             return
         try:
             import wandb
@@ -261,9 +321,10 @@ class Trainer:
 
     def compute_loss(self, batch: Dict[str, torch.Tensor], generator: Optional[torch.Generator] = None):
         """The objective on one batch: ``(loss, stats)``; draws from the training noise stream
-        unless a ``generator`` is given."""
-        return self.objective(self.model, batch, self.noise_gen if generator is None else generator,
-                              self.device, self._autocast)
+        unless a ``generator`` is given. Under torchrun: this rank's share of the batch's loss."""
+        rows = self.dist.rows(batch["input_ids"].shape[0]) if self.dist.active else None
+        return self.objective(self.net, batch, self.noise_gen if generator is None else generator,
+                              self.device, self._autocast, rows=rows)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -310,7 +371,8 @@ class Trainer:
                                 vocab_size=self.cfg.model.vocab_size,
                                 generator=rng.generator("eval_noise"), mc_samples=ev.mc_samples,
                                 max_batches=ev.max_batches, tokenizer=self.tokenizer, latent=latent,
-                                device=self.device, autocast=self._autocast)
+                                device=self.device, autocast=self._autocast,
+                                dist=self.dist if self.dist.active else None)
 
     def _evaluate_text_latent(self, model) -> Dict[str, float]:
         if self.data.val is None:
@@ -331,15 +393,18 @@ class Trainer:
         for i, batch in enumerate(self.data.val):
             if self.cfg.eval.max_batches is not None and i >= self.cfg.eval.max_batches:
                 break
-            _, st = self.objective(model, batch, g, self.device, self._autocast)
-            tot["text_loss"] += st["text_loss"]
-            tot["latent_loss"] += st["latent_loss"]
+            rows, counted = self.dist.eval_rows(batch["input_ids"].shape[0]) if self.dist.active else (None, True)
+            _, st = self.objective(model, batch, g, self.device, self._autocast, rows=rows)
+            if counted:
+                tot["text_loss"] += st["text_loss"]
+                tot["latent_loss"] += st["latent_loss"]
             n += 1
             if self.has_latent and i == 0:
                 z = generate_latent(model, self.latent_diff, batch["input_ids"].to(self.device),
                                     steps=self.cfg.eval.latent_steps, generator=rng.generator("eval_sampling"))
                 cos = torch.nn.functional.cosine_similarity(z.float().cpu(), batch["latent"].float(), dim=-1)
                 cos_sum, cos_n = cos_sum + float(cos.sum()), cos_n + cos.numel()
+        tot = dict(zip(tot, self.dist.sum(tot.values())))      # the shares of each batch add up
         out.update({f"val_{k}": v / max(n, 1) for k, v in tot.items()})
         if cos_n:
             out["val_latent_cos"] = cos_sum / cos_n
@@ -348,14 +413,16 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def _handle_signal(self, signum, frame):
-        print(f"\nsignal {signum}: finishing this step, saving a checkpoint, then stopping")
+        self._print(f"\nsignal {signum}: finishing this step, saving a checkpoint, then stopping")
         self.stop_requested = True
 
     def _maybe_unfreeze(self, epoch: int):
         at = self.cfg.training.unfreeze_backbone_at_epoch
         if at is not None and epoch >= at and not any(p.requires_grad for p in self.model.backbone.parameters()):
             self.model.set_backbone_trainable(True)
-            print(f"epoch {epoch}: backbone unfrozen")
+            if self.dist.mode == "ddp":     # DDP reduces the gradients of the weights trained when it was built
+                self.net = self.dist.wrap(self.model)
+            self._print(f"epoch {epoch}: backbone unfrozen")
 
     def _done(self) -> bool:
         tr = self.cfg.training
@@ -363,11 +430,14 @@ class Trainer:
             return True
         return not self.synthetic and tr.num_epochs is not None and self.data.epoch >= tr.num_epochs
 
-    def _accumulate(self, batch, step_sums: Dict[str, float]) -> None:
-        """Forward and backward of one micro-batch; its losses go into this step's sums."""
+    def _accumulate(self, batch, step_sums: Dict[str, float], last: bool = True) -> None:
+        """Forward and backward of one micro-batch; its losses go into this step's sums. Only
+        the ``last`` micro-batch of a step reduces gradients across ranks. DDP and FSDP average
+        the ranks' gradients, and a rank's loss is its share of the batch's: hence ``* world``."""
         accum = self.cfg.training.grad_accum_steps
-        loss, st = self.compute_loss(batch)
-        (loss / accum).backward()
+        with self.dist.no_sync(self.net, last):
+            loss, st = self.compute_loss(batch)
+            (loss * self.dist.world / accum).backward()
         step_sums["text_loss"] += st["text_loss"] / accum
         step_sums["latent_loss"] += st["latent_loss"] / accum
         step_sums["loss"] += float(loss.detach()) / accum
@@ -380,8 +450,12 @@ class Trainer:
         EMA (the LR schedule still advances, so it stays a function of the step); more than
         ``training.max_bad_steps`` of them in a row stop the run (:class:`TrainingDiverged`)."""
         clip = self.cfg.training.grad_clip
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.grad is not None], clip if clip else float("inf")))
+        if self.dist.active:                # this rank's shares of the batch's losses -> the batch's
+            keys = ("loss", "text_loss", "latent_loss", "tokens")
+            step_sums.update(zip(keys, self.dist.sum(step_sums[k] for k in keys)))
+        norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.grad is not None], clip if clip else float("inf"))
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # FSDP: a DTensor
         finite = math.isfinite(step_sums["loss"]) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -402,8 +476,8 @@ class Trainer:
             self.window["skipped"] += 1
             self._bad = f"loss {step_sums['loss']}, gradient norm {grad_norm}"
             if not self._diverged():
-                print(f"step {self.global_step}: {self._bad}: the update is skipped ({self.bad_steps} in a "
-                      f"row; training.max_bad_steps={self.cfg.training.max_bad_steps})")
+                self._print(f"step {self.global_step}: {self._bad}: the update is skipped ({self.bad_steps} in a "
+                            f"row; training.max_bad_steps={self.cfg.training.max_bad_steps})")
         return grad_norm, lr
 
     def _diverged(self) -> bool:
@@ -457,7 +531,7 @@ class Trainer:
         """No periodic checkpoint while steps are being skipped: its weights give non-finite
         losses, and with logging.keep_last it would push out the last good checkpoint."""
         if self.bad_steps:
-            print(f"step {self.global_step}: checkpoint not written ({self.bad_steps} non-finite steps in a row)")
+            self._print(f"step {self.global_step}: checkpoint not written ({self.bad_steps} non-finite steps in a row)")
         return not self.bad_steps
 
     def _save_step(self) -> bool:
@@ -465,20 +539,24 @@ class Trainer:
         stop. True when the run should stop."""
         lg, step = self.cfg.logging, self.global_step
         stop_at = self.cfg.training.stop_at_step
-        stop = self.stop_requested or bool(stop_at and step >= stop_at)
+        # a signal may reach the ranks at different steps: all stop at the first rank's
+        stop = self.dist.any(self.stop_requested) or bool(stop_at and step >= stop_at)
         if (lg.save_every and step % lg.save_every == 0 and self._can_save_periodic()) or stop:
             self.save(ckpt.step_dir_name(step))
         if stop:
-            print(f"stopped at step {step}; resume with training.resume=latest logging.save_dir={self.save_dir}")
+            self._print(f"stopped at step {step}; resume with training.resume=latest logging.save_dir={self.save_dir}")
         return stop
 
     def train(self) -> Dict[str, Any]:
         """Trains to ``training.max_steps`` / ``num_epochs``; returns the final metrics."""
-        self._claim_save_dir()
+        self.dist.on_main(self._claim_save_dir)
+        # rank 0 may have found the last record already in the log: every rank follows it
+        self.pending_record = self.dist.broadcast(self.pending_record)
         try:
             return self._train()
         finally:
-            self.lock.release()
+            if self.dist.main:
+                self.lock.release()
 
     def _train(self) -> Dict[str, Any]:
         tr, lg = self.cfg.training, self.cfg.logging
@@ -489,7 +567,7 @@ class Trainer:
         old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.model.train()
         pbar = None
-        if lg.progress_bar:
+        if lg.progress_bar and self.dist.main:
             from tqdm.auto import tqdm
             pbar = tqdm(total=self.total_steps, initial=self.global_step, dynamic_ncols=True,
                         desc="train", disable=None)
@@ -501,7 +579,7 @@ class Trainer:
                 self._maybe_unfreeze(epoch)
                 step_sums = _empty_window()
                 for batch in self.data.epoch_batches():
-                    self._accumulate(batch, step_sums)
+                    self._accumulate(batch, step_sums, last=micro + 1 == tr.grad_accum_steps)
                     micro += 1
                     if micro < tr.grad_accum_steps:
                         continue
@@ -546,9 +624,10 @@ class Trainer:
         self.metrics["epoch"] = epoch
         if self.pending_record is not None:
             self._write_pending_record()
-        tmp = self.save_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(json_safe(self.metrics), indent=2, allow_nan=False))
-        os.replace(tmp, self.save_dir / "metrics.json")
+        if self.dist.main:
+            tmp = self.save_dir / "metrics.json.tmp"
+            tmp.write_text(json.dumps(json_safe(self.metrics), indent=2, allow_nan=False))
+            os.replace(tmp, self.save_dir / "metrics.json")
         if self.wandb is not None:
             self.wandb.summary.update(self.metrics)
             self.wandb.finish()

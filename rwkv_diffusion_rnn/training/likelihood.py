@@ -36,9 +36,13 @@ def score(model, batches: Iterable[dict], *, objective: str, schedule=None, mask
           vocab_size: Optional[int] = None,
           generator: Optional[torch.Generator] = None, mc_samples: int = 1, max_batches: Optional[int] = None,
           tokenizer=None, latent: str = "clean", device: torch.device = torch.device("cpu"),
-          autocast: Callable = nullcontext, progress: bool = False) -> LikelihoodSummary:
+          autocast: Callable = nullcontext, progress: bool = False, dist=None) -> LikelihoodSummary:
     """The bound (``objective="diffusion"``) or the NLL (``"ar"``) of ``batches`` (the first
-    ``max_batches``); characters are counted when the tokenizer can."""
+    ``max_batches``); characters are counted when the tokenizer can.
+
+    ``dist`` (a :class:`~rwkv_diffusion_rnn.training.distributed.Dist`): each process scores its
+    share of every batch's rows (with the draws of the whole batch) and every process returns
+    the summary of all of them."""
     if latent not in LATENT_MODES:
         raise ValueError(f"latent={latent!r}; choose one of {LATENT_MODES}")
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -52,25 +56,31 @@ def score(model, batches: Iterable[dict], *, objective: str, schedule=None, mask
     prior = prior_nats(schedule, vocab_size - 1) if objective != "ar" else 0.0   # every id but the mask
     counting = tokenizer is not None
     for batch in batches:
+        rows, counted = (slice(None), True) if dist is None else dist.eval_rows(batch["input_ids"].shape[0])
         if objective == "ar":
-            inputs, targets, valid = next_token_inputs(batch)
+            inputs, targets, valid = (x[rows] for x in next_token_inputs(batch))
             with autocast():
                 logits = model(inputs.to(device), torch.zeros(inputs.shape[0], device=device)).logits
             nats = ar_nll(logits, targets.to(device), valid=valid.to(device))
         else:
             targets, valid = batch["input_ids"], batch["attention_mask"].bool()
-            z = batch["latent"].float().to(device) if latent == "clean" and "latent" in batch else None
+            z = batch["latent"][rows].float().to(device) if latent == "clean" and "latent" in batch else None
 
             def denoise(xt, t):
                 with autocast():
                     return model(xt, t, z, None if z is None else torch.zeros_like(t)).logits
 
             nats = masked_nelbo(denoise, targets.to(device), schedule, mask_id, generator,
-                                valid=valid.to(device), mc_samples=mc_samples)
+                                valid=valid.to(device), mc_samples=mc_samples, rows=rows)
+            targets, valid = targets[rows], valid[rows]
             nats = nats + prior * valid.sum(1).to(nats)
+        if not counted:
+            continue
         chars = _chars(tokenizer, targets, valid) if counting else None
         counting = counting and chars is not None
         acc.add(nats.cpu(), valid.sum(1), chars)
+    if dist is not None and dist.world > 1:
+        acc = LikelihoodAccumulator.combine(dist.gather(acc))
     return acc.summary()
 
 

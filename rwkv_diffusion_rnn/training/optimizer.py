@@ -38,7 +38,8 @@ def _is_backbone(name: str) -> bool:
 
 
 def _no_decay(name: str, p: torch.nn.Parameter, norm_params: set) -> bool:
-    return (p.squeeze().dim() < 2 or name in norm_params or name.endswith(_NO_DECAY_SUFFIXES))
+    # fewer than two dimensions above 1 (from the shape: FSDP's sharded tensors cannot squeeze)
+    return (sum(n > 1 for n in p.shape) < 2 or name in norm_params or name.endswith(_NO_DECAY_SUFFIXES))
 
 
 def _is_muon(name: str, p: torch.nn.Parameter, no_decay: bool) -> bool:

@@ -102,7 +102,7 @@ def load_trained(checkpoint, overrides: Sequence[str] = (), device: Optional[str
     tokenizer = saved_tokenizer(path, cfg)
     dev = resolve_device(device or cfg.training.device)
     model = build_model(cfg)
-    ema = copy.deepcopy(model) if (path / ckpt.EMA_FILE).is_file() else None
+    ema = copy.deepcopy(model) if ckpt.has_ema(path) else None
     state, _ = ckpt.load_checkpoint(path, model=model, ema=ema, restore_rng=False)
     model = (ema if ema is not None else model).to(dev).eval()
     return Trained(path=path, cfg=cfg, tokenizer=tokenizer, model=model, step=state.get("global_step"),
