@@ -141,3 +141,25 @@ def test_rows_split_every_batch_into_equal_contiguous_shares_and_never_leave_a_r
         assert all(s.stop > s.start for s, _ in parts)             # every rank runs a forward
         covered.append(sum(c for _, c in parts))
     assert covered == [1, 3, 4, 4]
+
+
+def test_bf16_computes_in_bf16_and_keeps_fp32_master_weights_and_optimizer_state(tmp_path):
+    """One process (autocast) and FSDP (its mixed-precision policy): the weights and Adam moments
+    that are trained and saved stay float32."""
+    args = [*common(tmp_path, "training.dtype=bf16", "training.max_steps=4", "logging.eval_freq=0")]
+    trainer = Trainer(compose_config([*args, f"logging.save_dir={tmp_path / 'one'}"]))
+    trainer.train()
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    moments = [v for state in trainer.optimizer.state.values() for k, v in state.items() if k.startswith("exp_avg")]
+    assert moments and {m.dtype for m in moments} == {torch.float32}
+
+    done = torchrun(tmp_path, [*args, "training.parallel=fsdp", f"logging.save_dir={tmp_path / 'fsdp'}"])
+    assert done.returncode == 0, done.stderr[:6000]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    assert all(math.isfinite(x) for x in two) and close(one, two, rel=0.05)
+    import torch.distributed.checkpoint as dcp
+    stored = dcp.FileSystemReader(str(tmp_path / "fsdp" / "step_0000004" / ckpt.SHARDED_DIR)).read_metadata()
+    dtypes = {k.split(".")[0] + (".exp_avg" if "exp_avg" in k else ""): m.properties.dtype
+              for k, m in stored.state_dict_metadata.items()
+              if hasattr(m, "properties") and (k.startswith("model.") or "exp_avg" in k)}
+    assert dtypes == {"model": torch.float32, "optimizer.exp_avg": torch.float32}

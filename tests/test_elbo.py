@@ -366,3 +366,21 @@ def test_the_prior_term_is_zero_for_schedules_ending_at_all_masks_and_eps_log_v_
     assert prior_nats(make_schedule("linear"), 66) == 0.0
     assert prior_nats(make_schedule("cosine"), 66) == 0.0
     assert prior_nats(make_schedule("loglinear", eps=1e-3), 66) == pytest.approx(1e-3 * math.log(66), rel=1e-9)
+
+
+def test_rows_score_a_share_of_the_batch_with_the_whole_batch_draws(film_model):
+    """Each process scores its rows of a batch (masked_nelbo rows=...); put together, the shares
+    are the whole batch's estimate, and their accumulators combine into its summary."""
+    run = lambda rows: masked_nelbo(denoiser(film_model), SEQS, make_schedule("cosine"), MASK,
+                                    torch.Generator().manual_seed(5), valid=VALID, mc_samples=2, rows=rows)
+    with torch.no_grad():
+        whole, first, rest = run(slice(None)), run(slice(0, 1)), run(slice(1, None))
+    assert first.shape == (2, 1) and rest.shape == (2, 2)
+    torch.testing.assert_close(torch.cat([first, rest], 1), whole, rtol=1e-12, atol=0)
+    tokens = VALID.sum(1)
+    one = LikelihoodAccumulator()
+    one.add(whole, tokens, chars=30)
+    a, b = LikelihoodAccumulator(), LikelihoodAccumulator()
+    a.add(first, tokens[:1], chars=10)
+    b.add(rest, tokens[1:], chars=20)
+    assert LikelihoodAccumulator.combine([a, b]).summary().as_dict() == pytest.approx(one.summary().as_dict())

@@ -113,3 +113,34 @@ def test_probabilities_are_refused_by_name():
         ObjectiveConfig(latent_drop_prob=1.5)
     with pytest.raises(ValueError, match="clean_text_prob \\+ training.clean_latent_prob"):
         ObjectiveConfig(clean_text_prob=0.6, clean_latent_prob=0.6)
+
+
+def test_shares_of_a_batch_add_up_to_its_loss_and_gradient():
+    """Each process runs some rows with the whole batch's draws and normaliser: the shares' losses
+    and gradients sum to those of the whole batch, for text + latent and for next-token prediction."""
+    from rwkv_diffusion_rnn.diffusion.objective import AutoregressiveObjective
+    torch.manual_seed(0)
+    model = build_denoiser(DenoiserConfig(vocab_size=V, mask_id=MASK, latent_dim=D, latent_target="x0"),
+                           n_layer=1, n_embd=32, head_size=16).double()
+    obj = objective(latent_drop_prob=0.3)
+    b = batch(8, seed=7)
+    b["latent"] = b["latent"].double()
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+    for run in (lambda rows: obj(model, b, torch.Generator().manual_seed(9), rows=rows),
+                lambda rows: AutoregressiveObjective()(model, b, rows=rows)):
+        whole, whole_stats = run(None)
+        g_whole = grads(whole)
+        shares = [run(rows) for rows in (slice(0, 3), slice(3, 8))]
+        g_shares = [grads(loss) for loss, _ in shares]
+        # the losses are taken in float32 (cross-entropy, latent error), hence float32 tolerances
+        torch.testing.assert_close(sum(loss for loss, _ in shares).detach(), whole.detach(), rtol=1e-6, atol=0)
+        for key in ("text_loss", "latent_loss", "tokens"):
+            assert sum(st[key] for _, st in shares) == pytest.approx(whole_stats[key], rel=1e-6)
+        for gw, ga, gb in zip(g_whole, *g_shares):
+            torch.testing.assert_close(ga + gb, gw, rtol=1e-5, atol=1e-8)
+    assert whole_stats["latent_loss"] == 0.0 and shares[0][1]["text_loss"] > 0      # the AR pass
