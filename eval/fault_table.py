@@ -1057,6 +1057,46 @@ def c_hybrid_keys(ctx: Ctx):
     return "model.attn_layers=[1] model.attn_every=2", outcome, yn(save.exists() and any(save.iterdir())), msg
 
 
+def torchrun_train(ctx: Ctx, args, nproc: int = 2) -> Res:
+    """A training command under ``torchrun --standalone``. torchrun ends a failed launch with its
+    own report (the ranks' exit codes and the launcher's traceback); that report is cut off, so
+    what is judged is what the ranks printed."""
+    res = ctx.cli([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   *ctx.train_cmd(args)[1:]])
+    ranks = res.err.split("] failed (exitcode:")[0]
+    return Res(res.rc, res.out, ranks.rsplit("\n", 1)[0] if ranks != res.err else res.err)
+
+
+@case("30", "training.parallel=fsdp without torchrun")
+def c_fsdp_alone(ctx: Ctx):
+    save = ctx.dir("fsdp-alone") / "run"
+    res = ctx.train([*TINY, "training.parallel=fsdp", f"logging.save_dir={save}"])
+    outcome, msg = judge_refusal(res, ["training.parallel=fsdp", "torchrun --nproc_per_node"])
+    return "one process with training.parallel=fsdp", outcome, yn(save.exists() and any(save.iterdir())), msg
+
+
+@case("31", "a global batch that does not divide over the processes")
+def c_batch_not_divisible(ctx: Ctx):
+    save = ctx.dir("batch-odd") / "run"
+    res = torchrun_train(ctx, [*TINY, "training.train_batch_size=15", f"logging.save_dir={save}"])
+    outcome, msg = judge_refusal(res, ["training.train_batch_size=15", "2 processes"])
+    if res.err.count("training.train_batch_size=15") > 1:
+        outcome, msg = SILENT, f"every rank printed the error: {msg}"
+    return "torchrun, 2 processes, training.train_batch_size=15", outcome, yn(save.exists() and any(save.iterdir())), msg
+
+
+@case("32", "a 2-process checkpoint resumed by one process")
+def c_other_world_size(ctx: Ctx):
+    save = ctx.dir("world-size") / "run"
+    first = torchrun_train(ctx, [*TINY, "training.max_steps=2", f"logging.save_dir={save}"])
+    if first.rc != 0:
+        raise NotTried(f"the 2-process run failed: {first_error_line(first.err)}")
+    res = ctx.train([*TINY, "training.max_steps=4", "training.resume=latest", f"logging.save_dir={save}"])
+    outcome, msg = judge_refusal(res, ["2 processes", "training.resume_any_world_size=true",
+                                       "--nproc_per_node=2"])
+    return "torchrun 2 processes, then training.resume=latest alone", outcome, yn(not verifies(save / "step_0000002")), msg
+
+
 # ------------------------------------------------------------------------------------------ driver
 
 def run_case(ctx: Ctx, cid: str, title: str, fn) -> Row:

@@ -7,6 +7,7 @@ Configs live in ``configs/`` (primary: ``rwkv_mmdit.yaml``). Writes ``train_log.
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def run(cfg: DictConfig) -> dict:
     """Trains with a composed config and returns the final metrics."""
     from rwkv_diffusion_rnn.training.improved_trainer import Trainer
     trainer = Trainer(cfg)
+    dist = trainer.dist
     try:
         if trainer.dist.main:
             n_params = sum(p.numel() for p in trainer.model.parameters())
@@ -43,7 +45,11 @@ def run(cfg: DictConfig) -> dict:
             print(f"save_dir: {trainer.save_dir}  params: {n_params:,} (trainable {n_train:,}){ranks}")
         return trainer.train()
     finally:
-        trainer.dist.close()
+        # The model goes before the process group, while the interpreter is whole: gloo's worker
+        # threads may still hold FSDP's last collectives, and freeing those at interpreter exit aborts.
+        del trainer
+        gc.collect()
+        dist.close()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="rwkv_mmdit", version_base="1.3")

@@ -167,7 +167,9 @@ class Dist:
             self.barrier()
 
     def close(self) -> None:
+        """Leaves the process group once every rank is done with it."""
         if self.world > 1 and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------ the model
