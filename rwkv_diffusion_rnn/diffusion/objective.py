@@ -68,6 +68,7 @@ class NoisyBatch(NamedTuple):
     eps: Optional[torch.Tensor] = None  # [B, D] the latent noise
     drop: Optional[torch.Tensor] = None  # [B] rows given the null latent
     latent_rows: Optional[torch.Tensor] = None  # [B] rows with a latent loss
+    answer_lengths: Optional[torch.Tensor] = None  # [B] SFT: positions after the prompt
 
     def take(self, rows: slice) -> "NoisyBatch":
         """These rows of every field."""
@@ -81,7 +82,8 @@ class Normalizers(NamedTuple):
 
     @classmethod
     def of(cls, nb: NoisyBatch) -> "Normalizers":
-        text = max(float(nb.valid[nb.text_rows].sum()), 1.0)
+        text = (max(float(nb.text_rows.sum()), 1.0) if nb.answer_lengths is not None
+                else max(float(nb.valid[nb.text_rows].sum()), 1.0))
         latent = max(float(nb.latent_rows.sum()), 1.0) if nb.latent_rows is not None else 1.0
         return cls(text, latent)
 
@@ -89,17 +91,24 @@ class Normalizers(NamedTuple):
 class DiffusionObjective:
     """Noises a batch, runs the denoiser, and returns ``(loss, stats)`` (see the module docstring).
 
-    ``latent`` is None for a text-only model."""
+    ``latent`` is None for a text-only model. ``sft`` (LLaDA's SFT, ``text_noise.sft``): the batch
+    carries ``prompt_lengths``; the prompt is never masked, and each row's text loss is divided by
+    its answer length (every position after the prompt, EOS padding included), then averaged
+    over the text rows."""
 
     def __init__(self, text: MaskedDiffusion, latent: Optional[GaussianDiffusion],
-                 config: Optional[ObjectiveConfig] = None):
-        self.text, self.latent, self.config = text, latent, config or ObjectiveConfig()
+                 config: Optional[ObjectiveConfig] = None, sft: bool = False):
+        self.text, self.latent, self.config, self.sft = text, latent, config or ObjectiveConfig(), sft
 
     def noise(self, batch: Dict[str, torch.Tensor], generator: torch.Generator) -> NoisyBatch:
         c, g = self.config, generator
         x0 = batch["input_ids"]
         valid = batch["attention_mask"].bool()
         maskable = batch.get("maskable", valid).bool()
+        if self.sft:
+            if "prompt_lengths" not in batch:
+                raise ValueError("text_noise.sft=true needs batches with prompt_lengths (data=sft)")
+            maskable = maskable & (torch.arange(x0.shape[1])[None, :] >= batch["prompt_lengths"].view(-1, 1))
         x0, valid, maskable = self.text.maybe_truncate(x0, valid, maskable, generator=g)
         B = x0.shape[0]
         t = self.text.sample_t(B, generator=g)
@@ -118,7 +127,8 @@ class DiffusionObjective:
                        latent_rows=(s > 0) & ~drop)
         xt, is_masked = self.text.noise(x0, t, maskable=maskable & ~clean_text.view(B, 1), generator=g)
         t = torch.where(clean_text, torch.zeros_like(t), t)
-        return NoisyBatch(x0, xt, is_masked, valid, t, ~clean_text, **lat)
+        answer_lengths = (valid & maskable).sum(1) if self.sft else None
+        return NoisyBatch(x0, xt, is_masked, valid, t, ~clean_text, **lat, answer_lengths=answer_lengths)
 
     def loss(self, out, nb: NoisyBatch, norm: Optional[Normalizers] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         """The loss of the denoiser output ``out`` (``.logits``, ``.latent``) on ``nb``;
@@ -128,6 +138,7 @@ class DiffusionObjective:
         if rows.any():
             text_loss, _ = self.text.loss(out.logits[rows], nb.x0[rows].to(dev), nb.is_masked[rows].to(dev),
                                           nb.t[rows].to(dev), valid=nb.valid[rows].to(dev),
+                                          answer_lengths=None if nb.answer_lengths is None else nb.answer_lengths[rows],
                                           normalizer=None if norm is None else norm.text)
         else:  # keeps the graph, so backward() works on a batch without text rows
             text_loss = out.logits.sum() * 0.0

@@ -24,7 +24,7 @@ from .optimizer import build_optimizer, build_scheduler
 
 DEVICES = ("auto", "cpu", "cuda")                             # training.device (or cuda:N)
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}        # training.dtype
-DATA_KINDS = ("text_latent", "synthetic", "text")                # data.kind
+DATA_KINDS = ("text_latent", "synthetic", "text", "sft")         # data.kind
 
 
 def autocast(device: torch.device, dtype: str):
@@ -123,7 +123,7 @@ def build_objective(cfg: DictConfig, text: MaskedDiffusion, latent: Optional[Gau
     if cfg.training.objective == "ar":
         return AutoregressiveObjective()
     return DiffusionObjective(text, latent if cfg.model.latent_prefix_len else None,
-                              objective_config(cfg.training))
+                              objective_config(cfg.training), sft=bool(cfg.text_noise.sft))
 
 
 # ---------------------------------------------------------------------------------------------- optimizer
@@ -238,6 +238,48 @@ class CorpusData(_EpochData):
         self.val = corpus_val_windows(d, corpus, eval_batch_size)
 
 
+class SFTData(_EpochData):
+    """Conversations (``data=sft``): every assistant turn an example (:mod:`~rwkv_diffusion_rnn.data.sft`)."""
+
+    def __init__(self, cfg: DictConfig, batch_size: int, eval_batch_size: int, seed: int, tokenizer):
+        from ..data import sft
+        d, m = cfg.data, cfg.model
+        self.template = chat_template(d)
+        if d.path:
+            convs = sft.read_conversations(d.path)
+        else:
+            convs = sft.hf_conversations(d.hf_dataset, d.hf_config, d.hf_split)
+        source = d.path or f"data.hf_dataset={d.hf_dataset}"
+        if d.val_path:
+            val_convs = sft.read_conversations(d.val_path)
+        else:
+            n_val = int(len(convs) * float(d.val_fraction))
+            convs, val_convs = convs[:len(convs) - n_val], convs[len(convs) - n_val:]
+        if tokenizer == "chars":
+            from ..data.tokenizer import CharTokenizer
+            tokenizer = CharTokenizer.from_text(sft.rendered_texts([*convs, *val_convs], self.template))
+        self.tokenizer = tokenizer
+        multiple = int(m.block_size) if m.mixer == "block_causal" or m.get("block_attention") else 1
+        train, counts = sft.examples_of(convs, tokenizer, self.template, int(d.seq_len))
+        val, val_counts = sft.examples_of(val_convs, tokenizer, self.template, int(d.seq_len))
+        for name, c in (("training", counts), ("held-out", val_counts)):
+            if c["dropped"] or c["cut"]:
+                print(f"{source}, {name} examples: {c['dropped']} dropped (prompt alone longer than data.seq_len="
+                      f"{d.seq_len}), {c['cut']} answers cut to fit; {c['examples']} kept")
+        eos = int(tokenizer.eos_id)
+        self.train = sft.SFTBatches(train, batch_size, rng.seed_of("data_order", seed), eos, multiple, source=source)
+        self.val = sft.SFTEvalBatches(val, eval_batch_size, eos, multiple) if val else None
+
+
+def chat_template(d: DictConfig):
+    """``ChatTemplate`` of ``data.chat_template``."""
+    from ..data.sft import ChatTemplate
+    try:
+        return ChatTemplate(**dict(d.chat_template))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
 def split_name(d: DictConfig, split: str) -> str:
     """How errors name a split of the corpus: by its source."""
     source = d.path or f"data.hf_dataset={d.hf_dataset}"
@@ -289,6 +331,8 @@ def build_data(cfg: DictConfig, tokenizer=None):
     tokenizer = tokenizer if tokenizer is not None else load_named_tokenizer(cfg)
     if cfg.data.kind == "text":
         return CorpusData(cfg, tr.train_batch_size, tr.eval_batch_size, cfg.seed, tokenizer)
+    if cfg.data.kind == "sft":
+        return SFTData(cfg, tr.train_batch_size, tr.eval_batch_size, cfg.seed, tokenizer)
     return TextLatentData(cfg, tr.train_batch_size, tr.eval_batch_size, cfg.seed, tokenizer)
 
 

@@ -126,18 +126,18 @@ def validate_config(cfg: DictConfig) -> None:
         if d.kind == "synthetic":
             raise ConfigError("training.objective=ar: the synthetic tasks are scored by diffusion decoding; "
                               "train the baseline on text (data=text)")
-    if cfg.tokenizer.name == "chars" and d.kind != "text":
+    if cfg.tokenizer.name == "chars" and d.kind not in ("text", "sft"):
         raise ConfigError("tokenizer.name=chars builds its vocabulary from a corpus: use it with data=text "
-                          "(data.kind=text)")
+                          "or data=sft")
     if not (tr.device in DEVICES or str(tr.device).startswith("cuda:")):
         raise ConfigError(f"training.device={tr.device!r} is not valid; choose one of {', '.join(DEVICES)} "
                           "(or cuda:N)")
     _choice(cfg, "text_noise.schedule", sorted(SCHEDULES))
     _choice(cfg, "text_noise.loss_type", LOSS_TYPES)
     _choice(cfg, "text_noise.noise_type", NOISE_TYPES)
-    if cfg.text_noise.sft:
-        raise ConfigError("text_noise.sft=true: supervised fine-tuning on conversation data is not wired into "
-                          "the trainer yet (its data has no prompt lengths); set text_noise.sft=false")
+    if cfg.text_noise.sft and d.kind != "sft":
+        raise ConfigError(f"text_noise.sft=true trains answers to prompts: it needs conversation data (data=sft "
+                          f"data.path=<file>), not data.kind={d.kind}")
     _choice(cfg, "latent_noise.schedule", LATENT_SCHEDULES)
     _choice(cfg, "optimizer.name", OPTIMIZERS)
     _choice(cfg, "optimizer.schedule", LR_SCHEDULES)
@@ -243,6 +243,22 @@ def validate_config(cfg: DictConfig) -> None:
         if m.rwkv_name:
             raise ConfigError("data.kind=synthetic trains from scratch on a character vocabulary: "
                               "set model.rwkv_name=null (model=scratch)")
+    elif d.kind == "sft":
+        if not d.path and not d.hf_dataset:
+            raise ConfigError("data=sft needs conversations: set data.path (a .json or .jsonl file) or data.hf_dataset")
+        if not cfg.tokenizer.name:
+            raise ConfigError("data=sft tokenizes the conversations: set tokenizer.name (chars, bytes, "
+                              "BlinkDL/rwkv7-g1 or a Hugging Face tokenizer)")
+        if m.latent_prefix_len:
+            raise ConfigError("data=sft has no sentence latents: set model.latent_prefix_len=0")
+        if cfg.text_noise.truncate_prob:
+            raise ConfigError(f"text_noise.truncate_prob={cfg.text_noise.truncate_prob} with data=sft could cut "
+                              "answers away: set text_noise.truncate_prob=0")
+        if tr.objective == "ar":
+            raise ConfigError("data=sft trains the diffusion objective on answers; training.objective=ar is not "
+                              "supported with it")
+        if not 0.0 <= d.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     elif d.kind == "text":
         if not d.path and not d.hf_dataset:
             raise ConfigError("data.kind=text needs a corpus: set data.path (a .txt, .jsonl, .json, folder or "

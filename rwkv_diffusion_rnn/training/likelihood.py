@@ -40,6 +40,9 @@ def score(model, batches: Iterable[dict], *, objective: str, schedule=None, mask
     """The bound (``objective="diffusion"``) or the NLL (``"ar"``) of ``batches`` (the first
     ``max_batches``); characters are counted when the tokenizer can.
 
+    A batch with ``prompt_lengths`` (conversations) is scored on its answers given the prompts:
+    the prompt positions are context, never masked nor counted.
+
     ``dist`` (a :class:`~rwkv_diffusion_rnn.training.distributed.Dist`): each process scores its
     share of every batch's rows (with the draws of the whole batch) and every process returns
     the summary of all of them."""
@@ -56,6 +59,7 @@ def score(model, batches: Iterable[dict], *, objective: str, schedule=None, mask
     prior = prior_nats(schedule, vocab_size - 1) if objective != "ar" else 0.0   # every id but the mask
     counting = tokenizer is not None
     for batch in batches:
+        counting = counting and "prompt_lengths" not in batch     # answers end in EOS padding: no characters
         rows, counted = (slice(None), True) if dist is None else dist.eval_rows(batch["input_ids"].shape[0])
         if objective == "ar":
             inputs, targets, valid = (x[rows] for x in next_token_inputs(batch))
@@ -64,6 +68,8 @@ def score(model, batches: Iterable[dict], *, objective: str, schedule=None, mask
             nats = ar_nll(logits, targets.to(device), valid=valid.to(device))
         else:
             targets, valid = batch["input_ids"], batch["attention_mask"].bool()
+            if "prompt_lengths" in batch:       # conversations: the answers given their prompts
+                valid = valid & (torch.arange(targets.shape[1])[None, :] >= batch["prompt_lengths"].view(-1, 1))
             z = batch["latent"][rows].float().to(device) if latent == "clean" and "latent" in batch else None
 
             def denoise(xt, t):

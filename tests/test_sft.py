@@ -1,0 +1,151 @@
+"""Instruction tuning: conversation files, the examples and batches made of them, LLaDA's SFT loss
+(checked by hand), training on a conversation file, and bad input refused by file and entry."""
+import json
+import math
+
+import pytest
+import torch
+
+from rwkv_diffusion_rnn.data.data_simple import DataFormatError
+from rwkv_diffusion_rnn.data.sft import ChatTemplate, collate, examples_of, parse_conversation, read_conversations
+from rwkv_diffusion_rnn.data.tokenizer import CharTokenizer
+from rwkv_diffusion_rnn.diffusion.diffusion_process import MaskedDiffusion
+from rwkv_diffusion_rnn.diffusion.objective import DiffusionObjective
+from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserOutput
+from rwkv_diffusion_rnn.train_rwkv import compose_config, run
+from rwkv_diffusion_rnn.training.improved_trainer import read_train_log
+
+TEMPLATE = ChatTemplate()
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def reverse_conversations(n):
+    words = ["ab", "cde", "fa", "bead", "cab", "dace", "ebb", "fad"]
+    return [{"conversations": [{"from": "human", "value": f"reverse: {words[i % 8]}{i % 3}"},
+                               {"from": "gpt", "value": f"{words[i % 8]}{i % 3}"[::-1]}]} for i in range(n)]
+
+
+def test_both_conversation_formats_and_the_system_text_are_read(tmp_path):
+    share = {"system": "be brief", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    openai = {"messages": [{"role": "system", "content": "terse"}, {"role": "user", "content": "a"},
+                           {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                           {"role": "assistant", "content": "d"}]}
+    (tmp_path / "c.json").write_text(json.dumps([share, openai]))
+    convs = read_conversations(tmp_path / "c.json")
+    assert [c.system for c in convs] == ["be brief", "terse"]
+    assert convs[1].turns == [("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")]
+    assert read_conversations(write_jsonl(tmp_path / "c.jsonl", [share, openai]))[0].turns == convs[0].turns
+
+
+def test_every_assistant_turn_is_an_example_whose_prompt_is_everything_before_it():
+    conv = parse_conversation({"system": "S", "conversations": [
+        {"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
+        {"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]}, "x")
+    tok = CharTokenizer.from_text(["System: User: Assistant: \nabcdS"])
+    (first, second), counts = examples_of([conv], tok, TEMPLATE, seq_len=200)
+    assert counts == {"examples": 2, "dropped": 0, "cut": 0}
+    assert first.prompt[0] == tok.eos_id                                   # BOS: the end-of-text id
+    assert tok.decode(first.prompt[1:].tolist()) == "System: S\nUser: a\nAssistant: "
+    assert tok.decode(second.prompt[1:].tolist()) == "System: S\nUser: a\nAssistant: b\nUser: c\nAssistant: "
+    assert tok.decode(first.answer[:-1].tolist()) == "b" and first.answer[-1] == tok.eos_id
+    # a prompt that does not fit is dropped, an answer that does not fit is cut
+    _, counts = examples_of([conv], tok, TEMPLATE, seq_len=len(second.prompt))
+    assert counts == {"examples": 1, "dropped": 1, "cut": 0}
+    _, counts = examples_of([conv], tok, TEMPLATE, seq_len=len(second.prompt) + 1)
+    assert counts == {"examples": 2, "dropped": 0, "cut": 1}
+
+
+def two_example_batch():
+    tok = CharTokenizer.from_text(["System: User: Assistant: \nabcdefgh"])
+    convs = [parse_conversation({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}, "x")
+             for q, a in (("abc", "d"), ("a", "efgh"))]
+    examples, _ = examples_of(convs, tok, TEMPLATE, seq_len=100)
+    return tok, collate(examples, tok.eos_id)
+
+
+def test_a_batch_pads_answers_with_eos_and_carries_the_prompt_lengths():
+    tok, batch = two_example_batch()
+    ids, plen = batch["input_ids"], batch["prompt_lengths"]
+    assert plen.tolist() == [len("User: abc\nAssistant: ") + 1, len("User: a\nAssistant: ") + 1]
+    assert ids.shape == (2, int(plen[1]) + 5) and bool(batch["attention_mask"].all())
+    assert tok.decode(ids[0, plen[0]:].tolist()).startswith("d") and (ids[0, plen[0] + 1:] == tok.eos_id).all()
+    assert ids[0].eq(tok.eos_id).sum() == 1 + ids.shape[1] - plen[0] - 1    # BOS + the EOS of the answer and padding
+
+
+def test_prompt_tokens_are_never_masked_and_eos_padding_is_part_of_the_answer():
+    tok, batch = two_example_batch()
+    obj = DiffusionObjective(MaskedDiffusion(mask_id=tok.mask_id, vocab_size=tok.vocab_size, truncate_prob=0.0),
+                             None, sft=True)
+    g = torch.Generator().manual_seed(0)
+    answer = torch.arange(batch["input_ids"].shape[1])[None] >= batch["prompt_lengths"][:, None]
+    seen = torch.zeros_like(answer)
+    for _ in range(200):
+        nb = obj.noise(batch, g)
+        assert not nb.is_masked[~answer].any()
+        seen |= nb.is_masked
+        assert nb.answer_lengths.tolist() == answer.sum(1).tolist()
+    assert seen.eq(answer).all()                    # every answer position, EOS padding included, gets masked
+
+
+@pytest.mark.parametrize("loss_type", ["llada", "mdlm"])
+def test_the_sft_loss_equals_a_hand_computation_on_two_examples(loss_type):
+    tok, batch = two_example_batch()
+    text = MaskedDiffusion(mask_id=tok.mask_id, vocab_size=tok.vocab_size, truncate_prob=0.0, loss_type=loss_type,
+                           schedule="linear")
+    obj = DiffusionObjective(text, None, sft=True)
+    nb = obj.noise(batch, torch.Generator().manual_seed(3))
+    logits = torch.randn(*batch["input_ids"].shape, tok.vocab_size, generator=torch.Generator().manual_seed(4))
+    loss, _ = obj.loss(DenoiserOutput(logits, None, None), nb)
+    total = 0.0
+    for b in range(2):
+        t = float(nb.t[b])
+        weight = 1.0 / t                            # linear schedule: mask rate t; mdlm's -a'/(1-a) is 1/t too
+        answer_len = batch["input_ids"].shape[1] - int(batch["prompt_lengths"][b])
+        row = 0.0
+        for i in range(batch["input_ids"].shape[1]):
+            if nb.is_masked[b, i]:
+                row += -float(torch.log_softmax(logits[b, i].double(), -1)[batch["input_ids"][b, i]])
+        total += weight * row / answer_len
+    assert nb.is_masked.any()
+    assert float(loss) == pytest.approx(total / 2, rel=1e-5)
+
+
+def sft_overrides(tmp_path, path, *extra):
+    return ["model=scratch", "data=sft", f"data.path={path}", "tokenizer.name=chars", "model.n_layer=1",
+            "model.n_embd=32", "model.head_size=16", "model.latent_prefix_len=0", "data.seq_len=48",
+            "training.train_batch_size=8", "training.eval_batch_size=16", "training.max_steps=6",
+            "training.num_epochs=null", "logging.eval_freq=3", "logging.log_freq=1", "logging.progress_bar=false",
+            f"logging.save_dir={tmp_path / 'run'}", *extra]
+
+
+def test_a_conversation_file_trains_scores_its_answers_and_resumes_exactly(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", reverse_conversations(60))
+    metrics = run(compose_config(sft_overrides(tmp_path / "a", path)))
+    assert math.isfinite(metrics["val_nelbo"]) and "val_bpc" not in metrics
+    part = sft_overrides(tmp_path / "b", path)
+    run(compose_config([*part, "training.stop_at_step=3"]))
+    run(compose_config([*part, "training.resume=latest"]))
+    assert [r["loss"] for r in read_train_log(tmp_path / "a" / "run")] == \
+        [r["loss"] for r in read_train_log(tmp_path / "b" / "run")]
+    plain = run(compose_config(sft_overrides(tmp_path / "c", path, "text_noise.sft=false")))
+    assert plain["val_nelbo"] != metrics["val_nelbo"]           # the same answers, scored after other training
+
+
+@pytest.mark.parametrize("content,phrases", [
+    ([{"conversations": [{"from": "human", "value": "hi"}]}], ["line 1", "no assistant turn"]),
+    ([{"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}],
+     ["line 1 turn 1", "unknown role 'bot'"]),
+    ([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "  "}]}],
+     ["line 1 turn 1", "empty value"]),
+    ("this is { not json\n", ["neither JSON nor JSON Lines", "line 1"]),
+])
+def test_bad_conversations_are_refused_naming_the_file_and_entry(tmp_path, content, phrases):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content if isinstance(content, str) else "\n".join(json.dumps(r) for r in content))
+    with pytest.raises(DataFormatError) as e:
+        read_conversations(path)
+    assert str(path) in str(e.value) and all(p in str(e.value) for p in phrases), str(e.value)
