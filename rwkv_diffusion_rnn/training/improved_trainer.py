@@ -95,8 +95,11 @@ class Trainer:
         torch.manual_seed(rng.seed_of("init", cfg.seed))
 
         self.synthetic = cfg.data.kind == "synthetic"
+        # training.init_from starts a new run from a checkpoint's weights (a resumed run already
+        # holds them): its data is read with the checkpoint's tokenizer, so that ids mean the same
+        self.init_path = None if tr.resume or not tr.init_from else self._init_source(tr.init_from)
         with self.dist.first_main():        # rank 0 fills the token cache, the others read it
-            self.data = build_data(cfg)
+            self.data = build_data(cfg, tokenizer=self.init_path and self._init_tokenizer())
         resolve_vocab(cfg, self.data)       # vocab_size / mask_id follow the tokenizer
         check_vocab = getattr(self.data, "check_vocab", None)
         if check_vocab is not None:         # token files on disk: ids checked against the vocabulary
@@ -110,6 +113,8 @@ class Trainer:
         self.objective = build_objective(cfg, self.text_diff, self.latent_diff)
         self.total_steps = self._total_steps()
         self.ema = EMA(self.model, tr.ema_decay) if tr.ema_decay else None
+        if self.init_path is not None:
+            self._init_weights()
         self._check_parallel()
         # The module the loss runs (DDP's wrapper, or the model sharded in place by FSDP); the
         # optimizer is built after it, on the parameters FSDP put in place.
@@ -142,6 +147,43 @@ class Trainer:
             raise ConfigError("training.unfreeze_backbone_at_epoch changes which weights train in the middle of "
                               "a run, which training.parallel=fsdp cannot follow; use training.parallel=ddp, or "
                               "set model.freeze_backbone=false from the start")
+
+    def _init_source(self, source) -> Path:
+        from .trained import checkpoint_dir
+        path = checkpoint_dir(source)
+        ckpt.verify_checkpoint(path)
+        return path
+
+    def _init_tokenizer(self):
+        """The tokenizer of the ``training.init_from`` checkpoint (None when it has none)."""
+        from .trained import saved_config, saved_tokenizer
+        saved = saved_config(self.init_path)
+        name = saved.tokenizer.name
+        if name != self.cfg.tokenizer.name:
+            raise ConfigError(f"training.init_from={self.init_path} was trained with tokenizer.name={name!r} and this "
+                              f"run has tokenizer.name={self.cfg.tokenizer.name!r}: the ids would mean other text. "
+                              f"Set tokenizer.name={name}")
+        return saved_tokenizer(self.init_path, saved) if saved.data.kind != "synthetic" else None
+
+    def _init_weights(self):
+        """The model (and EMA) weights of the ``training.init_from`` checkpoint; the optimizer,
+        LR schedule, data position and step start fresh."""
+        path = self.init_path
+        saved = (ckpt.read_saved_config(path) or {}).get("model", {})
+        current = OmegaConf.to_container(self.cfg.model, resolve=True)
+        has_ema = ckpt.has_ema(path)
+        try:
+            ckpt.load_checkpoint(path, model=self.model, ema=self.ema.module if self.ema and has_ema else None,
+                                 restore_rng=False)
+        except ckpt.CheckpointError as e:
+            differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            keys = ", ".join(f"model.{k}={saved.get(k)!r} there, {current.get(k)!r} here" for k in differ)
+            raise ckpt.CheckpointError(
+                f"training.init_from={path} does not fit this model ({keys or 'no model key differs'}): {e}") from None
+        if self.ema and not has_ema:
+            self.ema.module.load_state_dict(self.model.state_dict())
+        self._print(f"initialised from {path} (its step {ckpt.read_trainer_state(path).get('global_step')}): "
+                    f"weights{' and EMA' if self.ema and has_ema else ''}; optimizer, schedule and data start fresh")
 
     def _print(self, *args, **kwargs):
         if self.dist.main:
