@@ -17,6 +17,15 @@ What to write (``mode=text``, the default)
                             [N, latent_dim], one sample per row) or ``latent_text="a sentence"``,
                             encoded with the projection that made the training latents
                             (``projection=<dir>``; default the folder of the run's data.json_path)
+    answer a prompt         (a checkpoint trained on conversations, ``data=sft``) ``chat=true
+                            prompt="reverse: abc"`` (optionally ``system="..."``), or
+                            ``conversation=<file>`` (JSON / JSONL conversations: each gets the
+                            answer to its last turn; a final assistant turn is the reference,
+                            kept in the record and replaced by the model's answer). The prompt is
+                            rendered with the run's saved chat template; ``length`` counts the
+                            answer's tokens (default: what ``data.seq_len`` leaves after the
+                            prompt); the answer ends at the first end-of-text token and only it
+                            is printed
 ``mode=latent``: a latent from a text (``text="..."`` or ``text_file=``; or a ``template``, whose
 masks the latent sampler sees as unknown), written to ``latent_out=<file>.npy`` [N, latent_dim].
 ``mode=joint``: text and latent together (latent first, then the text written from it);
@@ -65,6 +74,9 @@ class GenerateConfig:
     length: Optional[int] = None          # canvas tokens, prompt included (default: data.seq_len)
     prompt: Optional[str] = None
     prompt_file: Optional[str] = None
+    chat: bool = False                    # prompt= is a user turn of a conversation (data=sft runs)
+    system: Optional[str] = None          # chat: the system text
+    conversation: Optional[str] = None    # chat: a JSON / JSONL file of conversations to answer
     template: Optional[str] = None
     template_file: Optional[str] = None
     text: Optional[str] = None            # mode=latent: the text to encode
@@ -155,6 +167,16 @@ def check_options(g: GenerateConfig) -> None:
         raise _error(f"give one of prompt, prompt_file, template, template_file, text, text_file (got {', '.join(given)})")
     if g.latent is not None and g.latent_text is not None:
         raise _error("give latent=<file>.npy or latent_text=\"...\", not both")
+    if g.conversation is not None:
+        g.chat = True
+    if g.chat:
+        if g.mode != "text" or [k for k in given if k != "prompt"]:
+            raise _error("chat=true answers a prompt= or a conversation= file (mode=text); "
+                         f"{', '.join(k for k in given if k != 'prompt') or 'mode=' + g.mode} does not go with it")
+        if (g.prompt is None) == (g.conversation is None):
+            raise _error("chat=true needs exactly one of prompt=\"...\" (a user turn) and conversation=<file>")
+    elif g.system is not None:
+        raise _error("system= is the system text of chat=true")
     if g.mode == "latent":
         if not given or given[0] in ("prompt", "prompt_file"):
             raise _error("mode=latent encodes a text: give text=\"...\", text_file=<file> or a template")
@@ -197,6 +219,7 @@ class Canvas:
     given: List[bool]
     source: Dict[str, str] = field(default_factory=dict)   # {"prompt": ...} / {"template": ...} / {"text": ...}
     latent: Optional[Any] = None                            # np.ndarray [latent_dim] to write from
+    answer_from: Optional[int] = None                       # chat: where the answer starts
 
     @property
     def continues(self) -> bool:
@@ -287,6 +310,42 @@ def build_canvases(g: GenerateConfig, tokenizer, mask_id: int, length: int, ar: 
     return [Canvas(list(c.ids), list(c.given), dict(c.source)) for c in sources for _ in range(g.num_samples)]
 
 
+def chat_canvases(g: GenerateConfig, tokenizer, mask_id: int, cfg, turns=None) -> List[Canvas]:
+    """``chat=true``: BOS + the prompt rendered with the run's chat template, then the answer's
+    masks; one canvas per conversation (and sample). ``turns``: a conversation so far, (role,
+    text) pairs ending with a user turn, in place of ``prompt=``."""
+    from rwkv_diffusion_rnn.data import sft
+    if "chat_template" not in cfg.data:
+        raise _error(f"chat=true renders the prompt with the chat template of a run trained on conversations "
+                     f"(data=sft); this checkpoint's run used data.kind={cfg.data.kind}")
+    template = sft.ChatTemplate(**dict(cfg.data.chat_template))
+    eos_id = int(tokenizer.eos_id)
+    if turns is not None:
+        items = [(g.system, list(turns), None, {"prompt": turns[-1][1]}, "prompt")]
+    elif g.prompt is not None:
+        items = [(g.system, [("user", g.prompt)], None, {"prompt": g.prompt}, "prompt")]
+    else:
+        items = []
+        try:
+            conversations = sft.read_conversations_to_answer(g.conversation)
+        except (OSError, ValueError) as e:
+            raise _error(f"conversation={g.conversation}: {e}") from None
+        for c, reference in conversations:
+            items.append((c.system, c.turns, reference, {"conversation": c.where}, c.where))
+    canvases = []
+    for system, turns, reference, source, where in items:
+        ids = [eos_id] + _encode(tokenizer, template.prompt(system, turns), where)
+        n = g.length if g.length is not None else int(cfg.data.seq_len) - len(ids)
+        if n < 1:
+            raise _error(f"{where}: the rendered prompt is {len(ids)} tokens, which leaves no room for an answer in "
+                         f"data.seq_len={cfg.data.seq_len}; give length=<answer tokens>")
+        if reference is not None:
+            source = dict(source, reference=reference)
+        canvases += [Canvas(ids + [mask_id] * n, [True] * len(ids) + [False] * n, dict(source), answer_from=len(ids))
+                     for _ in range(g.num_samples)]
+    return canvases
+
+
 def load_latents(g: GenerateConfig, cfg, latent_dim: int):
     """[N, latent_dim] float32 from ``latent=`` or ``latent_text=``, or None."""
     import numpy as np
@@ -366,20 +425,26 @@ def _groups(canvases: List[Canvas], batch_size: int):
 
 def _finish(c: Canvas, ids: List[int], eos_id: Optional[int], use_eos: bool, tokenizer):
     """(text, token ids kept, ended by an end of text): a continuation ends at the first end of
-    text the model wrote; in a template the tokens are kept as written."""
+    text the model wrote; in a template the tokens are kept as written. A chat answer is the text
+    after its prompt."""
     ended = False
     if use_eos and eos_id is not None and c.continues:
         for i, (tok, given) in enumerate(zip(ids, c.given)):
             if not given and tok == eos_id:
                 ids, ended = ids[:i], True
                 break
+    if c.answer_from is not None:
+        ids = ids[c.answer_from:]
     return tokenizer.decode(ids), ids, ended
 
 
-def generate(checkpoint=None, config: Optional[GenerateConfig] = None, **options) -> List[dict]:
+def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=None, turns=None,
+             **options) -> List[dict]:
     """Generate as the command line does; returns one dict per sample (what ``out=`` writes).
 
     ``generate("runs/shakespeare", prompt="ROMEO:", length=64, num_samples=4, steps=32)``.
+    ``trained``: the checkpoint already loaded (:func:`~rwkv_diffusion_rnn.training.trained.load_trained`);
+    ``turns``: with ``chat=True``, a conversation so far to answer ((role, text) pairs) instead of ``prompt``.
     """
     import numpy as np
     import torch
@@ -390,8 +455,12 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, **options
     g = dataclasses.replace(config or GenerateConfig(), **options)
     if checkpoint is not None:
         g.checkpoint = str(checkpoint)
+    if turns is not None:
+        g = dataclasses.replace(g, chat=True, prompt=turns[-1][1])
+    if trained is not None and g.checkpoint is None:
+        g.checkpoint = str(trained.path)
     check_options(g)
-    trained = load_trained(g.checkpoint, device=g.device)
+    trained = trained or load_trained(g.checkpoint, device=g.device)
     model, cfg, tok = trained.model, trained.cfg, trained.tokenizer
     mcfg = model.config
     ar = trained.objective == "ar"
@@ -408,7 +477,10 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, **options
         raise _error("block_length is a diffusion decoding option; an AR model writes one token at a time")
     length = g.length or int(cfg.data.seq_len)
     eos_id = getattr(tok, "eos_id", None)
-    canvases = build_canvases(g, tok, mcfg.mask_id, length, ar)
+    if g.chat and ar:
+        raise _error("chat=true decodes an answer with masked diffusion; this checkpoint is an AR model")
+    canvases = (chat_canvases(g, tok, mcfg.mask_id, cfg, turns) if g.chat
+                else build_canvases(g, tok, mcfg.mask_id, length, ar))
     canvases = attach_latents(canvases, load_latents(g, cfg, mcfg.latent_dim) if has_latent else None,
                               g.num_samples)
     diffusion = build_latent_diffusion(cfg) if g.mode != "text" else None
@@ -502,7 +574,7 @@ def _show(records: List[dict]) -> str:
     parts = []
     for r in records:
         head = f"--- sample {r['index']} (seed {r['seed']})"
-        for key in ("prompt", "template"):
+        for key in ("prompt", "template", "conversation"):
             if key in r:
                 head += f" {key}: {r[key]!r}"
         body = r["text"]

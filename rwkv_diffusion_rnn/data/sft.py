@@ -111,6 +111,11 @@ def read_conversations(path) -> List[Conversation]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data.path={path}: no such file")
+    return [parse_conversation(e, w) for e, w in _entries(path)]
+
+
+def _entries(path: Path) -> List[Tuple[object, str]]:
+    """The JSON values of a file with where each is (``entry i`` of a list, ``line n`` of JSON Lines)."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -135,7 +140,35 @@ def read_conversations(path) -> List[Conversation]:
         raise DataFormatError(f"{path}: expected a list of conversations, got {type(entries).__name__}")
     if not entries:
         raise DataFormatError(f"{path} holds no conversation")
-    return [parse_conversation(e, w) for e, w in zip(entries, where)]
+    return list(zip(entries, where))
+
+
+def read_conversations_to_answer(path) -> List[Tuple[Conversation, Optional[str]]]:
+    """Conversations to answer, each with its reference: a conversation that ends with an
+    assistant turn is asked that turn (the turn is the reference); one that ends with a user
+    turn is asked the next one (no reference)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    out = []
+    for n, entry in enumerate(_entries(path)):
+        entry, where = entry
+        if not isinstance(entry, dict):
+            raise DataFormatError(f"{where}: a conversation must be an object with a 'conversations' list")
+        turns = entry.get("conversations", entry.get("messages"))
+        if not isinstance(turns, list) or not turns:
+            raise DataFormatError(f"{where}: no 'conversations' (or 'messages') list of turns")
+        parsed = [_turn(t, f"{where} turn {i}") for i, t in enumerate(turns)]
+        system = entry.get("system")
+        if parsed[0][0] == "system":
+            system, parsed = parsed[0][1], parsed[1:]
+        reference = None
+        if parsed and parsed[-1][0] == "assistant":
+            reference, parsed = parsed[-1][1], parsed[:-1]
+        if not parsed or parsed[-1][0] != "user":
+            raise DataFormatError(f"{where}: nothing to answer (the turns before the answer must end with a user turn)")
+        out.append((Conversation(system, parsed, where), reference))
+    return out
 
 
 def hf_conversations(name: str, config: Optional[str], split: str) -> List[Conversation]:
