@@ -149,3 +149,72 @@ def test_bad_conversations_are_refused_naming_the_file_and_entry(tmp_path, conte
     with pytest.raises(DataFormatError) as e:
         read_conversations(path)
     assert str(path) in str(e.value) and all(p in str(e.value) for p in phrases), str(e.value)
+
+
+@pytest.fixture(scope="module")
+def answers_ok(tmp_path_factory):
+    """A tiny model trained to answer every question with "ok"."""
+    tmp = tmp_path_factory.mktemp("ok")
+    rows = [{"conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": "ok"}]}
+            for i in range(64)]
+    path = write_jsonl(tmp / "c.jsonl", rows)
+    run(compose_config(sft_overrides(tmp, path, "training.max_steps=60", "optimizer.lr=3e-3", "logging.eval_freq=0",
+                                     "optimizer.warmup_steps=5", "data.seq_len=40")))
+    return tmp / "run"
+
+
+def test_generate_chat_answers_after_the_rendered_prompt_and_prints_only_the_answer(answers_ok, tmp_path):
+    from rwkv_diffusion_rnn.generate import generate
+    rec, = generate(answers_ok, chat=True, prompt="question 99", temperature=0.0, remasking="low_confidence",
+                    progress_bar=False, print_texts=False)
+    assert rec["text"] == "ok" and rec["ended_by_eos"] and rec["prompt"] == "question 99"
+    held = write_jsonl(tmp_path / "held.jsonl", [
+        {"conversations": [{"from": "human", "value": "question 70"}, {"from": "gpt", "value": "ok"}]},
+        {"system": "terse", "conversations": [{"from": "human", "value": "question 71"}]}])
+    recs = generate(answers_ok, conversation=str(held), temperature=0.0, remasking="low_confidence", length=6,
+                    progress_bar=False, print_texts=False)
+    assert [r.get("reference") for r in recs] == ["ok", None] and recs[0]["text"] == "ok"
+    assert all(len(r["token_ids"]) <= 6 for r in recs)
+
+
+def test_the_chat_loop_answers_each_line_with_the_conversation_so_far(answers_ok):
+    import io
+    from rwkv_diffusion_rnn.chat import chat_loop
+    out = io.StringIO()
+    turns = chat_loop([f"checkpoint={answers_ok}", "temperature=0", "remasking=low_confidence", "length=4"],
+                      lines=io.StringIO("question 5\n/reset\nquestion 6\nquestion 7\n"), out=out)
+    assert out.getvalue().splitlines() == ["ok", "ok", "ok"]
+    assert [t for t, _ in turns] == ["user", "assistant", "user", "assistant"]      # reset after the first
+
+
+def test_chat_options_that_cannot_work_are_refused_by_name(answers_ok, tmp_path):
+    from rwkv_diffusion_rnn.generate import generate
+    from rwkv_diffusion_rnn.training.config_validation import ConfigError
+    with pytest.raises(ConfigError, match="exactly one of prompt"):
+        generate(answers_ok, chat=True)
+    with pytest.raises(ConfigError, match="system= is the system text of chat=true"):
+        generate(answers_ok, prompt="question 1", system="x")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"conversations": [{"from": "gpt", "value": "ok"}]}) + "\n")
+    with pytest.raises(ConfigError, match="line 1: nothing to answer"):
+        generate(answers_ok, conversation=str(bad))
+
+
+def test_instruction_sets_have_checkable_answers_and_held_out_prompts_unseen_in_training():
+    from rwkv_diffusion_rnn.data.instructions import TASKS, make_sets
+    sets = make_sets(400, 80, seed=3)
+    seen = {c["conversations"][0]["value"] for c in sets["train"]}
+    assert not any(c["conversations"][0]["value"] in seen for c in sets["heldout"])
+    assert {c["task"] for c in sets["heldout"]} == set(TASKS)
+    for c in sets["train"][:40]:
+        q, a = c["conversations"][0]["value"], c["conversations"][1]["value"]
+        operands = [w for w in q.replace("?", " ").replace(".", " ").replace(":", " ").split() if w.isalnum()]
+        if c["task"] == "add":
+            x, y = [int(w) for w in operands if w.isdigit()]
+            assert int(a) == x + y
+        elif c["task"] == "sort":
+            assert a == "".join(sorted(next(w for w in operands if w.isdigit())))
+        elif c["task"] == "reverse":
+            assert a[::-1] in operands
+        else:
+            assert a.lower() in operands and a.isupper()
