@@ -218,3 +218,33 @@ def test_instruction_sets_have_checkable_answers_and_held_out_prompts_unseen_in_
             assert a[::-1] in operands
         else:
             assert a.lower() in operands and a.isupper()
+
+
+@pytest.mark.parametrize("model", [["model.mixer=causal"], ["model.mixer=dw_jrt"], ["model.mixer=block_causal",
+                                   "model.block_size=8"], ["model.arch=transformer"], ["model.arch=hybrid", "model.n_layer=2"],
+                                   ["model.arch=qwen3", "model.block_attention=true", "model.block_size=8"]])
+def test_every_mixer_and_architecture_trains_on_conversations(tmp_path, model):
+    path = write_jsonl(tmp_path / "c.jsonl", reverse_conversations(40))
+    if "model.arch=qwen3" in model:
+        from test_qwen3 import save_tiny_qwen3
+        model = [*model, f"model.qwen3_name={save_tiny_qwen3(tmp_path / 'q3', vocab_size=64)}"]
+    metrics = run(compose_config(sft_overrides(tmp_path, path, *model, "training.max_steps=2", "logging.eval_freq=0")))
+    assert math.isfinite(metrics["val_nelbo"])
+    losses = [r["loss"] for r in read_train_log(tmp_path / "run")]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_sft_settings_that_cannot_work_are_refused_by_key(tmp_path):
+    from rwkv_diffusion_rnn.training.config_validation import ConfigError, validate_config
+    path = write_jsonl(tmp_path / "c.jsonl", reverse_conversations(20))
+    for extra, phrase in ((["text_noise.truncate_prob=0.1"], "text_noise.truncate_prob=0.1 with data=sft"),
+                          (["data.path=null"], "data=sft needs conversations"),
+                          (["model.latent_prefix_len=4"], "data=sft has no sentence latents"),
+                          (["data.chat_template.user=User"], "data.chat_template.user='User' must hold exactly one")):
+        with pytest.raises(ConfigError, match=phrase):
+            cfg = compose_config(sft_overrides(tmp_path, path, *extra))
+            validate_config(cfg)
+            from rwkv_diffusion_rnn.training.builders import build_data
+            build_data(cfg)
+    with pytest.raises(ConfigError, match="text_noise.sft=true trains answers to prompts"):
+        validate_config(compose_config(["experiment=shakespeare_char", "text_noise.sft=true"]))
