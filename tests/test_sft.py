@@ -248,3 +248,18 @@ def test_sft_settings_that_cannot_work_are_refused_by_key(tmp_path):
             build_data(cfg)
     with pytest.raises(ConfigError, match="text_noise.sft=true trains answers to prompts"):
         validate_config(compose_config(["experiment=shakespeare_char", "text_noise.sft=true"]))
+
+
+def test_shares_of_an_sft_batch_add_up_to_its_loss():
+    """Under torchrun each process runs some rows of a batch with the whole batch's normaliser."""
+    from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig
+    from rwkv_diffusion_rnn.weights.pretrained_rwkv import build_denoiser
+    tok, batch = two_example_batch()
+    torch.manual_seed(0)
+    model = build_denoiser(DenoiserConfig(vocab_size=tok.vocab_size, mask_id=tok.mask_id, latent_prefix_len=0),
+                           n_layer=1, n_embd=32, head_size=16)
+    obj = DiffusionObjective(MaskedDiffusion(mask_id=tok.mask_id, vocab_size=tok.vocab_size, truncate_prob=0.0),
+                             None, sft=True)
+    whole, _ = obj(model, batch, torch.Generator().manual_seed(1))
+    parts = [obj(model, batch, torch.Generator().manual_seed(1), rows=r)[0] for r in (slice(0, 1), slice(1, 2))]
+    assert float(sum(parts).detach()) == pytest.approx(float(whole.detach()), rel=1e-5)
