@@ -742,7 +742,39 @@ def _as_tokens(tokens, source: str) -> np.ndarray:
     return tokens
 
 
-class TrainWindows:
+class EpochBatches:
+    """Epoch bookkeeping of a resumable training loader whose subclass gives ``__len__`` (batches
+    per epoch) and ``batch(epoch, index)``: iterating gives the rest of the current epoch (also
+    after an abandoned pass), a batch is counted when handed out, so that a loader restored to
+    that count hands out exactly the batch that would have come next."""
+
+    _epoch = 0
+    _consumed = 0
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def at_epoch_end(self) -> bool:
+        """Every batch of the current epoch has been handed out (the next one starts a new epoch)."""
+        return self._consumed >= len(self)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._consumed >= len(self):
+            self._epoch, self._consumed = self._epoch + 1, 0
+        while self._consumed < len(self):
+            b = self.batch(self._epoch, self._consumed)
+            self._consumed += 1  # counted when handed out, so an abandoned pass resumes after it
+            yield b
+        self._epoch, self._consumed = self._epoch + 1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch."""
+        self._epoch, self._consumed = int(epoch), 0
+
+
+class TrainWindows(EpochBatches):
     """Training batches of windows of ``seq_len + 1`` tokens, one epoch covering the split once.
 
     Epoch ``e`` draws, from a generator seeded by ``(seed, e)``, a shift in ``[0, seq_len)`` and
@@ -780,15 +812,6 @@ class TrainWindows:
         self._consumed = 0
         self._order_cache: tuple[int, int, np.ndarray] | None = None
 
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    @property
-    def at_epoch_end(self) -> bool:
-        """Every batch of the current epoch has been handed out (the next one starts a new epoch)."""
-        return self._consumed >= len(self)
-
     def __len__(self) -> int:
         return self.n_windows // self.batch_size
 
@@ -805,19 +828,6 @@ class TrainWindows:
         shift, order = self.epoch_order(epoch)
         k = order[index * self.batch_size : (index + 1) * self.batch_size]
         return _batch(self.tokens, shift + k * self.seq_len, self.seq_len)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self._consumed >= len(self):
-            self._epoch, self._consumed = self._epoch + 1, 0
-        while self._consumed < len(self):
-            b = self.batch(self._epoch, self._consumed)
-            self._consumed += 1  # counted when handed out, so an abandoned pass resumes after it
-            yield b
-        self._epoch, self._consumed = self._epoch + 1, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its first batch."""
-        self._epoch, self._consumed = int(epoch), 0
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self._epoch, "batch_index": self._consumed, "seq_len": self.seq_len,

@@ -30,6 +30,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .corpus import EpochBatches
 from .data_simple import DataFormatError
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -234,7 +235,7 @@ def collate(examples: Sequence[Example], eos_id: int, multiple: int = 1) -> Dict
             "prompt_lengths": torch.tensor([len(e.prompt) for e in examples], dtype=torch.long)}
 
 
-class SFTBatches:
+class SFTBatches(EpochBatches):
     """Training batches of examples: each epoch a permutation (seeded by ``(seed, epoch)``) cut
     into batches (the last incomplete one dropped). Iteration and resumption as the corpus
     windows': ``state_dict()`` counts the batches handed out."""
@@ -246,30 +247,17 @@ class SFTBatches:
                                   f"training.train_batch_size={batch_size}; lower the batch size or add conversations")
         self.examples, self.batch_size, self.seed = examples, int(batch_size), int(seed)
         self.eos_id, self.multiple = int(eos_id), int(multiple)
-        self._epoch, self._consumed = 0, 0
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    @property
-    def at_epoch_end(self) -> bool:
-        return self._consumed >= len(self)
+        self._order: Tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.examples) // self.batch_size
 
-    def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-
-    def __iter__(self):
-        if self._consumed >= len(self):
-            self._epoch, self._consumed = self._epoch + 1, 0
-        order = self.order(self._epoch)
-        while self._consumed < len(self):
-            k = order[self._consumed * self.batch_size:(self._consumed + 1) * self.batch_size]
-            self._consumed += 1
-            yield collate([self.examples[i] for i in k], self.eos_id, self.multiple)
+    def batch(self, epoch: int, index: int) -> Dict[str, torch.Tensor]:
+        """Batch ``index`` of ``epoch``."""
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)))
+        k = self._order[1][index * self.batch_size:(index + 1) * self.batch_size]
+        return collate([self.examples[i] for i in k], self.eos_id, self.multiple)
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "batch_index": self._consumed, "batch_size": self.batch_size,
@@ -281,6 +269,8 @@ class SFTBatches:
                 raise ValueError(f"the SFT loader's state was saved with {key}={state[key]} but this run has "
                                  f"{mine}; resume with the same conversations and batch size, or start a fresh run")
         self._epoch, self._consumed = int(state["epoch"]), int(state["batch_index"])
+        if self._consumed >= len(self):     # saved right after the last batch of an epoch
+            self._epoch, self._consumed = self._epoch + 1, 0
 
 
 class SFTEvalBatches:
