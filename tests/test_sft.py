@@ -263,3 +263,11 @@ def test_shares_of_an_sft_batch_add_up_to_its_loss():
     whole, _ = obj(model, batch, torch.Generator().manual_seed(1))
     parts = [obj(model, batch, torch.Generator().manual_seed(1), rows=r)[0] for r in (slice(0, 1), slice(1, 2))]
     assert float(sum(parts).detach()) == pytest.approx(float(whole.detach()), rel=1e-5)
+
+
+def test_a_character_the_vocabulary_lacks_is_named_with_its_conversation(tmp_path):
+    conv = parse_conversation({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "Z"}]},
+                              f"{tmp_path / 'c.jsonl'} line 3")
+    tok = CharTokenizer.from_text(["System: User: Assistant: \na"])
+    with pytest.raises(DataFormatError, match=r"c.jsonl line 3 turn 1: .*'Z'"):
+        examples_of([conv], tok, TEMPLATE, seq_len=100)

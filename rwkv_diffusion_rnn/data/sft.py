@@ -211,8 +211,11 @@ def examples_of(conversations: Sequence[Conversation], tokenizer, template: Chat
         for i, (role, text) in enumerate(c.turns):
             if role != "assistant":
                 continue
-            prompt = np.array([bos] + list(tokenizer.encode(template.prompt(c.system, c.turns[:i]))), dtype=np.int64)
-            answer = np.array(list(tokenizer.encode(text)) + [eos], dtype=np.int64)
+            try:
+                prompt = np.array([bos] + list(tokenizer.encode(template.prompt(c.system, c.turns[:i]))), dtype=np.int64)
+                answer = np.array(list(tokenizer.encode(text)) + [eos], dtype=np.int64)
+            except ValueError as e:     # a character a chars vocabulary (e.g. training.init_from's) lacks
+                raise DataFormatError(f"{c.where} turn {i}: {e}") from None
             if len(prompt) >= seq_len:
                 dropped += 1
                 continue
