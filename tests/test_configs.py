@@ -84,7 +84,7 @@ def test_unknown_key_is_refused_by_name():
     (["model.pos_emb_len=32"], "model.pos_emb_len=32 is shorter than data.seq_len=64"),
     (["model.pos_emb_len=-2"], "model.pos_emb_len=-2 must be an integer >= 0"),
     (["model.pos_emb_init_std=-0.1"], "model.pos_emb_init_std=-0.1 must be a number >= 0"),
-    (["text_noise.sft=true"], "text_noise.sft=true: supervised fine-tuning"),
+    (["text_noise.sft=true"], "text_noise.sft=true trains answers to prompts: it needs conversation data"),
     (["model.latent_in_cond=true"], "model.latent_in_cond=true adds the latent"),
     (["model.bi_fusion=max"], "model.bi_fusion='max'"),
     (["text_noise.loss_type=hinge"], "text_noise.loss_type='hinge'"),
