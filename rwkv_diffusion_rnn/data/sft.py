@@ -84,7 +84,18 @@ def _turn(turn, where: str) -> Tuple[str, str]:
 
 
 def parse_conversation(entry, where: str) -> Conversation:
-    """One conversation from its JSON object; refuses a malformed one naming ``where``."""
+    """One conversation from its JSON object; refuses a malformed one, or one without an
+    answer to learn, naming ``where``."""
+    conv = _parse_turns(entry, where)
+    if not any(role == "assistant" for role, _ in conv.turns):
+        raise DataFormatError(f"{where}: the conversation has no assistant turn (roles: "
+                              f"{', '.join(sorted({r for r, _ in conv.turns})) or 'none'}), so there is no answer to "
+                              "learn; add a gpt/assistant turn or drop the entry")
+    return conv
+
+
+def _parse_turns(entry, where: str) -> Conversation:
+    """The system text and turns of a conversation's JSON object (a system turn may only open it)."""
     if not isinstance(entry, dict):
         raise DataFormatError(f"{where}: a conversation must be an object with a 'conversations' list, "
                               f"got {type(entry).__name__}")
@@ -100,10 +111,6 @@ def parse_conversation(entry, where: str) -> Conversation:
         parsed = parsed[1:]
     if any(role == "system" for role, _ in parsed):
         raise DataFormatError(f"{where}: a system turn may only open the conversation")
-    if not any(role == "assistant" for role, _ in parsed):
-        raise DataFormatError(f"{where}: the conversation has no assistant turn (roles: "
-                              f"{', '.join(sorted({r for r, _ in parsed})) or 'none'}), so there is no answer to "
-                              "learn; add a gpt/assistant turn or drop the entry")
     return Conversation(system or None, parsed, where)
 
 
@@ -152,23 +159,14 @@ def read_conversations_to_answer(path) -> List[Tuple[Conversation, Optional[str]
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     out = []
-    for n, entry in enumerate(_entries(path)):
-        entry, where = entry
-        if not isinstance(entry, dict):
-            raise DataFormatError(f"{where}: a conversation must be an object with a 'conversations' list")
-        turns = entry.get("conversations", entry.get("messages"))
-        if not isinstance(turns, list) or not turns:
-            raise DataFormatError(f"{where}: no 'conversations' (or 'messages') list of turns")
-        parsed = [_turn(t, f"{where} turn {i}") for i, t in enumerate(turns)]
-        system = entry.get("system")
-        if parsed[0][0] == "system":
-            system, parsed = parsed[0][1], parsed[1:]
+    for entry, where in _entries(path):
+        conv = _parse_turns(entry, where)     # the system text and turns as training reads them
         reference = None
-        if parsed and parsed[-1][0] == "assistant":
-            reference, parsed = parsed[-1][1], parsed[:-1]
-        if not parsed or parsed[-1][0] != "user":
+        if conv.turns and conv.turns[-1][0] == "assistant":
+            reference, conv.turns = conv.turns[-1][1], conv.turns[:-1]
+        if not conv.turns or conv.turns[-1][0] != "user":
             raise DataFormatError(f"{where}: nothing to answer (the turns before the answer must end with a user turn)")
-        out.append((Conversation(system, parsed, where), reference))
+        out.append((conv, reference))
     return out
 
 
@@ -288,9 +286,3 @@ class SFTEvalBatches:
     def __iter__(self):
         for i in range(0, len(self.examples), self.batch_size):
             yield collate(self.examples[i:i + self.batch_size], self.eos_id, self.multiple)
-
-
-def answer_positions(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """[B, T] bool: the positions after each row's prompt."""
-    ids = batch["input_ids"]
-    return torch.arange(ids.shape[1])[None, :] >= batch["prompt_lengths"].view(-1, 1)

@@ -108,7 +108,7 @@ class DiffusionObjective:
         if self.sft:
             if "prompt_lengths" not in batch:
                 raise ValueError("text_noise.sft=true needs batches with prompt_lengths (data=sft)")
-            maskable = maskable & (torch.arange(x0.shape[1])[None, :] >= batch["prompt_lengths"].view(-1, 1))
+            maskable = maskable & answer_positions(batch)
         x0, valid, maskable = self.text.maybe_truncate(x0, valid, maskable, generator=g)
         B = x0.shape[0]
         t = self.text.sample_t(B, generator=g)
@@ -165,6 +165,11 @@ class DiffusionObjective:
                         nb.s.to(device) if has_latent else None,
                         latent_drop=nb.drop.to(device) if has_latent else None)
         return self.loss(out, nb, norm)
+
+
+def answer_positions(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, T] bool: the positions after each row's prompt (``prompt_lengths``, conversations)."""
+    return torch.arange(batch["input_ids"].shape[1])[None, :] >= batch["prompt_lengths"].view(-1, 1)
 
 
 def next_token_inputs(batch: Dict[str, torch.Tensor]):

@@ -477,12 +477,13 @@ def load_checkpoint(
     verify_checkpoint(path)
     files = _read_manifest(path)["files"]
 
-    if is_sharded(path):
+    sharded = is_sharded(path)
+    if sharded:
         _load_sharded(path / SHARDED_DIR, _unwrap(model), optimizer, _unwrap(ema) if ema is not None else None)
         optimizer = None        # its state was in the shards
     else:
         _load_weights(path / MODEL_FILE, _unwrap(model))
-    if ema is not None and not is_sharded(path):
+    if ema is not None and not sharded:
         if EMA_FILE not in files:
             raise CheckpointError(
                 f"Checkpoint {path} has no EMA weights ({EMA_FILE}): the run that wrote it kept no EMA. "
@@ -529,13 +530,17 @@ def has_ema(path) -> bool:
     path = Path(path)
     if not is_sharded(path):
         return (path / EMA_FILE).is_file()
+    return any(k.startswith("ema.") for k in _shard_keys(path / SHARDED_DIR))
+
+
+def _shard_keys(directory: Path) -> set:
+    """The keys the ``torch.distributed.checkpoint`` files in ``directory`` hold ("model.<name>", ...)."""
     import torch.distributed.checkpoint as dcp
     try:
-        stored = dcp.FileSystemReader(str(path / SHARDED_DIR)).read_metadata().state_dict_metadata
+        return set(dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata)
     except Exception as e:
-        raise CheckpointError(f"{path / SHARDED_DIR} cannot be read as torch.distributed.checkpoint shards "
+        raise CheckpointError(f"{directory} cannot be read as torch.distributed.checkpoint shards "
                               f"({type(e).__name__}: {_first_line(e)})") from e
-    return any(k.startswith("ema.") for k in stored)
 
 
 def _sharded_state(model: torch.nn.Module, optimizer=None, ema: torch.nn.Module | None = None) -> dict:
@@ -593,11 +598,7 @@ def _load_sharded(directory: Path, model: torch.nn.Module, optimizer=None, ema: 
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     state = _sharded_state(model, optimizer, ema)
-    try:
-        stored = set(dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata)
-    except Exception as e:
-        raise CheckpointError(f"{directory} cannot be read as torch.distributed.checkpoint shards "
-                              f"({type(e).__name__}: {_first_line(e)})") from e
+    stored = _shard_keys(directory)
     missing = [f"{part}.{k}" for part in ("model", "ema") for k in state.get(part, {}) if f"{part}.{k}" not in stored]
     if missing:
         hint = " (this run keeps an EMA, the run that wrote it did not)" if any(m.startswith("ema.") for m in missing) else ""

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from ..diffusion.elbo import LikelihoodAccumulator, LikelihoodSummary, ar_nll, masked_nelbo, prior_nats
-from ..diffusion.objective import next_token_inputs
+from ..diffusion.objective import answer_positions, next_token_inputs
 
 LATENT_MODES = ("clean", "null")
 
@@ -69,7 +69,7 @@ def score(model, batches: Iterable[dict], *, objective: str, schedule=None, mask
         else:
             targets, valid = batch["input_ids"], batch["attention_mask"].bool()
             if "prompt_lengths" in batch:       # conversations: the answers given their prompts
-                valid = valid & (torch.arange(targets.shape[1])[None, :] >= batch["prompt_lengths"].view(-1, 1))
+                valid = valid & answer_positions(batch)
             z = batch["latent"][rows].float().to(device) if latent == "clean" and "latent" in batch else None
 
             def denoise(xt, t):
