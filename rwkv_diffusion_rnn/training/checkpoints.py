@@ -738,7 +738,11 @@ def list_checkpoints(save_dir) -> list[Path]:
         except (OSError, ValueError, AttributeError):
             pass
         step = step if isinstance(step, (int, float)) and not isinstance(step, bool) else -1
-        found.append((step, (d / MANIFEST).stat().st_mtime, d.name, d))
+        try:
+            mtime = (d / MANIFEST).stat().st_mtime
+        except OSError:         # pruned by a running save since its manifest was read: not there any more
+            continue
+        found.append((step, mtime, d.name, d))
     return [d for *_, d in sorted(found)]
 
 
