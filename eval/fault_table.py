@@ -156,12 +156,7 @@ def judge_handled(res: Res, ok: bool, why: str, phrases=(), say: str | None = No
 
 
 def project_errors() -> tuple:
-    from rwkv_diffusion_rnn.data.data_simple import DataFormatError
-    from rwkv_diffusion_rnn.prepare_latents import LatentPrepError
-    from rwkv_diffusion_rnn.training.config_validation import ConfigError
-    from rwkv_diffusion_rnn.training.improved_trainer import TrainingDiverged
-    from rwkv_diffusion_rnn.training.run_lock import RunLockedError
-    from rwkv_diffusion_rnn.weights.pretrained_rwkv import CheckpointError
+    from rwkv_diffusion_rnn.common.errors import CheckpointError, ConfigError, DataFormatError, LatentPrepError, RunLockedError, TrainingDiverged
     return (CheckpointError, DataFormatError, ConfigError, LatentPrepError, RunLockedError, TrainingDiverged)
 
 
@@ -421,7 +416,7 @@ def dataset_state(root: Path, old: list, new: list) -> str:
 def token_files(root: Path, rows, pad_id=0, max_length=8):
     """One token file (right-padded) and latent per row of ids."""
     import numpy as np
-    from rwkv_diffusion_rnn.data.data_simple import atomic_save_npy, atomic_save_npz
+    from rwkv_diffusion_rnn.common.files import atomic_save_npy, atomic_save_npz
     rng = np.random.default_rng(0)
     for i, ids in enumerate(rows):
         padded = np.full(max_length, pad_id, np.int32)

@@ -46,12 +46,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         sys.exit(0 if argv else 2)
-    from rwkv_diffusion_rnn.data.data_simple import DataFormatError
-    from rwkv_diffusion_rnn.training.config_validation import ConfigError
-    from rwkv_diffusion_rnn.weights.pretrained_rwkv import CheckpointError
+    from rwkv_diffusion_rnn.common.errors import ProjectError
     try:
         chat_loop(argv)
-    except (ConfigError, DataFormatError, CheckpointError, OSError, ValueError) as e:
+    except (ProjectError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -52,6 +52,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .common.errors import DemoError
+
+
 from .weights.pretrained_rwkv import load_rwkv7, save_random_blinkdl_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,10 +68,6 @@ MAX_LENGTH = 16        # data.seq_len of configs/experiment/demo.yaml
 LATENT_DIM = 32
 RESULTS_FILE = "demo_results.json"
 GRAMMAR_VERSION = 1    # bump when demo_corpus changes its sentences
-
-
-class DemoError(RuntimeError):
-    """A demo step cannot go on; the message says what to do."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +144,7 @@ def prepare_data(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *, n_train: int
     """Corpus, latents and tokens under ``data_dir``; each step is skipped when its outputs exist
     and were made with the same settings (a changed corpus rebuilds everything after it)."""
     from .data import demo_corpus as grammar
-    from .data.data_simple import atomic_write_json
+    from .common.files import atomic_write_json
     from .prepare_latents import prepare_latents
     from .preprocess_tokenize_text import tokenize_json
     from .data.tokenizer import load_tokenizer
@@ -555,10 +554,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-    from .training.checkpoints import CheckpointError
-    from .training.config_validation import ConfigError
-    from .data.data_simple import DataFormatError
-    from .prepare_latents import LatentPrepError
+    from .common.errors import ProjectError
 
     t_start = time.perf_counter()
     progress = not args.no_progress
@@ -585,8 +581,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         results = evaluate(model, diffusion, data, n_eval=args.n_eval, text_steps=args.text_steps,
                            latent_steps=args.latent_steps, batch_size=args.eval_batch_size, seed=args.seed,
                            n_examples=args.examples, show_progress=progress)
-    except (DemoError, ConfigError, DataFormatError, CheckpointError, LatentPrepError, HydraException,
-            OmegaConfBaseException) as e:
+    except (ProjectError, HydraException, OmegaConfBaseException) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     results.update(train_steps=steps, train_seconds=None if args.eval_only else round(train_seconds, 1),

@@ -56,24 +56,24 @@ def _val_batches(cfg, tokenizer):
         corpus = prepare_corpus(corpus_spec(d), tokenizer, d.cache_dir, progress=cfg.logging.progress_bar)
         val = corpus_val_windows(d, corpus, cfg.training.eval_batch_size)
         if val is None:
-            from rwkv_diffusion_rnn.training.config_validation import ConfigError
+            from rwkv_diffusion_rnn.common.errors import ConfigError
             raise ConfigError("the corpus has no validation split (data.val_fraction=0 and no data.val_path): "
                               "set data.val_path=<file> or data.val_fraction")
         return val
     if d.kind == "synthetic":
-        from rwkv_diffusion_rnn.training.config_validation import ConfigError
+        from rwkv_diffusion_rnn.common.errors import ConfigError
         raise ConfigError("data.kind=synthetic: a task model is scored by its task accuracy at training, "
                           "not by a likelihood")
     val = build_data(cfg, tokenizer=tokenizer).val
     if val is None:
-        from rwkv_diffusion_rnn.training.config_validation import ConfigError
+        from rwkv_diffusion_rnn.common.errors import ConfigError
         raise ConfigError("the data has no validation split: set data.val_json_path or data.val_fraction")
     return val
 
 
 def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = None) -> dict:
     """Scores ``checkpoint`` (see the module docstring); returns what it writes to ``eval.json``."""
-    from rwkv_diffusion_rnn.data.data_simple import atomic_write_json
+    from rwkv_diffusion_rnn.common.files import atomic_write_json
     from rwkv_diffusion_rnn.training import likelihood, rng
     from rwkv_diffusion_rnn.training.builders import autocast, build_text_diffusion
     from rwkv_diffusion_rnn.training.trained import load_trained
@@ -107,7 +107,7 @@ def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = Non
 def _read_samples(samples: Path) -> list:
     """``(line number, text)`` of each non-blank line of a samples file (one JSON object with a
     ``"text"`` string per line)."""
-    from rwkv_diffusion_rnn.data.data_simple import DataFormatError
+    from rwkv_diffusion_rnn.common.errors import DataFormatError
     if not samples.is_file():
         raise FileNotFoundError(f"eval.samples={samples} does not exist" if not samples.exists() else
                                 f"eval.samples={samples} is not a file")
@@ -155,11 +155,10 @@ def evaluate_samples(samples, scorer, out: Optional[str] = None, batch_size: int
     """Scores the texts of the samples file ``samples`` under the AR checkpoint ``scorer`` (see
     the module docstring; ``overrides`` apply to the scorer's saved config); returns what it
     writes to ``out`` (default: ``<samples without .jsonl>.eval.json``)."""
-    from rwkv_diffusion_rnn.data.data_simple import DataFormatError, atomic_write_json
-    from rwkv_diffusion_rnn.data.tokenizer import UnknownCharacterError
+    from rwkv_diffusion_rnn.common.errors import ConfigError, DataFormatError, UnknownCharacterError
+    from rwkv_diffusion_rnn.common.files import atomic_write_json
     from rwkv_diffusion_rnn.training import likelihood
     from rwkv_diffusion_rnn.training.builders import autocast
-    from rwkv_diffusion_rnn.training.config_validation import ConfigError
     from rwkv_diffusion_rnn.training.trained import checkpoint_dir, load_trained, saved_config
 
     if batch_size < 1:
@@ -217,9 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         sys.exit(0 if argv else 2)
-    from rwkv_diffusion_rnn.data.data_simple import DataFormatError
-    from rwkv_diffusion_rnn.training.config_validation import ConfigError
-    from rwkv_diffusion_rnn.weights.pretrained_rwkv import CheckpointError
+    from rwkv_diffusion_rnn.common.errors import ConfigError, ProjectError
     checkpoint = out = samples = scorer = batch_size = None
     overrides = []
     for item in argv:
@@ -259,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 raise ConfigError("checkpoint=<dir> is required (a checkpoint directory or a run's logging.save_dir)"
                                   ", or eval.samples=<file.jsonl> eval.scorer=<AR checkpoint> to score samples")
             result = evaluate(checkpoint, overrides, out=out)
-    except (ConfigError, DataFormatError, CheckpointError, OSError) as e:
+    except (ProjectError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result, indent=2))

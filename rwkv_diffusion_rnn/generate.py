@@ -110,7 +110,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(GenerateConfig)}
 
 
 def _error(message: str):
-    from rwkv_diffusion_rnn.training.config_validation import ConfigError
+    from rwkv_diffusion_rnn.common.errors import ConfigError
     return ConfigError(message)
 
 
@@ -364,7 +364,8 @@ def load_latents(g: GenerateConfig, cfg, latent_dim: int):
             raise _error(f"latent={g.latent} holds NaN or infinite values")
         return z
     if g.latent_text is not None:
-        from rwkv_diffusion_rnn.prepare_latents import LatentPrepError, encode_texts
+        from rwkv_diffusion_rnn.prepare_latents import encode_texts
+        from rwkv_diffusion_rnn.common.errors import LatentPrepError
         proj = g.projection
         if proj is None:
             json_path = cfg.data.get("json_path") if "json_path" in cfg.data else None
@@ -561,7 +562,7 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
 
 
 def _write(g: GenerateConfig, records: List[dict], latents: List[Any]) -> None:
-    from rwkv_diffusion_rnn.data.data_simple import atomic_save_npy, atomic_write_bytes
+    from rwkv_diffusion_rnn.common.files import atomic_save_npy, atomic_write_bytes
     if g.out is not None:
         body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         atomic_write_bytes(g.out, body.encode("utf-8"))
@@ -589,13 +590,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         sys.exit(0 if argv else 2)
-    from rwkv_diffusion_rnn.data.data_simple import DataFormatError
-    from rwkv_diffusion_rnn.training.config_validation import ConfigError
-    from rwkv_diffusion_rnn.weights.pretrained_rwkv import CheckpointError
+    from rwkv_diffusion_rnn.common.errors import ProjectError
     try:
         g = parse_options(argv)
         records = generate(config=g)
-    except (ConfigError, DataFormatError, CheckpointError, OSError) as e:
+    except (ProjectError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if g.print_texts:

@@ -57,6 +57,9 @@ from typing import Sequence
 
 import numpy as np
 
+from rwkv_diffusion_rnn.common.errors import LatentPrepError
+
+
 if __package__ in (None, ""):  # run as a file: python rwkv_diffusion_rnn/prepare_latents.py
     # Import the package from the checkout, and keep the package's own folder off sys.path so
     # its modules cannot shadow top-level ones.
@@ -66,16 +69,9 @@ if __package__ in (None, ""):  # run as a file: python rwkv_diffusion_rnn/prepar
 
 from tqdm.auto import tqdm
 
-from rwkv_diffusion_rnn.data.data_simple import (
-    DataFormatError,
-    atomic_save_npy,
-    atomic_write_bytes,
-    atomic_write_json,
-    resolve_data_path,
-    split_indices,
-    text_sha256,
-    unicode_problem,
-)
+from rwkv_diffusion_rnn.data.data_simple import resolve_data_path, split_indices, text_sha256, unicode_problem
+from rwkv_diffusion_rnn.common.errors import DataFormatError
+from rwkv_diffusion_rnn.common.files import atomic_save_npy, atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -96,10 +92,6 @@ _PACKAGED_MINILM = {"sentence-transformers/all-minilm-l6-v2", "all-minilm-l6-v2"
 PROJECTION_NPZ = "projection.npz"
 PROJECTION_JSON = "projection.json"
 FORMAT_VERSION = 1
-
-
-class LatentPrepError(ValueError):
-    """Bad input for latent preparation (corpus, embeddings or model)."""
 
 
 # --------------------------------------------------------------------------------------------

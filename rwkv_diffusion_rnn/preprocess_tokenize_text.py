@@ -49,17 +49,9 @@ if __package__ in (None, ""):  # run as a file: python rwkv_diffusion_rnn/prepro
 
 from tqdm.auto import tqdm
 
-from rwkv_diffusion_rnn.data.data_simple import (
-    TOKENS_INFO_FILE,
-    DataFormatError,
-    atomic_save_npz,
-    atomic_write_json,
-    entry_stem,
-    read_data_json,
-    read_tokens_info,
-    text_sha256,
-    unicode_problem,
-)
+from rwkv_diffusion_rnn.data.data_simple import TOKENS_INFO_FILE, entry_stem, read_data_json, read_tokens_info, text_sha256, unicode_problem
+from rwkv_diffusion_rnn.common.errors import DataFormatError
+from rwkv_diffusion_rnn.common.files import atomic_save_npz, atomic_write_json
 
 __all__ = ["TokenizeSummary", "split_from_json_name", "encode_padded", "tokenize_json", "main"]
 

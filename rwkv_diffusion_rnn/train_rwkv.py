@@ -54,12 +54,8 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="rwkv_mmdit", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from rwkv_diffusion_rnn.training.config_validation import ConfigError
-    from rwkv_diffusion_rnn.data.data_simple import DataFormatError
-    from rwkv_diffusion_rnn.weights.pretrained_rwkv import CheckpointError
-    from rwkv_diffusion_rnn.training.improved_trainer import TrainingDiverged
-    from rwkv_diffusion_rnn.training.run_lock import RunLockedError
-    from rwkv_diffusion_rnn.training.distributed import OtherRankFailed, launched
+    from rwkv_diffusion_rnn.common.errors import OtherRankFailed, ProjectError, TrainingDiverged
+    from rwkv_diffusion_rnn.training.distributed import launched
     main_rank = (launched() or (0,))[0] == 0     # under torchrun, rank 0 alone speaks
     try:
         metrics = run(cfg)
@@ -69,7 +65,7 @@ def main(cfg: DictConfig) -> None:
         if main_rank:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
-    except (ConfigError, DataFormatError, CheckpointError, RunLockedError, FileNotFoundError, OSError) as e:
+    except (ProjectError, OSError) as e:
         if main_rank:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

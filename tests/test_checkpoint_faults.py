@@ -22,20 +22,8 @@ from safetensors import SafetensorError
 from torch import nn
 
 from rwkv_diffusion_rnn.training import checkpoints as ckpt
-from rwkv_diffusion_rnn.training.checkpoints import (
-    CheckpointError,
-    CheckpointWriteError,
-    NonFiniteError,
-    clean_save_dir,
-    list_checkpoints,
-    load_checkpoint,
-    load_config,
-    read_saved_config,
-    resolve_resume,
-    save_checkpoint,
-    step_dir_name,
-    verify_checkpoint,
-)
+from rwkv_diffusion_rnn.training.checkpoints import clean_save_dir, list_checkpoints, load_checkpoint, load_config, read_saved_config, resolve_resume, save_checkpoint, step_dir_name, verify_checkpoint
+from rwkv_diffusion_rnn.common.errors import CheckpointError, CheckpointWriteError, NonFiniteError
 from rwkv_diffusion_rnn.weights.pretrained_rwkv import load_rwkv7, random_blinkdl_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,19 +17,8 @@ from safetensors import safe_open
 from torch import nn
 
 from rwkv_diffusion_rnn.training import checkpoints as ckpt
-from rwkv_diffusion_rnn.training.checkpoints import (
-    CheckpointError,
-    check_config_compatible,
-    epoch_dir_name,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    load_config,
-    resolve_resume,
-    save_checkpoint,
-    step_dir_name,
-    verify_checkpoint,
-)
+from rwkv_diffusion_rnn.training.checkpoints import check_config_compatible, epoch_dir_name, latest_checkpoint, list_checkpoints, load_checkpoint, load_config, resolve_resume, save_checkpoint, step_dir_name, verify_checkpoint
+from rwkv_diffusion_rnn.common.errors import CheckpointError
 
 
 class Tiny(nn.Module):

@@ -5,7 +5,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from rwkv_diffusion_rnn.training.config_validation import ConfigError, validate_config
+from rwkv_diffusion_rnn.training.config_validation import validate_config
+from rwkv_diffusion_rnn.common.errors import ConfigError
 from rwkv_diffusion_rnn.training.builders import denoiser_config
 from rwkv_diffusion_rnn.train_rwkv import CONFIG_DIR, compose_config as compose_cfg
 

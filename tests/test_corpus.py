@@ -14,7 +14,7 @@ from rwkv_diffusion_rnn.data.corpus import (
     ValWindows,
     prepare_corpus,
 )
-from rwkv_diffusion_rnn.data.data_simple import DataFormatError
+from rwkv_diffusion_rnn.common.errors import DataFormatError
 from rwkv_diffusion_rnn.data.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer
 
 SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")

@@ -18,13 +18,9 @@ from omegaconf import OmegaConf
 from rwkv_diffusion_rnn import prepare_latents as pl
 from rwkv_diffusion_rnn import preprocess_tokenize_text as ptt
 from rwkv_diffusion_rnn.data.corpus import CorpusSpec, prepare_corpus
-from rwkv_diffusion_rnn.data.data_simple import (
-    DataFormatError,
-    TextLatentDataset,
-    atomic_save_npy,
-    atomic_save_npz,
-    text_sha256,
-)
+from rwkv_diffusion_rnn.data.data_simple import TextLatentDataset, text_sha256
+from rwkv_diffusion_rnn.common.errors import DataFormatError
+from rwkv_diffusion_rnn.common.files import atomic_save_npy, atomic_save_npz
 from rwkv_diffusion_rnn.data.tokenizer import ByteTokenizer
 from rwkv_diffusion_rnn.training.builders import TextLatentData
 

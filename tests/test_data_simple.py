@@ -7,15 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rwkv_diffusion_rnn.data.data_simple import (
-    DataFormatError,
-    ResumableDataLoader,
-    ResumableSampler,
-    TextLatentCollator,
-    TextLatentDataset,
-    build_dataloaders,
-    split_indices,
-)
+from rwkv_diffusion_rnn.data.data_simple import ResumableDataLoader, ResumableSampler, TextLatentCollator, TextLatentDataset, build_dataloaders, split_indices
+from rwkv_diffusion_rnn.common.errors import DataFormatError
 
 
 def make_data(root: Path, n=6, dim=4, max_length=8, seed=0):
@@ -205,7 +198,7 @@ def test_build_dataloaders_and_split(tmp_path):
 
 
 def test_atomic_writes_leave_no_partial_file(tmp_path):
-    from rwkv_diffusion_rnn.data.data_simple import _atomic_write_with, atomic_save_npy
+    from rwkv_diffusion_rnn.common.files import atomic_save_npy, atomic_write_with
 
     atomic_save_npy(tmp_path / "a.npy", np.arange(3, dtype=np.float32))
 
@@ -214,9 +207,9 @@ def test_atomic_writes_leave_no_partial_file(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        _atomic_write_with(tmp_path / "a.npy", failing)
+        atomic_write_with(tmp_path / "a.npy", failing)
     with pytest.raises(RuntimeError):
-        _atomic_write_with(tmp_path / "b.npy", failing)
+        atomic_write_with(tmp_path / "b.npy", failing)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), [0, 1, 2])
 

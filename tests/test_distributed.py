@@ -17,7 +17,7 @@ from rwkv_diffusion_rnn.evaluate import evaluate
 from rwkv_diffusion_rnn.generate import generate
 from rwkv_diffusion_rnn.train_rwkv import compose_config, run
 from rwkv_diffusion_rnn.training import checkpoints as ckpt
-from rwkv_diffusion_rnn.training.config_validation import ConfigError
+from rwkv_diffusion_rnn.common.errors import ConfigError
 from rwkv_diffusion_rnn.training.distributed import Dist
 from rwkv_diffusion_rnn.training.improved_trainer import Trainer, read_train_log
 

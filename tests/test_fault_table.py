@@ -30,7 +30,7 @@ def test_the_judges():
     assert ft.judge_handled(Res(0, "", ""), True, "", ["taking over"])[0] == ft.SILENT       # no message
     assert ft.judge_handled(Res(0, "taking over", ""), False, "losses differ", ["taking over"]) == \
         (ft.SILENT, "losses differ")
-    from rwkv_diffusion_rnn.training.checkpoints import CheckpointError
+    from rwkv_diffusion_rnn.common.errors import CheckpointError
     assert ft.judge_exception(CheckpointError("step_1 is intact"), ["step_1"])[0] == ft.CLEAR
     assert ft.judge_exception(OSError(28, "No space left"), ["step_1"])[0] == ft.TRACEBACK  # escaped
     assert ft.judge_exception(None, [])[0] == ft.SILENT

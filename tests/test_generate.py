@@ -13,7 +13,7 @@ import pytest
 from rwkv_diffusion_rnn.generate import generate, parse_options, parse_template
 from rwkv_diffusion_rnn.train_rwkv import compose_config, run
 from rwkv_diffusion_rnn.training import checkpoints as ckpt
-from rwkv_diffusion_rnn.training.config_validation import ConfigError
+from rwkv_diffusion_rnn.common.errors import ConfigError
 from rwkv_diffusion_rnn.data.tokenizer import CharTokenizer
 
 from test_lm import corpus_file, overrides
@@ -152,7 +152,7 @@ VOCAB, MASK, LATENT_DIM, SEQ = 64, 63, 8, 12
 @pytest.fixture(scope="module")
 def latent_run(tmp_path_factory):
     """A tiny text + latent checkpoint (random .npz tokens and .npy latents, DiffRwkv layout)."""
-    from rwkv_diffusion_rnn.data.data_simple import atomic_save_npy, atomic_save_npz
+    from rwkv_diffusion_rnn.common.files import atomic_save_npy, atomic_save_npz
     root = tmp_path_factory.mktemp("text_latent")
     rng = np.random.default_rng(0)
     for i in range(24):

@@ -70,7 +70,7 @@ def test_checkpointed_blocks_give_the_same_loss_and_gradients(arch, mixer, tmp_p
 
 def test_the_training_key_turns_it_on(tmp_path):
     from rwkv_diffusion_rnn.train_rwkv import compose_config
-    from rwkv_diffusion_rnn.training.config_validation import ConfigError
+    from rwkv_diffusion_rnn.common.errors import ConfigError
     from rwkv_diffusion_rnn.training.improved_trainer import Trainer
     base = ["experiment=struct", "model.n_layer=1", "model.n_embd=32", "model.head_size=16",
             "data.eval_size=8", f"logging.save_dir={tmp_path}"]

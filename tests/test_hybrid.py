@@ -10,7 +10,7 @@ from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, MultimodalRWKVDenoiser
 from rwkv_diffusion_rnn.models.transformer import rotary, run_attention_block
 from rwkv_diffusion_rnn.train_rwkv import compose_config
-from rwkv_diffusion_rnn.training.config_validation import ConfigError
+from rwkv_diffusion_rnn.common.errors import ConfigError
 from rwkv_diffusion_rnn.training.improved_trainer import Trainer
 
 from test_lm import check_trains_bound_resumes_and_generates, corpus_file, overrides

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from rwkv_diffusion_rnn.train_rwkv import compose_config, run
 from rwkv_diffusion_rnn.training import checkpoints as ckpt
-from rwkv_diffusion_rnn.training.config_validation import ConfigError
+from rwkv_diffusion_rnn.common.errors import ConfigError
 from rwkv_diffusion_rnn.training.improved_trainer import Trainer, read_train_log
 
 from test_lm import corpus_file, overrides

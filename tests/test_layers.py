@@ -1,5 +1,6 @@
 """The package's layers import only downward: entry points -> training -> data / diffusion /
-weights -> models -> ops. Walks every module's imports (top level and inside functions)."""
+weights -> models -> ops -> common, and no module takes part in an import cycle. Walks every
+module's imports (top level and inside functions)."""
 import ast
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "rwkv_diffusion_rnn"
 # rank of each layer; a module may import its own layer or a lower rank
-RANKS = {"ops": 0, "models": 1, "weights": 2, "diffusion": 2, "data": 2, "training": 3, "": 4}
+RANKS = {"common": -1, "ops": 0, "models": 1, "weights": 2, "diffusion": 2, "data": 2, "training": 3, "": 4}
 
 
 def layer_of(module: str) -> str:
@@ -59,8 +60,75 @@ def upward_imports():
     return bad
 
 
+def import_graph():
+    """module -> the package modules it imports (names that are not modules, e.g. a class
+    imported from a module, are dropped)."""
+    modules = {module_name(p): p for p in PKG.rglob("*.py")}
+    return {me: {t for t in imported_modules(p) if t in modules and t != me} for me, p in modules.items()}
+
+
+def import_cycles(graph):
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
 def test_no_module_imports_from_a_layer_above_or_beside_it():
     assert upward_imports() == []
+
+
+def test_no_import_cycle():
+    """A package __init__ importing its own submodules is how a package exposes them, not a
+    cycle; every other loop is."""
+    graph = import_graph()
+    for pkg in [m for m in graph if (PKG.parent / m.replace(".", "/") / "__init__.py").exists()]:
+        for child in graph:
+            if child.startswith(pkg + "."):
+                graph[child] = graph[child] - {pkg}
+    assert import_cycles(graph) == []
+
+
+def test_the_cycle_walk_sees_a_cycle():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_every_error_type_lives_in_the_errors_module():
+    """One home for the project's error types: no other module defines an exception class."""
+    import ast
+    found = []
+    for path in sorted(PKG.rglob("*.py")):
+        if path == PKG / "common" / "errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                    getattr(b, "id", getattr(b, "attr", "")).endswith(("Error", "Exception")) for b in node.bases):
+                found.append(f"{module_name(path)}.{node.name}")
+    assert found == []
 
 
 def test_the_walk_sees_an_upward_import(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 from rwkv_diffusion_rnn.evaluate import evaluate
 from rwkv_diffusion_rnn.train_rwkv import compose_config, run
 from rwkv_diffusion_rnn.training import checkpoints as ckpt
-from rwkv_diffusion_rnn.training.config_validation import ConfigError
+from rwkv_diffusion_rnn.common.errors import ConfigError
 from rwkv_diffusion_rnn.training.improved_trainer import read_train_log
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,9 +3,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rwkv_diffusion_rnn.weights.pretrained_rwkv import (CheckpointError, load_rwkv7,
-                                                random_blinkdl_state_dict,
-                                                save_random_blinkdl_checkpoint)
+from rwkv_diffusion_rnn.weights.pretrained_rwkv import load_rwkv7, random_blinkdl_state_dict, save_random_blinkdl_checkpoint
+from rwkv_diffusion_rnn.common.errors import CheckpointError
 
 SHAPE = dict(n_layer=2, n_embd=64, head_size=32, vocab_size=97, decay_lora=16, aaa_lora=32,
              mv_lora=8, gate_lora=24, dim_ffn=160)

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaModel, Qwen3Config, Qwen3Model
 from rwkv_diffusion_rnn.models.qwen3 import Qwen3Mixer, block_attention_bias, load_qwen3
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, MultimodalRWKVDenoiser
 from rwkv_diffusion_rnn.train_rwkv import compose_config
-from rwkv_diffusion_rnn.training.config_validation import ConfigError
+from rwkv_diffusion_rnn.common.errors import ConfigError
 from rwkv_diffusion_rnn.training.improved_trainer import Trainer
 
 from test_lm import check_trains_bound_resumes_and_generates, corpus_file, overrides

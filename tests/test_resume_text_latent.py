@@ -4,8 +4,8 @@ to resume from a damaged checkpoint."""
 import numpy as np
 import pytest
 
-from rwkv_diffusion_rnn.training.checkpoints import CheckpointError
-from rwkv_diffusion_rnn.data.data_simple import atomic_save_npy, atomic_save_npz
+from rwkv_diffusion_rnn.common.errors import CheckpointError
+from rwkv_diffusion_rnn.common.files import atomic_save_npy, atomic_save_npz
 from rwkv_diffusion_rnn.training.improved_trainer import read_train_log as read_log
 from rwkv_diffusion_rnn.train_rwkv import compose_config as compose_cfg, run
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from rwkv_diffusion_rnn.data.data_simple import DataFormatError
+from rwkv_diffusion_rnn.common.errors import DataFormatError
 from rwkv_diffusion_rnn.evaluate import evaluate_samples, main
 from rwkv_diffusion_rnn.train_rwkv import compose_config, run
 from rwkv_diffusion_rnn.training import checkpoints as ckpt

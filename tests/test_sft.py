@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rwkv_diffusion_rnn.data.data_simple import DataFormatError
+from rwkv_diffusion_rnn.common.errors import DataFormatError
 from rwkv_diffusion_rnn.data.sft import ChatTemplate, collate, examples_of, parse_conversation, read_conversations
 from rwkv_diffusion_rnn.data.tokenizer import CharTokenizer
 from rwkv_diffusion_rnn.diffusion.diffusion_process import MaskedDiffusion
@@ -189,7 +189,7 @@ def test_the_chat_loop_answers_each_line_with_the_conversation_so_far(answers_ok
 
 def test_chat_options_that_cannot_work_are_refused_by_name(answers_ok, tmp_path):
     from rwkv_diffusion_rnn.generate import generate
-    from rwkv_diffusion_rnn.training.config_validation import ConfigError
+    from rwkv_diffusion_rnn.common.errors import ConfigError
     with pytest.raises(ConfigError, match="exactly one of prompt"):
         generate(answers_ok, chat=True)
     with pytest.raises(ConfigError, match="system= is the system text of chat=true"):
@@ -235,7 +235,8 @@ def test_every_mixer_and_architecture_trains_on_conversations(tmp_path, model):
 
 
 def test_sft_settings_that_cannot_work_are_refused_by_key(tmp_path):
-    from rwkv_diffusion_rnn.training.config_validation import ConfigError, validate_config
+    from rwkv_diffusion_rnn.training.config_validation import validate_config
+    from rwkv_diffusion_rnn.common.errors import ConfigError
     path = write_jsonl(tmp_path / "c.jsonl", reverse_conversations(20))
     for extra, phrase in ((["text_noise.truncate_prob=0.1"], "text_noise.truncate_prob=0.1 with data=sft"),
                           (["data.path=null"], "data=sft needs conversations"),

@@ -306,10 +306,10 @@ def test_bad_vocabulary_file_names_the_line(tmp_path):
 
 
 # ---- character-level tokenizers, specs ----------------------------------------------------------
+from rwkv_diffusion_rnn.common.errors import UnknownCharacterError  # noqa: E402
 from rwkv_diffusion_rnn.data.tokenizer import (  # noqa: E402
     ByteTokenizer,
     CharTokenizer,
-    UnknownCharacterError,
     tokenizer_from_spec,
     tokenizer_spec,
 )

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from rwkv_diffusion_rnn.training import checkpoints as ckpt
-from rwkv_diffusion_rnn.training.improved_trainer import Trainer, TrainingDiverged, read_train_log
-from rwkv_diffusion_rnn.training.run_lock import LOCK_FILE, RunLock, RunLockedError
-from rwkv_diffusion_rnn.training.config_validation import ConfigError
+from rwkv_diffusion_rnn.training.improved_trainer import Trainer, read_train_log
+from rwkv_diffusion_rnn.common.errors import ConfigError, RunLockedError
+from rwkv_diffusion_rnn.training.run_lock import LOCK_FILE, RunLock
 from rwkv_diffusion_rnn.train_rwkv import compose_config, run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from rwkv_diffusion_rnn.models.mixers.base import Modulation
 from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, MultimodalRWKVDenoiser
 from rwkv_diffusion_rnn.models.transformer import (SelfAttention, Transformer, TransformerConfig,
                                                    apply_rotary, rotary, run_attention_block)
-from rwkv_diffusion_rnn.training.config_validation import ConfigError
+from rwkv_diffusion_rnn.common.errors import ConfigError
 from rwkv_diffusion_rnn.training.improved_trainer import Trainer, read_train_log
 from rwkv_diffusion_rnn.train_rwkv import compose_config, run
 

@@ -59,8 +59,11 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .data_simple import DataFormatError, _epoch_seed, atomic_write_json, unicode_problem
-from .tokenizer import ByteTokenizer, CharTokenizer, UnknownCharacterError, tokenizer_spec
+from ..common.errors import DataFormatError, UnknownCharacterError
+from ..common.files import atomic_write_json
+from .data_simple import unicode_problem
+from .epochs import EpochBatches, epoch_seed
+from .tokenizer import ByteTokenizer, CharTokenizer, tokenizer_spec
 
 __all__ = ["FORMAT_VERSION", "CorpusSpec", "Corpus", "prepare_corpus", "TrainWindows", "ValWindows"]
 
@@ -742,38 +745,6 @@ def _as_tokens(tokens, source: str) -> np.ndarray:
     return tokens
 
 
-class EpochBatches:
-    """Epoch bookkeeping of a resumable training loader whose subclass gives ``__len__`` (batches
-    per epoch) and ``batch(epoch, index)``: iterating gives the rest of the current epoch (also
-    after an abandoned pass), a batch is counted when handed out, so that a loader restored to
-    that count hands out exactly the batch that would have come next."""
-
-    _epoch = 0
-    _consumed = 0
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    @property
-    def at_epoch_end(self) -> bool:
-        """Every batch of the current epoch has been handed out (the next one starts a new epoch)."""
-        return self._consumed >= len(self)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self._consumed >= len(self):
-            self._epoch, self._consumed = self._epoch + 1, 0
-        while self._consumed < len(self):
-            b = self.batch(self._epoch, self._consumed)
-            self._consumed += 1  # counted when handed out, so an abandoned pass resumes after it
-            yield b
-        self._epoch, self._consumed = self._epoch + 1, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its first batch."""
-        self._epoch, self._consumed = int(epoch), 0
-
-
 class TrainWindows(EpochBatches):
     """Training batches of windows of ``seq_len + 1`` tokens, one epoch covering the split once.
 
@@ -818,7 +789,7 @@ class TrainWindows(EpochBatches):
     def epoch_order(self, epoch: int) -> tuple[int, np.ndarray]:
         """(shift, order of the window indices) of ``epoch``."""
         if self._order_cache is None or self._order_cache[0] != epoch:
-            g = np.random.default_rng(_epoch_seed(self.seed, epoch))
+            g = np.random.default_rng(epoch_seed(self.seed, epoch))
             shift = int(g.integers(0, self.seq_len))
             self._order_cache = (epoch, shift, g.permutation(self.n_windows))
         return self._order_cache[1], self._order_cache[2]

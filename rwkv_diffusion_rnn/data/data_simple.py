@@ -37,18 +37,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..common.errors import DataFormatError
+from .epochs import epoch_seed
+
 __all__ = [
-    "DataFormatError",
     "read_data_json",
     "resolve_data_path",
     "entry_stem",
@@ -57,10 +58,6 @@ __all__ = [
     "TOKENS_INFO_FILE",
     "read_tokens_info",
     "dataset_and_indices",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_save_npy",
-    "atomic_save_npz",
     "TextLatentDataset",
     "TextLatentCollator",
     "collate_text_latent",
@@ -73,52 +70,6 @@ __all__ = [
 _MAX_NAMED = 5  # how many missing files an error names before summarising the rest
 TOKENS_INFO_FILE = "tokens_info.json"  # written by preprocess_tokenize_text in each split folder
 _SHORT_HASH = 12  # hex digits of a text hash shown in messages
-
-
-class DataFormatError(ValueError):
-    """A data file is missing, malformed or does not match the model settings."""
-
-
-# --------------------------------------------------------------------------------------------
-# Writing files atomically: write a temp file in the target directory, then os.replace, so an
-# interrupted run never leaves a half-written file under the final name.
-# --------------------------------------------------------------------------------------------
-
-
-def _temp_name(path: Path) -> Path:
-    # One temp name per (process, thread) and directory: writers never collide, and reusing the
-    # name is several times faster than a fresh random name per file on large directories.
-    return path.parent / f".writing-{os.getpid()}-{threading.get_ident()}.tmp"
-
-
-def _atomic_write_with(path: str | os.PathLike, writer) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            writer(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    _atomic_write_with(path, lambda f: f.write(data))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, ensure_ascii=False, indent=indent) + "\n").encode("utf-8"))
-
-
-def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    _atomic_write_with(path, lambda f: np.save(f, array, allow_pickle=False))
-
-
-def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    _atomic_write_with(path, lambda f: np.savez(f, **arrays))
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,11 +565,6 @@ def collate_text_latent(
 # --------------------------------------------------------------------------------------------
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    # Any fixed injective-enough mix of (seed, epoch) works; keep it in int64 range.
-    return (int(seed) * 1_000_003 + int(epoch) * 7_919 + 12_345) % (2**63 - 1)
-
-
 class ResumableSampler(torch.utils.data.Sampler[list[int]]):
     """Yields batches of indices into a dataset of size ``n``; one pass of ``__iter__`` is the
     rest of the current epoch.
@@ -652,7 +598,7 @@ class ResumableSampler(torch.utils.data.Sampler[list[int]]):
         if not self.shuffle:
             return torch.arange(self.n)
         g = torch.Generator()
-        g.manual_seed(_epoch_seed(self.seed, epoch))
+        g.manual_seed(epoch_seed(self.seed, epoch))
         return torch.randperm(self.n, generator=g)
 
     def set_epoch(self, epoch: int) -> None:
@@ -779,7 +725,7 @@ def split_indices(n: int, val_fraction: float, seed: int = 0) -> tuple[list[int]
         n_val = max(1, n_val)
     n_val = min(n_val, max(0, n - 1))
     g = torch.Generator()
-    g.manual_seed(_epoch_seed(seed, -1))
+    g.manual_seed(epoch_seed(seed, -1))
     perm = torch.randperm(n, generator=g).tolist()
     val = sorted(perm[:n_val])
     val_set = set(val)

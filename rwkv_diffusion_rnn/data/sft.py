@@ -30,8 +30,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .corpus import EpochBatches
-from .data_simple import DataFormatError
+from .epochs import EpochBatches
+from ..common.errors import DataFormatError
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

@@ -43,6 +43,9 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 
+from ..common.errors import UnknownCharacterError
+
+
 VOCAB_FILENAME = "rwkv_vocab_v20230424.txt"
 RWKV_WORLD_VOCAB_SIZE = 65536
 RWKV_WORLD_EOS_ID = 0
@@ -671,21 +674,6 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size}, mask_id={self.mask_id})"
-
-
-class UnknownCharacterError(ValueError):
-    """A text holds a character outside a ``CharTokenizer``'s vocabulary.
-
-    ``char`` is the character and ``position`` its index in the text that was encoded.
-    """
-
-    def __init__(self, char: str, position: int, vocab_chars: int):
-        self.char = char
-        self.position = position
-        super().__init__(
-            f"character {char!r} (U+{ord(char):04X}) at position {position} is not in the chars "
-            f"vocabulary of {vocab_chars} characters"
-        )
 
 
 class CharTokenizer:

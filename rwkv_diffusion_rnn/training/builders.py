@@ -18,7 +18,7 @@ from ..diffusion.objective import AutoregressiveObjective, DiffusionObjective, O
 from ..models.rwkv_denoiser import DenoiserConfig, MultimodalRWKVDenoiser
 from ..weights.pretrained_rwkv import build_denoiser
 from . import rng
-from .config_validation import ConfigError
+from ..common.errors import ConfigError
 from .optimizer import build_optimizer, build_scheduler
 
 

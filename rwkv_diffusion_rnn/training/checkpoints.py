@@ -61,17 +61,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..weights.pretrained_rwkv import CheckpointError, _first_line, unsafe_pickle_reason
+from ..common.errors import CheckpointError, CheckpointWriteError, NonFiniteError, first_line
+from ..common.pickles import unsafe_pickle_reason
 
 
-class NonFiniteError(CheckpointError):
-    """save_checkpoint refused weights holding NaN or inf; nothing was written."""
-
-
-class CheckpointWriteError(CheckpointError, OSError):
-    """Writing a checkpoint failed (no space left, a read-only or vanished save_dir, ...). The
-    half-written directory is removed and no existing checkpoint is touched. Also an OSError so
-    that code catching disk errors still catches it; ``errno`` is the failure's when known."""
 
 
 __all__ = [
@@ -324,7 +317,7 @@ def _write_error(e: Exception, file: Path, save_dir: Path, name: str, free: int 
     """The CheckpointWriteError for ``e`` raised while writing ``file``."""
     kind, code = _failure_kind(e)
     space = f"{_show_bytes(free)} free" if free is not None else "free space unknown"
-    cause = f"writing {file} failed ({_first_line(e)})"
+    cause = f"writing {file} failed ({first_line(e)})"
     if kind == "unclear" and free is not None and free < _LOW_SPACE:
         kind, code = "no_space", code or errno.ENOSPC
     if kind == "no_space":
@@ -540,7 +533,7 @@ def _shard_keys(directory: Path) -> set:
         return set(dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata)
     except Exception as e:
         raise CheckpointError(f"{directory} cannot be read as torch.distributed.checkpoint shards "
-                              f"({type(e).__name__}: {_first_line(e)})") from e
+                              f"({type(e).__name__}: {first_line(e)})") from e
 
 
 def _sharded_state(model: torch.nn.Module, optimizer=None, ema: torch.nn.Module | None = None) -> dict:
@@ -610,7 +603,7 @@ def _load_sharded(directory: Path, model: torch.nn.Module, optimizer=None, ema: 
             dcp.load(state, checkpoint_id=str(directory), planner=DefaultLoadPlanner(allow_partial_load=True))
     except Exception as e:
         raise CheckpointError(
-            f"{directory} does not fit this run ({type(e).__name__}: {_first_line(e)}). It was written "
+            f"{directory} does not fit this run ({type(e).__name__}: {first_line(e)}). It was written "
             "with other model settings (or without EMA while this run keeps one): resume with the same "
             "model config, or start a new run.") from e
     set_model_state_dict(model, state["model"])
@@ -1122,7 +1115,7 @@ def _torch_load(file: Path, map_location) -> Any:
             raise CheckpointError(f"{file} {refused}. Checkpoint files may hold only tensors and plain "
                                   "Python values.") from e
         raise CheckpointError(
-            f"{file} cannot be loaded ({_first_line(e)}): it is truncated or corrupted. Restore it from a "
+            f"{file} cannot be loaded ({first_line(e)}): it is truncated or corrupted. Restore it from a "
             "copy, or resume from an earlier checkpoint.") from e
 
 

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from ..common.errors import ConfigError
+
 
 # The Hydra configs: the primary rwkv_mmdit.yaml and one folder per config group.
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message names the key and what to do."""
 
 
 def _choice(cfg, key, allowed):

@@ -35,14 +35,11 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .config_validation import ConfigError
+from ..common.errors import ConfigError, OtherRankFailed
+
 
 PARALLEL = ("auto", "none", "ddp", "fsdp")      # training.parallel
 LAUNCH = "torchrun --nproc_per_node=N -m rwkv_diffusion_rnn.train_rwkv ..."
-
-
-class OtherRankFailed(RuntimeError):
-    """Rank 0 failed at a step every rank takes together; rank 0 reports why."""
 
 
 def launched() -> Optional[Tuple[int, int, int]]:

@@ -36,7 +36,9 @@ from . import checkpoints as ckpt
 from . import distributed, likelihood, rng
 from .builders import (AUTOCAST_DTYPES, autocast, build_data, build_latent_diffusion, build_model, build_objective,
                        build_optimizer_and_scheduler, build_text_diffusion, resolve_device, resolve_vocab)
-from .config_validation import ConfigError, validate_config
+from .config_validation import validate_config
+from ..common.errors import ConfigError, TrainingDiverged
+
 from .ema import EMA
 from .run_lock import RunLock
 
@@ -46,10 +48,6 @@ BAD_LOG_FILE = "train_log.bad.jsonl"     # damaged lines moved out of the log on
 # Settings a resumed run must share with its checkpoint: the weights' shapes, and the batches the
 # saved data position counts (another batch size would not continue the same epoch).
 RESUME_KEYS = ("model", "training.train_batch_size", "training.grad_accum_steps")
-
-
-class TrainingDiverged(RuntimeError):
-    """More than ``training.max_bad_steps`` steps in a row had a non-finite loss or gradient."""
 
 
 def read_train_log(save_dir) -> List[Dict[str, Any]]:

@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..common.errors import RunLockedError
+
+
 LOCK_FILE = "run.lock"
-
-
-class RunLockedError(RuntimeError):
-    """Another live process is writing into this run folder."""
 
 
 def _owner() -> dict:

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from . import checkpoints as ckpt
-from .config_validation import ConfigError
+from ..common.errors import ConfigError
 
 
 @dataclass
