@@ -74,7 +74,8 @@ def _val_batches(cfg, tokenizer):
 def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = None) -> dict:
     """Scores ``checkpoint`` (see the module docstring); returns what it writes to ``eval.json``."""
     from rwkv_diffusion_rnn.common.files import atomic_write_json
-    from rwkv_diffusion_rnn.training import likelihood, rng
+    from rwkv_diffusion_rnn.common import rng
+    from rwkv_diffusion_rnn.training import likelihood
     from rwkv_diffusion_rnn.training.builders import autocast, build_text_diffusion
     from rwkv_diffusion_rnn.training.trained import load_trained
 

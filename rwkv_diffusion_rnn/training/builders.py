@@ -17,7 +17,7 @@ from ..diffusion.diffusion_process import MaskedDiffusion
 from ..diffusion.objective import AutoregressiveObjective, DiffusionObjective, ObjectiveConfig
 from ..models.rwkv_denoiser import DenoiserConfig, MultimodalRWKVDenoiser
 from ..weights.pretrained_rwkv import build_denoiser
-from . import rng
+from ..common import rng
 from ..common.errors import ConfigError
 from .optimizer import build_optimizer, build_scheduler
 

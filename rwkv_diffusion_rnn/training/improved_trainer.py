@@ -8,7 +8,7 @@ logging step (``train_log.jsonl``, tqdm, optional wandb), an evaluation step and
 step. Every run ends with a checkpoint of its last step and ``metrics.json``.
 
 Exact resume: every random draw of training comes from the streams of
-:mod:`~rwkv_diffusion_rnn.training.rng`, whose states are saved in each checkpoint together with
+:mod:`~rwkv_diffusion_rnn.common.rng`, whose states are saved in each checkpoint together with
 the data position and the running log accumulators, so a resumed run logs bit-identical losses
 on CPU. Evaluation draws from fixed streams of its own and never disturbs training randomness.
 
@@ -33,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..diffusion.sampling import generate_latent, generate_text
 from . import checkpoints as ckpt
-from . import distributed, likelihood, rng
+from . import distributed, likelihood
+from ..common import rng
 from .builders import (AUTOCAST_DTYPES, autocast, build_data, build_latent_diffusion, build_model, build_objective,
                        build_optimizer_and_scheduler, build_text_diffusion, resolve_device, resolve_vocab)
 from .config_validation import validate_config
