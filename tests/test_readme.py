@@ -50,3 +50,31 @@ def test_readme_module_map_matches_the_package():
     assert not problems, (
         "; ".join(problems) + f". Update the '{HEADING}' block of README.md (one line per module, "
         "path relative to rwkv_diffusion_rnn/, under its layer).")
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_relative_links_of_the_docs_point_to_files_and_headings_that_exist():
+    """README.md, docs/*.md, eval/README.md and eval/notes/*.md: every relative link names an
+    existing file, and a #fragment names a heading of that file."""
+    pages = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "eval" / "README.md",
+             *sorted((ROOT / "eval" / "notes").glob("*.md"))]
+    bad = []
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, fragment = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                bad.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif fragment and file.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", file.read_text(encoding="utf-8"), re.M)
+                if fragment not in {_anchor(h) for h in headings}:
+                    bad.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not bad, "broken links: " + "; ".join(bad)
