@@ -356,11 +356,11 @@ def write_corpus(root: Path, lines, name="c.txt") -> Path:
 
 def make_latents(root: Path, lines, overwrite=False):
     """``root/d`` from ``lines`` with random embeddings (in-process setup)."""
-    from rwkv_diffusion_rnn import prepare_latents as pl
+    from rwkv_diffusion_rnn.data.latents import prepare_latents
     corpus = write_corpus(root, lines)
     with contextlib.redirect_stderr(io.StringIO()):
-        pl.prepare_latents(corpus, "d", output_root=root, project_only=True, embeddings_dir=embeddings(root, len(lines)),
-                           latent_dim=LATENT, overwrite=overwrite, show_progress=False)
+        prepare_latents(corpus, "d", output_root=root, project_only=True, embeddings_dir=embeddings(root, len(lines)),
+                        latent_dim=LATENT, overwrite=overwrite, show_progress=False)
 
 
 def pl_args(root: Path, corpus: Path, n: int, *extra) -> list:
@@ -369,10 +369,10 @@ def pl_args(root: Path, corpus: Path, n: int, *extra) -> list:
 
 
 def tokenize(root: Path, split="train"):
-    from rwkv_diffusion_rnn import preprocess_tokenize_text as ptt
+    from rwkv_diffusion_rnn.data.token_files import tokenize_json
     from rwkv_diffusion_rnn.data.tokenizer import ByteTokenizer
-    return ptt.tokenize_json(root / "d" / f"{split}_data.json", root / "tok", ByteTokenizer(), max_length=48,
-                             tokenizer_name="bytes", show_progress=False)
+    return tokenize_json(root / "d" / f"{split}_data.json", root / "tok", ByteTokenizer(), max_length=48,
+                         tokenizer_name="bytes", show_progress=False)
 
 
 def tok_args(root: Path, split="train", out=None) -> list:

@@ -145,8 +145,8 @@ def prepare_data(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *, n_train: int
     and were made with the same settings (a changed corpus rebuilds everything after it)."""
     from .data import demo_corpus as grammar
     from .common.files import atomic_write_json
-    from .prepare_latents import prepare_latents
-    from .preprocess_tokenize_text import tokenize_json
+    from .data.latents import prepare_latents
+    from .data.token_files import tokenize_json
     from .data.tokenizer import load_tokenizer
 
     root = Path(data_dir).resolve()

@@ -364,7 +364,7 @@ def load_latents(g: GenerateConfig, cfg, latent_dim: int):
             raise _error(f"latent={g.latent} holds NaN or infinite values")
         return z
     if g.latent_text is not None:
-        from rwkv_diffusion_rnn.prepare_latents import encode_texts
+        from rwkv_diffusion_rnn.data.latents import encode_texts
         from rwkv_diffusion_rnn.common.errors import LatentPrepError
         proj = g.projection
         if proj is None:

@@ -17,8 +17,11 @@ from omegaconf import OmegaConf
 
 from rwkv_diffusion_rnn import prepare_latents as pl
 from rwkv_diffusion_rnn import preprocess_tokenize_text as ptt
+from rwkv_diffusion_rnn.common.errors import LatentPrepError
+from rwkv_diffusion_rnn.data import latents
+from rwkv_diffusion_rnn.data.token_files import tokenize_json
 from rwkv_diffusion_rnn.data.corpus import CorpusSpec, prepare_corpus
-from rwkv_diffusion_rnn.data.data_simple import TextLatentDataset, text_sha256
+from rwkv_diffusion_rnn.data.data_simple import TOKENS_INFO_FILE, TextLatentDataset, text_sha256
 from rwkv_diffusion_rnn.common.errors import DataFormatError
 from rwkv_diffusion_rnn.common.files import atomic_save_npy, atomic_save_npz
 from rwkv_diffusion_rnn.data.tokenizer import ByteTokenizer
@@ -43,14 +46,14 @@ def embeddings(root):
 def make_latents(root, lines, overwrite=False):
     """``root/d`` from ``lines`` (one example per line) and random embeddings."""
     (root / "c.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return pl.prepare_latents(root / "c.txt", "d", output_root=root, project_only=True,
-                              embeddings_dir=embeddings(root), latent_dim=LATENT, overwrite=overwrite,
-                              show_progress=False)
+    return latents.prepare_latents(root / "c.txt", "d", output_root=root, project_only=True,
+                                   embeddings_dir=embeddings(root), latent_dim=LATENT, overwrite=overwrite,
+                                   show_progress=False)
 
 
 def tokenize(root, split="train", **kw):
-    return ptt.tokenize_json(root / "d" / f"{split}_data.json", root / "tok", ByteTokenizer(), max_length=48,
-                             tokenizer_name="bytes", show_progress=False, **kw)
+    return tokenize_json(root / "d" / f"{split}_data.json", root / "tok", ByteTokenizer(), max_length=48,
+                         tokenizer_name="bytes", show_progress=False, **kw)
 
 
 def snapshot(folder):
@@ -86,7 +89,7 @@ def test_retokenizing_after_a_new_corpus_rewrites_the_changed_texts(tmp_path):
     assert f"{n_changed} rewritten because their text changed" in again.line()
     for e in entries:  # every token file holds the text its latent was made from
         assert decoded(tmp_path / "tok" / "train" / f"{e['id']}.npz") == e["text"]
-    info = json.loads((tmp_path / "tok" / "train" / ptt.INFO_FILE).read_text())
+    info = json.loads((tmp_path / "tok" / "train" / TOKENS_INFO_FILE).read_text())
     assert info["complete"] is True
     assert info["text_sha256"] == {e["id"]: e["text_sha256"] for e in entries}
     TextLatentDataset(tmp_path / "d" / "train_data.json", tmp_path / "tok" / "train", latent_dim=LATENT)
@@ -124,7 +127,7 @@ def test_a_text_edited_after_its_latent_was_made_is_refused(tmp_path):
 def test_token_files_without_recorded_hashes_are_called_unknown_and_retokenized(tmp_path):
     make_latents(tmp_path, texts("old"))
     tokenize(tmp_path)
-    info_path = tmp_path / "tok" / "train" / ptt.INFO_FILE
+    info_path = tmp_path / "tok" / "train" / TOKENS_INFO_FILE
     info = json.loads(info_path.read_text())
     del info["text_sha256"], info["complete"]  # as an older version wrote it
     info_path.write_text(json.dumps(info))
@@ -149,11 +152,11 @@ def test_a_killed_tokenizer_run_leaves_no_listing_that_claims_completeness(tmp_p
             raise KeyboardInterrupt("killed")
         atomic_save_npz(path, **arrays)
 
-    monkeypatch.setattr(ptt, "atomic_save_npz", dies_on_the_second_file)
+    monkeypatch.setattr("rwkv_diffusion_rnn.data.token_files.atomic_save_npz", dies_on_the_second_file)
     with pytest.raises(KeyboardInterrupt):
         tokenize(tmp_path)
     monkeypatch.undo()
-    info = json.loads((tmp_path / "tok" / "train" / ptt.INFO_FILE).read_text())
+    info = json.loads((tmp_path / "tok" / "train" / TOKENS_INFO_FILE).read_text())
     assert info["complete"] is False and info["text_sha256"] == {}  # vouches for none of the old files
     with pytest.raises(DataFormatError, match="records an unfinished preprocess_tokenize_text run"):
         TextLatentDataset(tmp_path / "d" / "train_data.json", tmp_path / "tok" / "train", latent_dim=LATENT)
@@ -174,7 +177,7 @@ def test_a_kill_while_overwriting_latents_leaves_the_old_dataset_complete(tmp_pa
             raise KeyboardInterrupt("killed")
         atomic_save_npy(path, array)
 
-    monkeypatch.setattr(pl, "atomic_save_npy", dies_on_the_second_file)
+    monkeypatch.setattr(latents, "atomic_save_npy", dies_on_the_second_file)
     with pytest.raises(KeyboardInterrupt):
         make_latents(tmp_path, texts("new"), overwrite=True)
     monkeypatch.undo()
@@ -200,13 +203,13 @@ def test_a_kill_between_the_renames_of_the_swap_is_undone_by_the_next_run(tmp_pa
             raise KeyboardInterrupt("killed")
         real_rename(src, dst)
 
-    monkeypatch.setattr(pl.os, "rename", dies_renaming_the_new_one_in)
+    monkeypatch.setattr(latents.os, "rename", dies_renaming_the_new_one_in)
     with pytest.raises(KeyboardInterrupt):
         make_latents(tmp_path, texts("new"), overwrite=True)
     monkeypatch.undo()
     assert not (tmp_path / "d").exists() and snapshot(tmp_path / ".d.old") == before
     capsys.readouterr()
-    with pytest.raises(pl.LatentPrepError, match="already exists"):  # restored, so not replaced without --overwrite
+    with pytest.raises(LatentPrepError, match="already exists"):  # restored, so not replaced without --overwrite
         make_latents(tmp_path, texts("new"))
     err = capsys.readouterr().err
     assert f"restored {tmp_path / 'd'} from {tmp_path / '.d.old'}" in err
@@ -224,7 +227,7 @@ def test_overwriting_a_dataset_folder_that_holds_other_files_is_refused(tmp_path
     make_latents(tmp_path, texts("old"))
     (tmp_path / "d" / "notes.md").write_text("mine")
     before = snapshot(tmp_path / "d")
-    with pytest.raises(pl.LatentPrepError, match=r"holds notes\.md, which prepare_latents did not write"):
+    with pytest.raises(LatentPrepError, match=r"holds notes\.md, which prepare_latents did not write"):
         make_latents(tmp_path, texts("new"), overwrite=True)
     assert snapshot(tmp_path / "d") == before
 

