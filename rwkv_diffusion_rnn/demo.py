@@ -43,7 +43,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,46 +232,30 @@ def _clear_previous_run(save_dir: Path) -> None:
         f.unlink()
 
 
-class _LogEcho(threading.Thread):
-    """Prints the records the trainer appends to ``train_log.jsonl`` while it trains: at most one
-    every ``every_s`` seconds, and every one with evaluation metrics. For runs whose progress bar
-    is hidden (output not a terminal, or ``--no_progress``)."""
+def _echo(every_s: float = 15.0):
+    """A trainer callback printing log records while training: at most one every ``every_s``
+    seconds, and every one with evaluation metrics. For a terminal without a progress bar
+    (``--no_progress``); elsewhere the trainer prints its own progress lines."""
+    from .training.events import Callback
 
-    def __init__(self, log_path: Path, total: Optional[int], every_s: float = 15.0):
-        super().__init__(daemon=True)
-        self.path, self.total, self.every_s = log_path, total, every_s
-        self.offset = log_path.stat().st_size if log_path.exists() else 0
-        self.done = threading.Event()
-        self.t0 = self.last = time.perf_counter()
+    class Echo(Callback):
+        def __init__(self):
+            self.t0 = self.last = time.perf_counter()
 
-    def run(self):
-        while not self.done.wait(1.0):
-            self._poll()
-        self._poll()
-
-    def _poll(self):
-        if not self.path.exists():
-            return
-        with open(self.path, encoding="utf-8") as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        lines = chunk.split("\n")
-        self.offset += len(chunk.encode("utf-8")) - len(lines[-1].encode("utf-8"))  # complete lines only
-        for line in lines[:-1]:
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
+        def on_record(self, trainer, r):
             now = time.perf_counter()
             evals = {k: v for k, v in r.items() if k.startswith("val_")}
-            if not evals and now - self.last < self.every_s:
-                continue
+            if not evals and now - self.last < every_s:
+                return
             self.last = now
-            msg = (f"      step {r['step']}/{self.total or '?'}  loss {r['loss']:.3f} (text {r.get('text_loss', 0):.3f}, "
-                   f"latent {r.get('latent_loss', 0):.3f})  {r.get('tokens_per_s', 0):.0f} tok/s  [{now - self.t0:.0f} s]")
+            msg = (f"      step {r['step']}/{trainer.total_steps or '?'}  loss {r['loss']:.3f} (text {r.get('text_loss', 0):.3f}, "
+                   f"latent {r.get('latent_loss', 0):.3f})  {r.get('tokens_per_s', 0):.0f} tok/s  "
+                   f"[{now - self.t0:.0f} s]")
             if evals:
                 msg += "  " + " ".join(f"{k}={v:.3f}" for k, v in evals.items())
             print(msg, flush=True)
+
+    return Echo()
 
 
 def train(cfg, echo: bool = False):
@@ -282,37 +265,29 @@ def train(cfg, echo: bool = False):
     save_dir = Path(cfg.logging.save_dir)
     if not cfg.training.resume:
         _clear_previous_run(save_dir)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, callbacks=[_echo()] if echo else ())
     n_params = sum(p.numel() for p in trainer.model.parameters())
     print(f"[3/4] training: {n_params:,} parameters, {len(trainer.data.train.dataset)} sentences, "
           f"{trainer.total_steps} steps of {cfg.training.train_batch_size} on {trainer.device}; "
           f"save_dir {trainer.save_dir}", flush=True)
-    watcher = _LogEcho(trainer.save_dir / "train_log.jsonl", trainer.total_steps) if echo else None
-    if watcher:
-        watcher.start()
-    try:
-        trainer.train()
-    finally:
-        if watcher:
-            watcher.done.set()
-            watcher.join()
+    trainer.train()
     return trainer
 
 
 def load_trained(cfg):
-    """(model, latent diffusion) from the newest checkpoint in ``logging.save_dir``."""
+    """(model, latent diffusion) of the newest checkpoint in ``logging.save_dir``, rebuilt from its
+    saved config (EMA weights when it kept them, as training evaluates); a ``model.*`` setting of
+    ``cfg`` that differs from the checkpoint's is refused."""
+    from omegaconf import OmegaConf
     from .training import checkpoints as ckpt
-    from .training.builders import build_latent_diffusion, build_model, resolve_device
+    from .training import trained
+    from .training.builders import build_latent_diffusion
     path = ckpt.resolve_resume("latest", cfg.logging.save_dir)
-    saved = ckpt.load_config(path)
-    if saved is not None:
-        from omegaconf import OmegaConf
-        ckpt.check_config_compatible(saved, OmegaConf.to_container(cfg, resolve=False), keys=("model",),
-                                     checkpoint=path)
-    model = build_model(cfg)
-    ckpt.load_checkpoint(path, model=model, restore_rng=False)
-    print(f"loaded {path}")
-    return model.to(resolve_device(cfg.training.device)), build_latent_diffusion(cfg)
+    run = trained.load_trained(path, device=cfg.training.device)
+    ckpt.check_config_compatible(OmegaConf.to_container(run.cfg, resolve=False),
+                                 OmegaConf.to_container(cfg, resolve=False), keys=("model",), checkpoint=path)
+    print(f"loaded {path} ({run.weights} weights)")
+    return run.model, build_latent_diffusion(run.cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -555,6 +530,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
     from .common.errors import ProjectError
+    from .training.events import output_is_terminal
 
     t_start = time.perf_counter()
     progress = not args.no_progress
@@ -572,7 +548,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             model, diffusion = load_trained(cfg)
             steps = None
         else:
-            trainer = train(cfg, echo=not progress or not sys.stderr.isatty())
+            # without a bar the trainer prints progress lines itself, unless the output is a terminal
+            trainer = train(cfg, echo=not progress and output_is_terminal())
             model, diffusion = (trainer.ema.module if trainer.ema else trainer.model), trainer.latent_diff
             steps = trainer.global_step
         train_seconds = time.perf_counter() - t_train

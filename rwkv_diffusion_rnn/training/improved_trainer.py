@@ -3,9 +3,13 @@ next-token prediction (``training.objective=ar``), the baseline.
 
 :class:`Trainer` takes a resolved config (see ``configs/rwkv_mmdit.yaml``), builds the run's parts
 with :mod:`~rwkv_diffusion_rnn.training.builders` and trains them: each optimizer step
-accumulates the objective's gradients (:mod:`~rwkv_diffusion_rnn.diffusion.objective`), then a
-logging step (``train_log.jsonl``, tqdm, optional wandb), an evaluation step and a checkpoint
-step. Every run ends with a checkpoint of its last step and ``metrics.json``.
+accumulates the objective's gradients (:mod:`~rwkv_diffusion_rnn.diffusion.objective`), then an
+evaluation step (:mod:`~rwkv_diffusion_rnn.training.evaluation`), a logging step (the run
+folder's ``train_log.jsonl``, :mod:`~rwkv_diffusion_rnn.training.run_folder`; a tqdm bar on a
+terminal, plain progress lines otherwise; optional wandb) and a checkpoint step. Every run ends
+with a checkpoint of its last step and ``metrics.json``. ``training.resume`` and
+``training.init_from`` are read by :mod:`~rwkv_diffusion_rnn.training.resume`; callers follow a
+run through the callbacks of :mod:`~rwkv_diffusion_rnn.training.events`.
 
 Exact resume: every random draw of training comes from the streams of
 :mod:`~rwkv_diffusion_rnn.common.rng`, whose states are saved in each checkpoint together with
@@ -19,21 +23,17 @@ over the ranks, and rank 0 alone writes the log, the metrics and the unsharded c
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..diffusion.sampling import generate_latent, generate_text
 from . import checkpoints as ckpt
-from . import distributed, likelihood
+from . import distributed, resume
 from ..common import rng
 from .builders import (AUTOCAST_DTYPES, autocast, build_data, build_latent_diffusion, build_model, build_objective,
                        build_optimizer_and_scheduler, build_text_diffusion, resolve_device, resolve_vocab)
@@ -41,40 +41,10 @@ from .config_validation import validate_config
 from ..common.errors import ConfigError, TrainingDiverged
 
 from .ema import EMA
-from .run_lock import RunLock
-
-
-LOG_FILE = "train_log.jsonl"
-BAD_LOG_FILE = "train_log.bad.jsonl"     # damaged lines moved out of the log on resume
-# Settings a resumed run must share with its checkpoint: the weights' shapes, and the batches the
-# saved data position counts (another batch size would not continue the same epoch).
-RESUME_KEYS = ("model", "training.train_batch_size", "training.grad_accum_steps")
-
-
-def read_train_log(save_dir) -> List[Dict[str, Any]]:
-    """The records of ``<save_dir>/train_log.jsonl``, one dict per logged step ([] if none).
-    A line that is not JSON is skipped with a warning naming it."""
-    log = Path(save_dir) / LOG_FILE
-    if not log.exists():
-        return []
-    records = []
-    for i, line in enumerate(log.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            warnings.warn(f"{log} line {i} is not JSON and was skipped: {line[:80]!r}")
-    return records
-
-
-def json_safe(obj):
-    """``obj`` with non-finite floats as None, so that the text is valid JSON (no bare NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
+from .evaluation import EvalSettings, Evaluator
+from .events import Callback, ProgressLines, output_is_terminal
+from .run_folder import RunFolder, json_safe
+from .run_folder import read_train_log  # noqa: F401  (scripts and tests import it from here)
 
 
 def _empty_window() -> Dict[str, float]:
@@ -83,7 +53,10 @@ def _empty_window() -> Dict[str, float]:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig):
+    """``Trainer(cfg).train()``; ``callbacks`` (:class:`~rwkv_diffusion_rnn.training.events.Callback`)
+    follow the run on the process that writes its folder."""
+
+    def __init__(self, cfg: DictConfig, callbacks: Sequence[Callback] = ()):
         validate_config(cfg)
         self.cfg = cfg
         tr = cfg.training
@@ -96,9 +69,10 @@ class Trainer:
         self.synthetic = cfg.data.kind == "synthetic"
         # training.init_from starts a new run from a checkpoint's weights (a resumed run already
         # holds them): its data is read with the checkpoint's tokenizer, so that ids mean the same
-        self.init_path = None if tr.resume or not tr.init_from else self._init_source(tr.init_from)
+        self.init_path = None if tr.resume or not tr.init_from else resume.init_source(tr.init_from)
         with self.dist.first_main():        # rank 0 fills the token cache, the others read it
-            self.data = build_data(cfg, tokenizer=self.init_path and self._init_tokenizer())
+            self.data = build_data(cfg, tokenizer=self.init_path and resume.init_tokenizer(
+                self.init_path, cfg.tokenizer.name))
         resolve_vocab(cfg, self.data)       # vocab_size / mask_id follow the tokenizer
         check_vocab = getattr(self.data, "check_vocab", None)
         if check_vocab is not None:         # token files on disk: ids checked against the vocabulary
@@ -113,7 +87,8 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.ema = EMA(self.model, tr.ema_decay) if tr.ema_decay else None
         if self.init_path is not None:
-            self._init_weights()
+            self._print(resume.init_weights(self.init_path, model=self.model, ema=self.ema and self.ema.module,
+                                            model_config=OmegaConf.to_container(cfg.model, resolve=True)))
         self._check_parallel()
         # The module the loss runs (DDP's wrapper, or the model sharded in place by FSDP); the
         # optimizer is built after it, on the parameters FSDP put in place.
@@ -122,6 +97,18 @@ class Trainer:
             distributed.shard(self.ema.module, AUTOCAST_DTYPES[tr.dtype])
         self.optimizer, self.scheduler = build_optimizer_and_scheduler(cfg, self.model, self.total_steps)
         self.noise_gen = rng.generator("noise", cfg.seed)
+        ev = cfg.eval
+        self.evaluator = Evaluator(
+            data=self.data, settings=EvalSettings(
+                batch_size=int(tr.eval_batch_size), max_batches=ev.max_batches, mc_samples=ev.mc_samples,
+                sample_steps=ev.sample_steps, threshold=ev.threshold, latent_steps=ev.latent_steps,
+                fresh=bool(ev.fresh)),
+            synthetic=self.synthetic, objective=tr.objective, loss=self.objective,
+            schedule=self.text_diff.schedule, latent_diff=self.latent_diff, mask_id=cfg.model.mask_id,
+            vocab_size=cfg.model.vocab_size, tokenizer=self.tokenizer, has_latent=self.has_latent,
+            device=self.device, autocast=self._autocast, dist=self.dist)
+        # a bar cannot redraw in a file or CI log: one plain line per log record there instead
+        self.callbacks = ([] if output_is_terminal() else [ProgressLines()]) + list(callbacks)
 
         self.global_step = 0
         self.saved_step = None            # the step of the newest checkpoint of this run
@@ -129,10 +116,12 @@ class Trainer:
         self.window = _empty_window()
         self.bad_steps = 0                # consecutive steps skipped for a non-finite loss / gradient
         self.pending_record = None        # the last step's log record, written after its evaluation
-        self.lock = RunLock(self.save_dir)
+        self.folder = RunFolder(self.save_dir)  # its lock and files are rank 0's
         self.stop_requested = False
         self.wandb = None
         self.resumed_from = None
+        self._t_window = time.perf_counter()  # start of the steps the next log record sums up
+        self._bad = ""                    # what made the last skipped step non-finite
         if tr.resume:
             self._resume(tr.resume)
         self.config_dict = OmegaConf.to_container(cfg, resolve=True)
@@ -146,43 +135,6 @@ class Trainer:
             raise ConfigError("training.unfreeze_backbone_at_epoch changes which weights train in the middle of "
                               "a run, which training.parallel=fsdp cannot follow; use training.parallel=ddp, or "
                               "set model.freeze_backbone=false from the start")
-
-    def _init_source(self, source) -> Path:
-        from .trained import checkpoint_dir
-        path = checkpoint_dir(source)
-        ckpt.verify_checkpoint(path)
-        return path
-
-    def _init_tokenizer(self):
-        """The tokenizer of the ``training.init_from`` checkpoint (None when it has none)."""
-        from .trained import saved_config, saved_tokenizer
-        saved = saved_config(self.init_path)
-        name = saved.tokenizer.name
-        if name != self.cfg.tokenizer.name:
-            raise ConfigError(f"training.init_from={self.init_path} was trained with tokenizer.name={name!r} and this "
-                              f"run has tokenizer.name={self.cfg.tokenizer.name!r}: the ids would mean other text. "
-                              f"Set tokenizer.name={name}")
-        return saved_tokenizer(self.init_path, saved) if saved.data.kind != "synthetic" else None
-
-    def _init_weights(self):
-        """The model (and EMA) weights of the ``training.init_from`` checkpoint; the optimizer,
-        LR schedule, data position and step start fresh."""
-        path = self.init_path
-        saved = (ckpt.read_saved_config(path) or {}).get("model", {})
-        current = OmegaConf.to_container(self.cfg.model, resolve=True)
-        has_ema = ckpt.has_ema(path)
-        try:
-            ckpt.load_checkpoint(path, model=self.model, ema=self.ema.module if self.ema and has_ema else None,
-                                 restore_rng=False)
-        except ckpt.CheckpointError as e:
-            differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-            keys = ", ".join(f"model.{k}={saved.get(k)!r} there, {current.get(k)!r} here" for k in differ)
-            raise ckpt.CheckpointError(
-                f"training.init_from={path} does not fit this model ({keys or 'no model key differs'}): {e}") from None
-        if self.ema and not has_ema:
-            self.ema.module.load_state_dict(self.model.state_dict())
-        self._print(f"initialised from {path} (its step {ckpt.read_trainer_state(path).get('global_step')}): "
-                    f"weights{' and EMA' if self.ema and has_ema else ''}; optimizer, schedule and data start fresh")
 
     def _print(self, *args, **kwargs):
         if self.dist.main:
@@ -225,29 +177,21 @@ class Trainer:
             trainer_state=self._trainer_state(), extra_tensors=tensors, config=self.config_dict,
             tokenizer=self._tokenizer_spec(), keep_last=self.cfg.logging.keep_last))
         self.saved_step = self.global_step
+        self._emit("on_save", Path(path))
         return Path(path)
 
     def _tokenizer_spec(self) -> Optional[Dict[str, Any]]:
         from ..data.tokenizer import tokenizer_spec
         return None if self.tokenizer is None else tokenizer_spec(self.tokenizer)
 
-    def _resume(self, resume: str):
-        path = ckpt.resolve_resume(str(resume), self.save_dir)
-        saved = ckpt.read_saved_config(path, resolve=False)     # verified before it is parsed
-        if saved is not None:
-            current = OmegaConf.to_container(self.cfg, resolve=False)
-            ckpt.check_config_compatible(saved, current, keys=RESUME_KEYS, checkpoint=path)
-        saved_tok, tok = ckpt.read_tokenizer_spec(path), self._tokenizer_spec()
-        if saved_tok is not None and saved_tok != tok:
-            raise ckpt.CheckpointError(
-                f"{path / ckpt.TOKENIZER_FILE} holds another tokenizer than this run's ({saved_tok.get('name')!r}, "
-                f"{saved_tok.get('vocab_size')} ids, against {tok and tok.get('name')!r}, "
-                f"{tok and tok.get('vocab_size')} ids; a chars vocabulary follows the corpus): resume with the "
-                "data and tokenizer the checkpoint was trained on, or start a new run in another logging.save_dir")
-        self._check_resume_world(path)
-        state, tensors = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                              scheduler=self.scheduler,
-                                              ema=self.ema.module if self.ema else None)
+    def _resume(self, source: str):
+        path = ckpt.resolve_resume(str(source), self.save_dir)
+        resume.check_resumable(path, config=OmegaConf.to_container(self.cfg, resolve=False),
+                               tokenizer=self._tokenizer_spec(), world=self.dist.world, parallel=self.dist.mode,
+                               any_world_size=bool(self.cfg.training.resume_any_world_size))
+        state = resume.restore(source, path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                               ema=self.ema.module if self.ema else None, data=self.data,
+                               noise_gen=self.noise_gen, rank=self.dist.rank, world=self.dist.world)
         if state.get("backbone_trainable"):
             self.model.set_backbone_trainable(True)
         self.global_step = self.saved_step = int(state["global_step"])
@@ -255,93 +199,28 @@ class Trainer:
         self.metrics = state.get("metrics", {})
         self.bad_steps = int(state.get("bad_steps", 0))
         self.pending_record = state.get("pending_record")
-        try:
-            self.data.load(state.get("data", {}), tensors)
-        except ValueError as e:
-            raise ckpt.CheckpointError(f"training.resume={resume} ({path}): {e}") from None
-        per_rank = tensors.get("rank_noise_rng")
-        same_world = int(state.get("world_size", 1)) == self.dist.world
-        # clone: set_state reads a row of the stacked states from its storage's start
-        self.noise_gen.set_state(per_rank[self.dist.rank].clone() if per_rank is not None and same_world
-                                 else tensors["noise_rng"])
         self.resumed_from = path
         self._print(f"resumed from {path} at step {self.global_step}")
 
-    def _check_resume_world(self, path: Path):
-        """A checkpoint resumes exactly only with the world size that wrote it; another one
-        needs ``training.resume_any_world_size``, and a sharded checkpoint or an FSDP run the
-        other's form."""
-        state = ckpt.read_trainer_state(path)
-        saved, world = int(state.get("world_size", 1)), self.dist.world
-        if saved != world and not self.cfg.training.resume_any_world_size:
-            raise ckpt.CheckpointError(
-                f"{path} was written by a run of {saved} process{'es' if saved > 1 else ''} and this run has "
-                f"{world}: it would continue, but not repeat the {saved}-process run exactly (each process's "
-                "random stream, and sums grouped differently). Resume with the same world size "
-                f"(torchrun --nproc_per_node={saved}" + (", or without torchrun" if saved == 1 else "") +
-                "), or set training.resume_any_world_size=true to continue anyway")
-        if self.dist.mode == "fsdp" and not ckpt.is_sharded(path):
-            raise ckpt.CheckpointError(
-                f"{path} holds whole weights (a training.parallel={state.get('parallel', 'none')} run) and this "
-                "run shards them (training.parallel=fsdp): resume it with training.parallel=ddp or none")
-
     def _claim_save_dir(self):
-        """Takes the run folder's lock; a fresh run refuses a folder that holds another run.
-        Rank 0's work: the lock and the log are its files."""
-        self.lock.acquire()
-        if self.resumed_from is not None:
-            self._truncate_log(self.global_step)
-            return
-        found = ckpt.list_checkpoints(self.save_dir)
-        if found:
-            self.lock.release()
-            raise ckpt.CheckpointError(
-                f"logging.save_dir={self.save_dir} already holds a run (checkpoints up to {found[-1].name}); "
-                "a new run there would overwrite it. Continue it with training.resume=latest, or write "
-                "this run into another logging.save_dir")
-        log = self.save_dir / LOG_FILE
-        if log.exists() and log.stat().st_size:     # a run killed before its first checkpoint
-            aside = log.with_name(f"train_log.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-            os.replace(log, aside)
-            print(f"{log} of an earlier run that wrote no checkpoint moved to {aside}")
-
-    def _truncate_log(self, step: int):
-        """Drops log lines written after the checkpoint we resume from (a killed run's tail). A
-        damaged line in the middle is moved to train_log.bad.jsonl and the records after it kept."""
-        log = self.save_dir / LOG_FILE
-        if not log.exists():
-            return
-        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
-        keep, kept_steps, bad = [], set(), []
-        for i, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if i < len(lines):          # the last line may be cut by the kill; others are damage
-                    bad.append((i, line))
-                continue
-            if record.get("step", 0) <= step:
-                keep.append(line)
-                kept_steps.add(record.get("step"))
-        if self.pending_record is not None and self.pending_record.get("step") in kept_steps:
+        """Takes the run folder (:meth:`RunFolder.claim`). Rank 0's work: the lock and the log are its files."""
+        kept = self.folder.claim(self.global_step if self.resumed_from is not None else None)
+        if self.pending_record is not None and self.pending_record.get("step") in kept:
             self.pending_record = None      # the final record was written before the run ended
-        if bad:
-            with open(self.save_dir / BAD_LOG_FILE, "a", encoding="utf-8") as f:
-                f.writelines(f"{line}\n" for _, line in bad)
-            print(f"{log}: line{'s' if len(bad) > 1 else ''} {', '.join(str(i) for i, _ in bad)} "
-                  f"{'are' if len(bad) > 1 else 'is'} not JSON; moved to {self.save_dir / BAD_LOG_FILE}, "
-                  "the records after kept")
-        tmp = log.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-        os.replace(tmp, log)
 
     def _log(self, record: Dict[str, Any]):
         if not self.dist.main:
             return
-        with open(self.save_dir / LOG_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+        written = self.folder.append_record(record)
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
+        self._emit("on_record", written)
+
+    def _emit(self, event: str, *args) -> None:
+        """Calls ``event`` of every callback, on rank 0 (the process that writes the run folder)."""
+        if self.dist.main:
+            for callback in self.callbacks:
+                getattr(callback, event)(self, *args)
 
     def _init_wandb(self):
         lg = self.cfg.logging
@@ -369,87 +248,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        model = self.ema.module if self.ema else self.model
-        was_training = model.training
-        model.eval()
-        try:
-            if self.synthetic:
-                return self._evaluate_task(model)
-            return self._evaluate_text_latent(model)
-        finally:
-            model.train(was_training)
+        """The metrics of the model (its EMA when kept) at this step."""
+        return self.evaluator.evaluate(self.ema.module if self.ema else self.model, self.global_step)
 
-    def _decode_task(self, model, batch):
-        ev = self.cfg.eval
-        masked = batch.masked_input(self.data.task.mask_id)
-        preds = []
-        bs = self.cfg.training.eval_batch_size
-        for i in range(0, masked.shape[0], bs):
-            preds.append(generate_text(model, prompt_ids=masked[i:i + bs].to(self.device),
-                                       steps=ev.sample_steps, threshold=ev.threshold,
-                                       generator=rng.generator("eval_sampling")).cpu())
-        return torch.cat(preds)
-
-    def _evaluate_task(self, model) -> Dict[str, float]:
-        task = self.data.task
-        name = task.name
-        res = task.score(self._decode_task(model, self.data.eval_set), self.data.eval_set)
-        out = {f"{name}_acc": res["acc"], f"{name}_exact": res["exact"]}
-        if not self.cfg.eval.fresh:
-            return out
-        fresh = task.sample_batch(self.data.eval_set.input_ids.shape[0],
-                                  generator=rng.generator("eval_fresh", offset=self.global_step))
-        res_fresh = task.score(self._decode_task(model, fresh), fresh)
-        return dict(out, **{f"{name}_acc_fresh": res_fresh["acc"], f"{name}_exact_fresh": res_fresh["exact"]})
-
-    def likelihood(self, model, latent: str = "clean") -> "likelihood.LikelihoodSummary":
-        """The bound (diffusion) or NLL (ar) of the validation split, with the same noise every time."""
-        ev = self.cfg.eval
-        return likelihood.score(model, self.data.val, objective=self.cfg.training.objective,
-                                schedule=self.text_diff.schedule, mask_id=self.cfg.model.mask_id,
-                                vocab_size=self.cfg.model.vocab_size,
-                                generator=rng.generator("eval_noise"), mc_samples=ev.mc_samples,
-                                max_batches=ev.max_batches, tokenizer=self.tokenizer, latent=latent,
-                                device=self.device, autocast=self._autocast,
-                                dist=self.dist if self.dist.active else None)
-
-    def _evaluate_text_latent(self, model) -> Dict[str, float]:
-        if self.data.val is None:
-            return {}
-        if self.cfg.training.objective == "ar":
-            nll = self.likelihood(model)
-            return {"val_nll": nll.nats_per_token, **({"val_bpc": nll.bits_per_char} if nll.chars else {})}
-        bound = self.likelihood(model)
-        out = {"val_nelbo": bound.nats_per_token, "val_nelbo_stderr": bound.stderr}
-        if bound.chars:
-            out["val_bpc"] = bound.bits_per_char
-        if self.has_latent:
-            out["val_nelbo_null_latent"] = self.likelihood(model, latent="null").nats_per_token
-        g = rng.generator("eval_noise")  # the same noise at every evaluation
-        tot = {"text_loss": 0.0, "latent_loss": 0.0}
-        n = 0
-        cos_sum, cos_n = 0.0, 0
-        for i, batch in enumerate(self.data.val):
-            if self.cfg.eval.max_batches is not None and i >= self.cfg.eval.max_batches:
-                break
-            rows, counted = self.dist.eval_rows(batch["input_ids"].shape[0]) if self.dist.active else (None, True)
-            _, st = self.objective(model, batch, g, self.device, self._autocast, rows=rows)
-            if counted:
-                tot["text_loss"] += st["text_loss"]
-                tot["latent_loss"] += st["latent_loss"]
-            n += 1
-            if self.has_latent and i == 0:
-                z = generate_latent(model, self.latent_diff, batch["input_ids"].to(self.device),
-                                    steps=self.cfg.eval.latent_steps, generator=rng.generator("eval_sampling"))
-                cos = torch.nn.functional.cosine_similarity(z.float().cpu(), batch["latent"].float(), dim=-1)
-                cos_sum, cos_n = cos_sum + float(cos.sum()), cos_n + cos.numel()
-        tot = dict(zip(tot, self.dist.sum(tot.values())))      # the shares of each batch add up
-        out.update({f"val_{k}": v / max(n, 1) for k, v in tot.items()})
-        if cos_n:
-            out["val_latent_cos"] = cos_sum / cos_n
-        return out
+    def _evaluate_now(self) -> Dict[str, float]:
+        """Evaluates this step into ``metrics`` and tells the callbacks."""
+        ev = self.evaluate()
+        self.metrics.update(ev)
+        self.metrics["step"] = self.global_step
+        self._emit("on_evaluation", ev)
+        return ev
 
     # ------------------------------------------------------------------ the loop
 
@@ -539,10 +348,7 @@ class Trainer:
         lg, step = self.cfg.logging, self.global_step
         if not lg.eval_freq or step % lg.eval_freq or self._done():
             return {}  # the last step is evaluated by _finish, after its checkpoint
-        ev = self.evaluate()
-        self.metrics.update(ev)
-        self.metrics["step"] = step
-        return ev
+        return self._evaluate_now()
 
     def _log_step(self, epoch: int, grad_norm: float, lr: float, evals: Dict[str, float], pbar) -> None:
         """Writes a record of the window when ``logging.log_freq``, an evaluation or the last step says so."""
@@ -594,10 +400,12 @@ class Trainer:
         # rank 0 may have found the last record already in the log: every rank follows it
         self.pending_record = self.dist.broadcast(self.pending_record)
         try:
-            return self._train()
+            metrics = self._train()
         finally:
             if self.dist.main:
-                self.lock.release()
+                self.folder.release()
+        self._emit("on_end", metrics)
+        return metrics
 
     def _train(self) -> Dict[str, Any]:
         tr, lg = self.cfg.training, self.cfg.logging
@@ -605,6 +413,7 @@ class Trainer:
         if self.pending_record is not None and not self._done():
             # resumed from a finished run's last checkpoint to train further: its record first
             self._write_pending_record()
+        self._emit("on_begin")
         old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.model.train()
         pbar = None
@@ -648,8 +457,7 @@ class Trainer:
     def _write_pending_record(self) -> None:
         """The last step's log record, with the evaluation of that step."""
         if self.metrics.get("step") != self.global_step:
-            self.metrics.update(self.evaluate())
-            self.metrics["step"] = self.global_step
+            self._evaluate_now()
         evals = {k: v for k, v in self.metrics.items() if k not in ("step", "epoch")}
         self._log(dict(self.pending_record, **evals))
         self.pending_record = None
@@ -660,15 +468,13 @@ class Trainer:
         if self.global_step and self.saved_step != self.global_step:
             self.save(ckpt.step_dir_name(self.global_step))
         if self.metrics.get("step") != self.global_step:  # not already evaluated at this step
-            self.metrics.update(self.evaluate())
+            self._evaluate_now()
         self.metrics["step"] = self.global_step
         self.metrics["epoch"] = epoch
         if self.pending_record is not None:
             self._write_pending_record()
         if self.dist.main:
-            tmp = self.save_dir / "metrics.json.tmp"
-            tmp.write_text(json.dumps(json_safe(self.metrics), indent=2, allow_nan=False))
-            os.replace(tmp, self.save_dir / "metrics.json")
+            self.folder.write_metrics(self.metrics)
         if self.wandb is not None:
             self.wandb.summary.update(self.metrics)
             self.wandb.finish()

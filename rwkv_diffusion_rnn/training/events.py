@@ -1,0 +1,87 @@
+"""Following a training run from outside the loop: ``Trainer(cfg, callbacks=[...])``.
+
+A callback overrides the hooks it needs; the trainer calls them on the process that writes the
+run folder (rank 0 under torchrun), in the order the callbacks were given:
+
+* ``on_begin(trainer)``: before the first step (after a resume, at its step);
+* ``on_record(trainer, record)``: each record just appended to ``train_log.jsonl``, as written;
+* ``on_evaluation(trainer, metrics)``: the metrics of each evaluation, at ``trainer.global_step``;
+* ``on_save(trainer, path)``: each checkpoint written;
+* ``on_end(trainer, metrics)``: when training ends (the last step, or a requested stop), with
+  the metrics ``train()`` returns.
+
+:class:`ProgressLines` prints one plain line per log record; the trainer adds it itself when the
+output goes to a file or CI log rather than a terminal, where a progress bar cannot redraw.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, TextIO
+
+# The record's own fields; any other numeric field is an evaluation metric, shown in the line
+RECORD_FIELDS = frozenset({"step", "epoch", "loss", "text_loss", "latent_loss", "lr", "grad_norm",
+                           "tokens_per_s", "skipped_steps"})
+
+
+class Callback:
+    """Base of the trainer's callbacks: every hook does nothing."""
+
+    def on_begin(self, trainer) -> None:
+        pass
+
+    def on_record(self, trainer, record: Dict[str, Any]) -> None:
+        pass
+
+    def on_evaluation(self, trainer, metrics: Dict[str, Any]) -> None:
+        pass
+
+    def on_save(self, trainer, path: Path) -> None:
+        pass
+
+    def on_end(self, trainer, metrics: Dict[str, Any]) -> None:
+        pass
+
+
+def output_is_terminal() -> bool:
+    """Whether both stdout and stderr are terminals (neither goes to a file or a CI log)."""
+    return all(getattr(s, "isatty", lambda: False)() for s in (sys.stdout, sys.stderr))
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class ProgressLines(Callback):
+    """``step 40/200  loss 1.2345  812 tok/s  elapsed 0m31s  ETA 2m04s`` for each log record
+    (every ``logging.log_freq`` steps, each evaluation and the last step), with the record's
+    evaluation metrics. The ETA assumes the remaining steps take the mean time of those done."""
+
+    def __init__(self, stream: Optional[TextIO] = None):
+        self.stream = stream
+        self.start_step = 0
+        self.t0 = time.perf_counter()
+
+    def on_begin(self, trainer) -> None:
+        self.start_step, self.t0 = trainer.global_step, time.perf_counter()
+
+    def on_record(self, trainer, record: Dict[str, Any]) -> None:
+        step, total = record["step"], trainer.total_steps
+        elapsed = time.perf_counter() - self.t0
+        parts = [f"step {step}/{total if total is not None else '?'}"]
+        loss = record.get("loss")
+        parts.append(f"loss {loss:.4f}" if loss is not None else "loss n/a")
+        if record.get("tokens_per_s") is not None:
+            parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+        parts.append(f"elapsed {_duration(elapsed)}")
+        done = step - self.start_step
+        if total is not None and done > 0:
+            parts.append(f"ETA {_duration(max(total - step, 0) * elapsed / done)}")
+        evals = [f"{k}={v:.4g}" for k, v in record.items()
+                 if k not in RECORD_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if evals:
+            parts.append(" ".join(evals))
+        print("  ".join(parts), file=self.stream or sys.stdout, flush=True)

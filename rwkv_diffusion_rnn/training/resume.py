@@ -1,0 +1,127 @@
+"""What a run takes from an earlier checkpoint, and the checks that it fits.
+
+``training.resume`` continues a run exactly: every stateful part (weights, EMA, optimizer, LR
+schedule, data position, noise stream, log accumulators) comes back, so a resumed run logs the
+losses the uninterrupted run would have. It needs the settings the checkpoint's state depends on
+(:data:`RESUME_KEYS`), its tokenizer and its world size.
+
+``training.init_from`` starts a new run from a checkpoint's weights (and EMA when it kept one)
+only: the optimizer, schedule, data position and step start fresh. Its data is read with the
+checkpoint's tokenizer, so that ids mean the same text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..common.errors import CheckpointError, ConfigError
+from . import checkpoints as ckpt
+
+
+# Settings a resumed run must share with its checkpoint: the weights' shapes, and the batches the
+# saved data position counts (another batch size would not continue the same epoch).
+RESUME_KEYS = ("model", "training.train_batch_size", "training.grad_accum_steps")
+
+
+# ------------------------------------------------------------------ training.init_from
+
+def init_source(source) -> Path:
+    """The verified checkpoint ``training.init_from`` names (a checkpoint or a run folder)."""
+    from .trained import checkpoint_dir
+    path = checkpoint_dir(source)
+    ckpt.verify_checkpoint(path)
+    return path
+
+
+def init_tokenizer(path: Path, tokenizer_name: str):
+    """The tokenizer of the ``training.init_from`` checkpoint at ``path`` (None when it has none);
+    refused when its ``tokenizer.name`` is not this run's."""
+    from .trained import saved_config, saved_tokenizer
+    saved = saved_config(path)
+    name = saved.tokenizer.name
+    if name != tokenizer_name:
+        raise ConfigError(f"training.init_from={path} was trained with tokenizer.name={name!r} and this "
+                          f"run has tokenizer.name={tokenizer_name!r}: the ids would mean other text. "
+                          f"Set tokenizer.name={name}")
+    return saved_tokenizer(path, saved) if saved.data.kind != "synthetic" else None
+
+
+def init_weights(path: Path, *, model: torch.nn.Module, ema: Optional[torch.nn.Module],
+                 model_config: Dict[str, Any]) -> str:
+    """Loads the model (and ``ema``) weights of the checkpoint at ``path``; ``model_config`` is
+    this run's resolved ``model`` group, for naming the keys that differ when the weights do not
+    fit. An ``ema`` the checkpoint has no EMA for starts from the model's weights. Returns a line
+    saying what was loaded."""
+    saved = (ckpt.read_saved_config(path) or {}).get("model", {})
+    has_ema = ckpt.has_ema(path)
+    try:
+        ckpt.load_checkpoint(path, model=model, ema=ema if has_ema else None, restore_rng=False)
+    except CheckpointError as e:
+        differ = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
+        keys = ", ".join(f"model.{k}={saved.get(k)!r} there, {model_config.get(k)!r} here" for k in differ)
+        raise CheckpointError(
+            f"training.init_from={path} does not fit this model ({keys or 'no model key differs'}): {e}") from None
+    if ema is not None and not has_ema:
+        ema.load_state_dict(model.state_dict())
+    return (f"initialised from {path} (its step {ckpt.read_trainer_state(path).get('global_step')}): "
+            f"weights{' and EMA' if ema is not None and has_ema else ''}; optimizer, schedule and data start fresh")
+
+
+# ------------------------------------------------------------------ training.resume
+
+def check_resumable(path: Path, *, config: Dict[str, Any], tokenizer: Optional[Dict[str, Any]], world: int,
+                    parallel: str, any_world_size: bool) -> None:
+    """Refuses a checkpoint this run cannot continue exactly: other :data:`RESUME_KEYS` in
+    ``config`` (this run's unresolved config), another ``tokenizer`` spec, another world size
+    (unless ``any_world_size``: ``training.resume_any_world_size``), or whole weights for an
+    FSDP run (``parallel``)."""
+    saved = ckpt.read_saved_config(path, resolve=False)     # verified before it is parsed
+    if saved is not None:
+        ckpt.check_config_compatible(saved, config, keys=RESUME_KEYS, checkpoint=path)
+    saved_tok = ckpt.read_tokenizer_spec(path)
+    if saved_tok is not None and saved_tok != tokenizer:
+        raise CheckpointError(
+            f"{path / ckpt.TOKENIZER_FILE} holds another tokenizer than this run's ({saved_tok.get('name')!r}, "
+            f"{saved_tok.get('vocab_size')} ids, against {tokenizer and tokenizer.get('name')!r}, "
+            f"{tokenizer and tokenizer.get('vocab_size')} ids; a chars vocabulary follows the corpus): resume with "
+            "the data and tokenizer the checkpoint was trained on, or start a new run in another logging.save_dir")
+    check_world(path, world=world, parallel=parallel, any_world_size=any_world_size)
+
+
+def check_world(path: Path, *, world: int, parallel: str, any_world_size: bool) -> None:
+    """A checkpoint resumes exactly only with the world size that wrote it; another one needs
+    ``training.resume_any_world_size``, and a sharded checkpoint or an FSDP run the other's form."""
+    state = ckpt.read_trainer_state(path)
+    saved = int(state.get("world_size", 1))
+    if saved != world and not any_world_size:
+        raise CheckpointError(
+            f"{path} was written by a run of {saved} process{'es' if saved > 1 else ''} and this run has "
+            f"{world}: it would continue, but not repeat the {saved}-process run exactly (each process's "
+            "random stream, and sums grouped differently). Resume with the same world size "
+            f"(torchrun --nproc_per_node={saved}" + (", or without torchrun" if saved == 1 else "") +
+            "), or set training.resume_any_world_size=true to continue anyway")
+    if parallel == "fsdp" and not ckpt.is_sharded(path):
+        raise CheckpointError(
+            f"{path} holds whole weights (a training.parallel={state.get('parallel', 'none')} run) and this "
+            "run shards them (training.parallel=fsdp): resume it with training.parallel=ddp or none")
+
+
+def restore(resume: str, path: Path, *, model, optimizer, scheduler, ema, data, noise_gen,
+            rank: int, world: int) -> Dict[str, Any]:
+    """Loads the checkpoint at ``path`` (``training.resume=resume``) into the run's parts: the
+    weights, optimizer, schedule, EMA, data position and this rank's noise stream. Returns the
+    saved trainer state (step, log accumulators, metrics...) for the trainer to take back."""
+    state, tensors = ckpt.load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema)
+    try:
+        data.load(state.get("data", {}), tensors)
+    except ValueError as e:
+        raise CheckpointError(f"training.resume={resume} ({path}): {e}") from None
+    per_rank = tensors.get("rank_noise_rng")
+    same_world = int(state.get("world_size", 1)) == world
+    # clone: set_state reads a row of the stacked states from its storage's start
+    noise_gen.set_state(per_rank[rank].clone() if per_rank is not None and same_world else tensors["noise_rng"])
+    return state
+
