@@ -81,3 +81,32 @@ def test_progress_line_names_evaluation_metrics_and_the_eta(capsys):
                             "val_nelbo": 2.25})
     out = capsys.readouterr().out
     assert out.startswith("step 20/40  loss 1.5000  1234 tok/s  elapsed 0m30s  ETA 1m00s") and "val_nelbo=2.25" in out
+
+
+def test_wandb_gets_the_config_every_record_and_the_final_metrics(tmp_path, monkeypatch):
+    """logging.wandb=true, with a stand-in for the wandb package."""
+    import types
+    calls = {"log": [], "summary": {}, "finished": 0}
+
+    class Run:
+        summary = calls["summary"]
+
+        def log(self, record, step):
+            calls["log"].append((step, record))
+
+        def finish(self):
+            calls["finished"] += 1
+
+    def init(project, mode, dir, config):
+        calls["init"] = (project, mode, dir, config)
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    cfg = compose_config([*TINY, "logging.progress_bar=false", "training.max_steps=4", "logging.log_freq=2",
+                          "logging.eval_freq=0", "logging.wandb=true", f"logging.save_dir={tmp_path}"])
+    metrics = Trainer(cfg).train()
+    project, mode, folder, config = calls["init"]
+    assert (project, mode, folder) == ("rwkv_diffusion_rnn", "offline", str(tmp_path))
+    assert config["training"]["max_steps"] == 4
+    assert [r for _, r in calls["log"]] == read_train_log(tmp_path) and [s for s, _ in calls["log"]] == [2, 4]
+    assert calls["summary"] == metrics and calls["finished"] == 1

@@ -85,3 +85,32 @@ class ProgressLines(Callback):
         if evals:
             parts.append(" ".join(evals))
         print("  ".join(parts), file=self.stream or sys.stdout, flush=True)
+
+
+class WandbLog(Callback):
+    """``logging.wandb=true``: the run's config, every log record and the final metrics to a
+    Weights & Biases run (``project``, ``mode``: online / offline) kept in the run folder.
+    Without the wandb package the run goes on without it, saying so."""
+
+    def __init__(self, project: str, mode: str):
+        self.project, self.mode = project, mode
+        self.run = None
+
+    def on_begin(self, trainer) -> None:
+        try:
+            import wandb
+        except ImportError:
+            print("logging.wandb=true but wandb is not installed; continuing without it")
+            return
+        self.run = wandb.init(project=self.project, mode=self.mode, dir=str(trainer.save_dir),
+                              config=trainer.config_dict)
+
+    def on_record(self, trainer, record: Dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log(record, step=record["step"])
+
+    def on_end(self, trainer, metrics: Dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.summary.update(metrics)
+            self.run.finish()
+            self.run = None

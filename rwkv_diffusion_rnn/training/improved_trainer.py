@@ -6,7 +6,7 @@ with :mod:`~rwkv_diffusion_rnn.training.builders` and trains them: each optimize
 accumulates the objective's gradients (:mod:`~rwkv_diffusion_rnn.diffusion.objective`), then an
 evaluation step (:mod:`~rwkv_diffusion_rnn.training.evaluation`), a logging step (the run
 folder's ``train_log.jsonl``, :mod:`~rwkv_diffusion_rnn.training.run_folder`; a tqdm bar on a
-terminal, plain progress lines otherwise; optional wandb) and a checkpoint step. Every run ends
+terminal, plain progress lines otherwise; optional wandb, a callback) and a checkpoint step. Every run ends
 with a checkpoint of its last step and ``metrics.json``. ``training.resume`` and
 ``training.init_from`` are read by :mod:`~rwkv_diffusion_rnn.training.resume`; callers follow a
 run through the callbacks of :mod:`~rwkv_diffusion_rnn.training.events`.
@@ -42,7 +42,7 @@ from ..common.errors import ConfigError, TrainingDiverged
 
 from .ema import EMA
 from .evaluation import EvalSettings, Evaluator
-from .events import Callback, ProgressLines, output_is_terminal
+from .events import Callback, ProgressLines, WandbLog, output_is_terminal
 from .run_folder import RunFolder, json_safe
 from .run_folder import read_train_log  # noqa: F401  (scripts and tests import it from here)
 
@@ -109,6 +109,8 @@ class Trainer:
             device=self.device, autocast=self._autocast, dist=self.dist)
         # a bar cannot redraw in a file or CI log: one plain line per log record there instead
         self.callbacks = ([] if output_is_terminal() else [ProgressLines()]) + list(callbacks)
+        if cfg.logging.wandb:
+            self.callbacks.append(WandbLog(cfg.logging.wandb_project, cfg.logging.wandb_mode))
 
         self.global_step = 0
         self.saved_step = None            # the step of the newest checkpoint of this run
@@ -118,7 +120,6 @@ class Trainer:
         self.pending_record = None        # the last step's log record, written after its evaluation
         self.folder = RunFolder(self.save_dir)  # its lock and files are rank 0's
         self.stop_requested = False
-        self.wandb = None
         self.resumed_from = None
         self._t_window = time.perf_counter()  # start of the steps the next log record sums up
         self._bad = ""                    # what made the last skipped step non-finite
@@ -211,28 +212,13 @@ class Trainer:
     def _log(self, record: Dict[str, Any]):
         if not self.dist.main:
             return
-        written = self.folder.append_record(record)
-        if self.wandb is not None:
-            self.wandb.log(record, step=record["step"])
-        self._emit("on_record", written)
+        self._emit("on_record", self.folder.append_record(record))
 
     def _emit(self, event: str, *args) -> None:
         """Calls ``event`` of every callback, on rank 0 (the process that writes the run folder)."""
         if self.dist.main:
             for callback in self.callbacks:
                 getattr(callback, event)(self, *args)
-
-    def _init_wandb(self):
-        lg = self.cfg.logging
-        if not lg.wandb or not self.dist.main:
-            return
-        try:
-            import wandb
-        except ImportError:
-            print("logging.wandb=true but wandb is not installed; continuing without it")
-            return
-        self.wandb = wandb.init(project=lg.wandb_project, mode=lg.wandb_mode,
-                                dir=str(self.save_dir), config=self.config_dict)
 
     # ------------------------------------------------------------------ one step
 
@@ -409,11 +395,10 @@ class Trainer:
 
     def _train(self) -> Dict[str, Any]:
         tr, lg = self.cfg.training, self.cfg.logging
-        self._init_wandb()
+        self._emit("on_begin")
         if self.pending_record is not None and not self._done():
             # resumed from a finished run's last checkpoint to train further: its record first
             self._write_pending_record()
-        self._emit("on_begin")
         old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.model.train()
         pbar = None
@@ -475,7 +460,4 @@ class Trainer:
             self._write_pending_record()
         if self.dist.main:
             self.folder.write_metrics(self.metrics)
-        if self.wandb is not None:
-            self.wandb.summary.update(self.metrics)
-            self.wandb.finish()
         return self.metrics
