@@ -49,26 +49,8 @@ EVAL_FILE = "eval.json"
 
 
 def _val_batches(cfg, tokenizer):
-    from rwkv_diffusion_rnn.training.builders import build_data, corpus_spec, corpus_val_windows
-    d = cfg.data
-    if d.kind == "text":  # only the validation split: a corpus to score need not hold a training batch
-        from rwkv_diffusion_rnn.data.corpus import prepare_corpus
-        corpus = prepare_corpus(corpus_spec(d), tokenizer, d.cache_dir, progress=cfg.logging.progress_bar)
-        val = corpus_val_windows(d, corpus, cfg.training.eval_batch_size)
-        if val is None:
-            from rwkv_diffusion_rnn.common.errors import ConfigError
-            raise ConfigError("the corpus has no validation split (data.val_fraction=0 and no data.val_path): "
-                              "set data.val_path=<file> or data.val_fraction")
-        return val
-    if d.kind == "synthetic":
-        from rwkv_diffusion_rnn.common.errors import ConfigError
-        raise ConfigError("data.kind=synthetic: a task model is scored by its task accuracy at training, "
-                          "not by a likelihood")
-    val = build_data(cfg, tokenizer=tokenizer).val
-    if val is None:
-        from rwkv_diffusion_rnn.common.errors import ConfigError
-        raise ConfigError("the data has no validation split: set data.val_json_path or data.val_fraction")
-    return val
+    from rwkv_diffusion_rnn.data.sources import data_source
+    return data_source(cfg.data.kind).validation_batches(cfg, tokenizer)
 
 
 def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = None) -> dict:
@@ -170,9 +152,11 @@ def evaluate_samples(samples, scorer, out: Optional[str] = None, batch_size: int
     if saved.training.objective != "ar":
         raise ConfigError(f"eval.scorer={scorer} was trained with training.objective={saved.training.objective}; "
                           "the scorer must be an AR checkpoint (training.objective=ar)")
-    if saved.model.mixer != "causal":
+    from rwkv_diffusion_rnn.models.mixers import MIXERS
+    if saved.model.mixer not in MIXERS or not MIXERS[saved.model.mixer].autoregressive:
+        ar = ", ".join(n for n, c in MIXERS.items() if c.autoregressive)
         raise ConfigError(f"eval.scorer={scorer} has model.mixer={saved.model.mixer}; an AR scorer reads the "
-                          "tokens before each one only (model.mixer=causal)")
+                          f"tokens before each one only (model.mixer={ar})")
     trained = load_trained(scorer, overrides)
     cfg, tokenizer, device = trained.cfg, trained.tokenizer, trained.device
     if tokenizer is None:

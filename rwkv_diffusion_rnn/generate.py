@@ -493,7 +493,7 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
     if not ar:
         settings.update(steps=g.steps, block_length=g.block_length, remasking=g.remasking,
                         threshold=g.threshold, cfg_scale=g.cfg_scale, mixer=mcfg.mixer,
-                        use_cache=g.use_cache and mcfg.mixer in sampling.CACHED_MIXERS)
+                        use_cache=g.use_cache and sampling.cache_unit(model) is not None)
     if g.mode != "text":
         settings.update(latent_steps=g.latent_steps, latent_sampler=g.latent_sampler, eta=g.eta)
 

@@ -23,10 +23,11 @@ def test_every_group_has_options():
 def test_every_option_composes_and_resolves(group, option, tmp_path):
     from types import SimpleNamespace
     from rwkv_diffusion_rnn.data.tokenizer import CharTokenizer
-    from rwkv_diffusion_rnn.training.builders import load_named_tokenizer, resolve_vocab
+    from rwkv_diffusion_rnn.data.sources import named_tokenizer
+    from rwkv_diffusion_rnn.training.builders import resolve_vocab
     cfg = compose_cfg([f"{group}={option}", f"logging.save_dir={tmp_path}"])
     OmegaConf.resolve(cfg)
-    tok = load_named_tokenizer(cfg)
+    tok = named_tokenizer(cfg)
     if tok is None and cfg.model.vocab_size is None:   # model=scratch names no tokenizer
         with pytest.raises(ConfigError, match="set tokenizer.name, or both keys"):
             resolve_vocab(cfg, SimpleNamespace(tokenizer=None))
@@ -53,8 +54,9 @@ def test_primary_config_keeps_the_keys_users_know():
     assert cfg.model.use_rwkv_lm_head is False
     assert cfg.model.vocab_size is None and cfg.model.mask_id is None   # follow the tokenizer ...
     from types import SimpleNamespace
-    from rwkv_diffusion_rnn.training.builders import load_named_tokenizer, resolve_vocab
-    resolve_vocab(cfg, SimpleNamespace(tokenizer=load_named_tokenizer(cfg)))
+    from rwkv_diffusion_rnn.data.sources import named_tokenizer
+    from rwkv_diffusion_rnn.training.builders import resolve_vocab
+    resolve_vocab(cfg, SimpleNamespace(tokenizer=named_tokenizer(cfg)))
     assert (cfg.model.vocab_size, cfg.model.mask_id) == (65536, 65535)  # ... RWKV World's
     for key in ("data.token_dir", "data.latent_dir", "training.resume", "model.rwkv_revision",
                 "tokenizer.local_files_only", "training.dtype", "data.num_workers", "data.max_samples",
@@ -126,12 +128,12 @@ def test_choice_lists_are_the_implementing_modules_own(tmp_path):
 
 def test_the_padding_id_is_the_named_tokenizers(tmp_path):
     from rwkv_diffusion_rnn.data.tokenizer import load_tokenizer
-    from rwkv_diffusion_rnn.training.builders import load_named_tokenizer
+    from rwkv_diffusion_rnn.data.sources import named_tokenizer
     cfg = compose_cfg([f"logging.save_dir={tmp_path}", "tokenizer.name=BlinkDL/rwkv7-g1"])
-    assert load_named_tokenizer(cfg).pad_id == load_tokenizer("BlinkDL/rwkv7-g1").pad_id
+    assert named_tokenizer(cfg).pad_id == load_tokenizer("BlinkDL/rwkv7-g1").pad_id
     cfg = compose_cfg([f"logging.save_dir={tmp_path}", f"model.rwkv_name={tmp_path / 'rwkv7-g1a-0.1b.pth'}"])
-    assert cfg.tokenizer.name.endswith(".pth") and load_named_tokenizer(cfg).pad_id == load_tokenizer("BlinkDL/rwkv7-g1").pad_id
+    assert cfg.tokenizer.name.endswith(".pth") and named_tokenizer(cfg).pad_id == load_tokenizer("BlinkDL/rwkv7-g1").pad_id
     cfg = compose_cfg([f"logging.save_dir={tmp_path}", "tokenizer.name=/no/such/tokenizer",
                        "tokenizer.local_files_only=true"])
     with pytest.raises(ConfigError, match="tokenizer.name='/no/such/tokenizer'"):
-        load_named_tokenizer(cfg)
+        named_tokenizer(cfg)

@@ -25,7 +25,7 @@ from rwkv_diffusion_rnn.data.data_simple import TOKENS_INFO_FILE, TextLatentData
 from rwkv_diffusion_rnn.common.errors import DataFormatError
 from rwkv_diffusion_rnn.common.files import atomic_save_npy, atomic_save_npz
 from rwkv_diffusion_rnn.data.tokenizer import ByteTokenizer
-from rwkv_diffusion_rnn.training.builders import TextLatentData
+from rwkv_diffusion_rnn.data.sources import TextLatentData
 
 N, DIM, LATENT = 12, 16, 4
 

@@ -240,7 +240,7 @@ def test_sft_settings_that_cannot_work_are_refused_by_key(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", reverse_conversations(20))
     for extra, phrase in ((["text_noise.truncate_prob=0.1"], "text_noise.truncate_prob=0.1 with data=sft"),
                           (["data.path=null"], "data=sft needs conversations"),
-                          (["model.latent_prefix_len=4"], "data=sft has no sentence latents"),
+                          (["model.latent_prefix_len=4"], "data.kind=sft has no sentence latents"),
                           (["data.chat_template.user=User"], "data.chat_template.user='User' must hold exactly one")):
         with pytest.raises(ConfigError, match=phrase):
             cfg = compose_config(sft_overrides(tmp_path, path, *extra))

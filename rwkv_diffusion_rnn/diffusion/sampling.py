@@ -47,14 +47,15 @@ whole canvas is filled:
 
 State caching (``use_cache``)
 -----------------------------
-With the ``block_causal`` mixer nothing flows right to left across the model's blocks of
-``model.config.block_size`` tokens, so positions before the current decoding block only matter
-through the forward-scan state. With ``use_cache=True`` that state is carried: after a decoding
-block is complete, the tokens up to the last model-block boundary inside it are run once more with
+A mixer whose :meth:`~rwkv_diffusion_rnn.models.mixers.base.Mixer.cache_unit` is a number U
+(``block_causal``: its ``block_size``; ``causal``: 1) lets nothing flow right to left across its
+blocks of U tokens, so positions before the current decoding block only matter through the
+forward-scan state. With ``use_cache=True`` that state is carried: after a decoding block is
+complete, the tokens up to the last model-block boundary inside it are run once more with
 ``return_state=True`` (the latent prefix goes in with the first such call), and every later step
 feeds only the tokens from that boundary to the end of the model block holding the decoding
-block's last position. The ``causal`` mixer is cached the same way (every position is a
-boundary). Other mixers read the whole sequence each step and ignore ``use_cache``.
+block's last position. Other mixers (no cache unit) read the whole sequence each step and ignore
+``use_cache``.
 
 For a model that is not conditioned on the text time (``time_conditioning="none"``) the cached
 path gives the same logits as running the full canvas every step. A time-conditioned model
@@ -90,12 +91,16 @@ import torch
 
 from .continuous_diffusion import GaussianDiffusion, cfg_combine
 
-__all__ = ["REMASKING", "LATENT_SAMPLERS", "CACHED_MIXERS", "guided_logits", "propose_tokens", "generate_text",
+__all__ = ["REMASKING", "LATENT_SAMPLERS", "cache_unit", "guided_logits", "propose_tokens", "generate_text",
            "fill_masks", "generate_latent", "generate_joint", "generate_autoregressive"]
 
 REMASKING = ("low_confidence", "random", "random_topk")
 LATENT_SAMPLERS = ("ddim", "ddpm")
-CACHED_MIXERS = ("block_causal", "causal")      # the mixers use_cache applies to
+
+
+def cache_unit(model) -> Optional[int]:
+    """The tokens a state cache commits at once for ``model`` (None: its mixer has no cache)."""
+    return model.mixer.cache_unit()
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,8 +411,9 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
     n_start = (x == mask_id).sum(1).clamp_min(1).float()   # the positions this call fills
     fn = _TextDenoiser(model, latent, cfg_scale, B)
     cache = None
-    if use_cache and cfg.mixer in CACHED_MIXERS:
-        cache = _StateCache(fn, cfg.block_size if cfg.mixer == "block_causal" else 1)
+    unit = cache_unit(model) if use_cache else None
+    if unit is not None:
+        cache = _StateCache(fn, unit)
 
     gens = _row_generators(generator, B)
     L = T if block_length is None else block_length
@@ -562,7 +568,7 @@ def generate_autoregressive(model, *, bos_id: int, length: Optional[int] = None,
                             temperature: float = 1.0, top_k: Optional[int] = None,
                             top_p: Optional[float] = None, eos_id: Optional[int] = None,
                             generator: Generators = None) -> torch.Tensor:
-    """Next-token sampling from a causal model through its recurrent state (``mixer="causal"``).
+    """Next-token sampling from a causal model through its recurrent state (an autoregressive mixer).
 
     The canvas is as for :func:`generate_text` (``prompt_ids`` with ``mask_id`` where to write,
     padded with masks to ``length``), but the given tokens of each row must come before the
@@ -573,7 +579,7 @@ def generate_autoregressive(model, *, bos_id: int, length: Optional[int] = None,
     for it. Returns LongTensor [B, T].
     """
     cfg = model.config
-    if cfg.mixer != "causal":
+    if not (model.mixer.autoregressive and model.mixer.carries_state):
         raise ValueError(f"generate_autoregressive needs a causal model; this one has mixer={cfg.mixer!r} "
                          "(decode it by masked diffusion with generate_text)")
     if temperature < 0:

@@ -22,13 +22,11 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .mixers.base import Mixer, layer_mods
+from .archs import Arch, check_sizes, register_arch
+from .mixers.base import Fusion, Mixer, layer_mods
 from .mixers.bi import BiMixer
 from .rwkv7 import RWKV7, RWKV7Config
 from .transformer import TransformerBlock, TransformerConfig, init_gpt2, rotary, run_attention_block
-
-# The model.mixer values a hybrid stack implements: its attention blocks see both sides at once.
-HYBRID_MIXERS = ("bi",)
 DEFAULT_ATTN_EVERY = 2      # neither model.attn_layers nor model.attn_every: every second layer
 
 
@@ -138,3 +136,28 @@ class HybridMixer(Mixer):
                 x, v_first = self.bi.layer(j, block, x, v_first, mods[i])
                 j += 1
         return x, None
+
+
+def _check(m) -> None:
+    check_sizes(m)
+    Fusion.check(m.get("bi_fusion", "sum"))
+    attention_layers(m["n_layer"], m.get("attn_layers"), m.get("attn_every"))
+
+
+def _build(m, load=None) -> Hybrid:
+    layers = attention_layers(m["n_layer"], m.get("attn_layers"), m.get("attn_every"))
+    return Hybrid(HybridConfig(vocab_size=m["vocab_size"], n_layer=m["n_layer"], n_embd=m["n_embd"],
+                               head_size=m["head_size"], attn_layers=layers,
+                               wkv_backend=m.get("wkv_backend") or "auto"))
+
+
+def _mixer(backbone: Hybrid, cfg) -> HybridMixer:
+    c = backbone.config
+    return HybridMixer(backbone.blocks, c.n_embd, c.n_head, c.rope_base, cfg.bi_fusion, cfg.bi_share_weights)
+
+
+# model.arch=hybrid: built from scratch; its attention blocks see both sides at once, so the RWKV
+# layers are read as bi reads them
+register_arch(Arch(name="hybrid", backbone=Hybrid, build=_build, make_mixer=_mixer, mixers=("bi",),
+                   keys=("attn_layers", "attn_every"), check=_check))
+

@@ -20,10 +20,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .archs import Arch, register_arch
 from .mixers.base import Mixer, Modulation, _modulate, layer_mods
-
-# The model.mixer values Qwen3 implements: its attention sees both sides at once.
-QWEN3_MIXERS = ("bi",)
 
 
 @dataclass
@@ -144,3 +142,23 @@ class Qwen3Mixer(Mixer):
         for i, layer in enumerate(blocks):
             x = self.run(run_qwen3_layer, layer, x, rope, attention_bias, mods[i])
         return x, None
+
+
+def _check(m) -> None:
+    if not m.get("qwen3_name"):
+        raise ValueError("model.arch=qwen3 loads a pretrained Qwen3: set model.qwen3_name to a directory "
+                         "written by save_pretrained or a Hub name (model=qwen3 sets Qwen/Qwen3-0.6B-Base)")
+
+
+def _build(m, load=load_qwen3) -> Qwen3Backbone:
+    return load(m["qwen3_name"], cache_dir=m.get("cache_dir"), local_files_only=bool(m.get("local_files_only")))
+
+
+# model.arch=qwen3: transformers' Qwen3Model, its attention both ways (so of the scan orders only
+# bi), with an optional training-time block attention bias
+register_arch(Arch(
+    name="qwen3", backbone=Qwen3Backbone, build=_build, mixers=("bi",), attention_bias=True,
+    pretrained_key="qwen3_name", keys=("qwen3_name",), check=_check,
+    loader="rwkv_diffusion_rnn.models.qwen3:load_qwen3",
+    make_mixer=lambda backbone, cfg: Qwen3Mixer(backbone.model.rotary_emb, cfg.block_attention, cfg.block_size)))
+

@@ -27,31 +27,26 @@ sizes from scratch) or pass a backbone (:class:`~rwkv_diffusion_rnn.models.rwkv7
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, NamedTuple, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 
-from .time_conditioning import AdaLNZero, FiLM, TimeConditioner
-from .mixers import MIXERS, Modulation, build_mixer, mixer_options
+from . import hybrid, qwen3, transformer  # noqa: F401  (each registers its model.arch entry)
+from .archs import ARCHS, arch_of
+from .mixers import MIXERS, Modulation, mixer_class, option_defaults
 from .mixers.base import Mixer
-from .rwkv7 import RWKV7, LayerState
-from .hybrid import HYBRID_MIXERS, Hybrid, HybridMixer
-from .qwen3 import QWEN3_MIXERS, Qwen3Backbone, Qwen3Mixer
-from .transformer import ATTENTION_MIXERS, AttentionMixer, Transformer
+from .rwkv7 import LayerState
+from .time_conditioning import AdaLNZero, FiLM, TimeConditioner
 
 TIME_CONDITIONINGS = ("film", "adaln_zero", "none")
-# model.arch -> the backbone's class
-ARCHS = {"rwkv7": RWKV7, "transformer": Transformer, "hybrid": Hybrid, "qwen3": Qwen3Backbone}
-# The model.mixer values of each arch other than rwkv7 (which takes every mixer in MIXERS).
-ARCH_MIXERS = {"transformer": ATTENTION_MIXERS, "hybrid": HYBRID_MIXERS, "qwen3": QWEN3_MIXERS}
 
 
 @dataclass
 class DenoiserConfig:
     """Everything the denoiser needs besides its backbone."""
-    arch: str = "rwkv7"                 # the backbone's network (ARCHS)
+    arch: str = "rwkv7"                 # the backbone's network (models/archs.py)
     vocab_size: int = 65536
     mask_id: int = 65535
     latent_dim: int = 32
@@ -74,38 +69,54 @@ class DenoiserConfig:
     pos_emb_init_std: float = 0.0       # its initial values: N(0, std^2); 0 = zeros
     latent_in_cond: bool = False        # also add the latent's embedding to the conditioning vector
 
+    mixer_options: Dict[str, Any] = field(default_factory=dict)   # options of a mixer that are no field here
+
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"model.arch={self.arch!r}; choose one of {', '.join(ARCHS)}")
-        if self.arch in ARCH_MIXERS:
-            mixers = ARCH_MIXERS[self.arch]
-            if self.mixer not in mixers:
-                raise ValueError(f"model.mixer={self.mixer!r} is an RWKV-7 scan order that model.arch={self.arch} "
-                                 f"does not implement (its attention sees both sides at once): set "
-                                 f"model.mixer={mixers[0]}")
-            if self.use_rwkv_lm_head:
-                raise ValueError("model.use_rwkv_lm_head=true reuses a pretrained RWKV-7 head; "
-                                 f"model.arch={self.arch} has its own text head: set it to false")
-        if self.block_attention and self.arch != "qwen3":
-            raise ValueError(f"model.block_attention=true is an attention bias of model.arch=qwen3; "
+        arch = arch_of(self.arch)
+        if self.mixer not in MIXERS:
+            raise ValueError(f"model.mixer={self.mixer!r}; choose one of {sorted(MIXERS)}")
+        if not arch.accepts(self.mixer):
+            raise ValueError(f"model.mixer={self.mixer!r} is an RWKV-7 scan order that model.arch={self.arch} "
+                             f"does not implement (its attention sees both sides at once): set "
+                             f"model.mixer={arch.mixers[0]}")
+        if self.use_rwkv_lm_head and not arch.rwkv_head:
+            raise ValueError("model.use_rwkv_lm_head=true reuses a pretrained RWKV-7 head; "
+                             f"model.arch={self.arch} has its own text head: set it to false")
+        if self.block_attention and not arch.attention_bias:
+            readers = ", ".join(a.name for a in ARCHS.values() if a.attention_bias)
+            raise ValueError(f"model.block_attention=true is an attention bias of model.arch={readers}; "
                              f"model.arch={self.arch} does not read it (RWKV-7's block order is "
                              "model.mixer=block_causal): set it to false")
         if self.time_conditioning not in TIME_CONDITIONINGS:
             raise ValueError(f"model.time_conditioning={self.time_conditioning!r}; choose one of "
                              f"{TIME_CONDITIONINGS}")
-        if self.mixer not in MIXERS:
-            raise ValueError(f"model.mixer={self.mixer!r}; choose one of {sorted(MIXERS)}")
+        if arch.mixers is None:
+            mixer_class(self.mixer).check_options(**{k: self.mixer_option(k) for k in option_defaults(self.mixer)})
         if not 0 <= self.mask_id < self.vocab_size:
-            raise ValueError(f"mask_id={self.mask_id} must be a token id below vocab_size={self.vocab_size}")
+            raise ValueError(f"model.mask_id={self.mask_id} must be a token id below model.vocab_size={self.vocab_size}")
         if self.latent_prefix_len < 0 or (self.latent_prefix_len and self.latent_dim < 1):
             raise ValueError("model.latent_prefix_len must be >= 0 and model.latent_dim >= 1")
-        if self.pos_emb_len < 0:
-            raise ValueError(f"model.pos_emb_len={self.pos_emb_len} must be >= 0 (0: no position embedding)")
-        if not self.pos_emb_init_std >= 0:
-            raise ValueError(f"model.pos_emb_init_std={self.pos_emb_init_std} must be >= 0")
+        if isinstance(self.pos_emb_len, bool) or not isinstance(self.pos_emb_len, int) or self.pos_emb_len < 0:
+            raise ValueError(f"model.pos_emb_len={self.pos_emb_len!r} must be an integer >= 0 (0: no position "
+                             "embedding)")
+        std = self.pos_emb_init_std
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not std >= 0:
+            raise ValueError(f"model.pos_emb_init_std={self.pos_emb_init_std!r} must be a number >= 0 (0: zeros)")
         if self.latent_in_cond and (self.time_conditioning == "none" or not self.latent_prefix_len):
             raise ValueError("model.latent_in_cond=true adds the latent to the time conditioning: it needs "
                              "model.latent_prefix_len >= 1 and model.time_conditioning=film or adaln_zero")
+
+    def mixer_option(self, name: str):
+        """The value of mixer option ``name``: its field here, else ``mixer_options``, else the
+        mixer's default."""
+        if name in _FIELDS:
+            return getattr(self, name)
+        if name in self.mixer_options:
+            return self.mixer_options[name]
+        return option_defaults(self.mixer)[name]
+
+
+_FIELDS = {f.name for f in fields(DenoiserConfig)} - {"mixer_options"}
 
 
 class DenoiserOutput(NamedTuple):
@@ -117,8 +128,9 @@ class DenoiserOutput(NamedTuple):
 class MultimodalRWKVDenoiser(nn.Module):
     def __init__(self, backbone, cfg: DenoiserConfig):
         super().__init__()
-        if not isinstance(backbone, ARCHS[cfg.arch]):
-            raise TypeError(f"model.arch={cfg.arch} needs a {ARCHS[cfg.arch].__name__} backbone, "
+        arch = arch_of(cfg.arch)
+        if not isinstance(backbone, arch.backbone):
+            raise TypeError(f"model.arch={cfg.arch} needs a {arch.backbone.__name__} backbone, "
                             f"got {type(backbone).__name__}")
         self.config = cfg
         bc = backbone.config               # RWKV7Config or TransformerConfig: the sizes read below
@@ -159,18 +171,7 @@ class MultimodalRWKVDenoiser(nn.Module):
                 self.cond = nn.ModuleList(AdaLNZero(C, C, identity_init=cfg.adaln_identity_init)
                                           for _ in range(bc.n_layer))
 
-        if cfg.arch == "transformer":
-            self.mixer = AttentionMixer(C, bc.n_head, bc.rope_base)
-        elif cfg.arch == "qwen3":
-            self.mixer = Qwen3Mixer(backbone.model.rotary_emb, cfg.block_attention, cfg.block_size)
-        elif cfg.arch == "hybrid":
-            self.mixer = HybridMixer(backbone.blocks, C, bc.n_head, bc.rope_base, cfg.bi_fusion,
-                                     cfg.bi_share_weights)
-        else:
-            sizes = {"n_embd": C, "n_head": bc.n_head}
-            self.mixer = build_mixer(cfg.mixer, backbone.blocks,
-                                     **{k: sizes[k] if k in sizes else getattr(cfg, k)
-                                        for k in mixer_options(cfg.mixer)})
+        self.mixer = arch.make_mixer(backbone, cfg)
         if not cfg.use_rwkv_lm_head:
             self.text_head = nn.Linear(C, cfg.vocab_size, bias=False)
             nn.init.normal_(self.text_head.weight, std=C ** -0.5)
@@ -269,8 +270,8 @@ class MultimodalRWKVDenoiser(nn.Module):
                 c = c + self.latent_cond(prefix.float().mean(1))
         extra = {}
         if attention_bias is not None:
-            if cfg.arch != "qwen3":
-                raise ValueError(f"attention_bias is read by model.arch=qwen3, not {cfg.arch}")
+            if not arch_of(cfg.arch).attention_bias:
+                raise ValueError(f"attention_bias is read by an attention arch, not model.arch={cfg.arch}")
             extra["attention_bias"] = attention_bias
         x, new_state = self.mixer(self.backbone.blocks, x, self._modulations(c), state=state,
                                   return_state=return_state, prefix_len=P, **extra)

@@ -18,10 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .archs import Arch, check_sizes, register_arch
 from .mixers.base import Mixer, Modulation, _modulate
-
-# The model.mixer values attention implements; RWKV's others are orders of a recurrent scan.
-ATTENTION_MIXERS = ("bi",)
 
 
 @dataclass
@@ -148,3 +146,17 @@ class AttentionMixer(Mixer):
         for i, block in enumerate(blocks):
             x = self.run(run_attention_block, block, x, cos, sin, None if mods is None else mods[i])
         return x, None
+
+
+def _build(m, load=None) -> Transformer:
+    return Transformer(TransformerConfig(vocab_size=m["vocab_size"], n_layer=m["n_layer"], n_embd=m["n_embd"],
+                                         n_head=m["n_embd"] // m["head_size"]))
+
+
+# model.arch=transformer: a bidirectional baseline built from scratch; its attention sees both
+# sides at once, so of the scan orders it implements only bi
+register_arch(Arch(
+    name="transformer", backbone=Transformer, build=_build, mixers=("bi",), check=check_sizes,
+    make_mixer=lambda backbone, cfg: AttentionMixer(backbone.config.n_embd, backbone.config.n_head,
+                                                    backbone.config.rope_base)))
+

@@ -11,7 +11,6 @@ import difflib
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from ..common.errors import ConfigError
 
@@ -36,20 +35,6 @@ def _positive(cfg, key, allow_none=False):
         return
     if not isinstance(val, (int, float)) or val <= 0:
         raise ConfigError(f"{key}={val!r} must be a positive number")
-
-
-def _first_latent_dim(cfg: DictConfig):
-    """The dimension of the first latent the data would load, or None if it cannot be told."""
-    d = cfg.data
-    candidates = []
-    if d.get("latent_dir") and Path(d.latent_dir).is_dir():
-        candidates = sorted(Path(d.latent_dir).glob("*.npy"))[:1]
-    for path in candidates:
-        try:
-            return int(np.load(path, mmap_mode="r").reshape(-1).shape[0]), path
-        except Exception:
-            return None
-    return None
 
 
 def _leaf_keys(node, prefix: str = "") -> set:
@@ -80,7 +65,11 @@ def check_known_keys(cfg: DictConfig, config_dir: str = CONFIG_DIR) -> None:
     suggests for a typo), which nothing would read."""
     if not Path(config_dir).is_dir():
         return
-    known = known_keys(config_dir)
+    from ..models.mixers import MIXERS, option_defaults
+    # the chosen mixer's options are model.* keys where the mixer is defined (one registered by a
+    # user's module is configured with +model.<option>=... without editing the YAML)
+    mixer = cfg.get("model", {}).get("mixer")
+    known = known_keys(config_dir) | {f"model.{o}" for o in (option_defaults(mixer) if mixer in MIXERS else ())}
     prefixes = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
     cfg_keys = _leaf_keys({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"})
     for key in sorted(cfg_keys):
@@ -95,58 +84,123 @@ def check_known_keys(cfg: DictConfig, config_dir: str = CONFIG_DIR) -> None:
 
 
 def validate_config(cfg: DictConfig) -> None:
+    """Refuses a config that cannot work, naming the key: the choices, then each registry entry's
+    own checks (the ``model.arch`` entry, the mixer, the ``data.kind`` source), then the rules that
+    join two families, then the numbers of the training loop."""
+    from ..data.sources import DATA_SOURCES
+    from ..models.rwkv_denoiser import ARCHS
+    from ..models.mixers import MIXERS
+
+    check_known_keys(cfg)
+    _check_choices(cfg)
+    arch, mixer, source = ARCHS[cfg.model.arch], MIXERS[cfg.model.mixer], DATA_SOURCES[cfg.data.kind]
+    _check_model(cfg, arch)
+    source.check(cfg)
+    _check_across(cfg, arch, mixer, source)
+    _check_training(cfg)
+    _check_dataclasses(cfg)
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    from ..data.sources import DATA_SOURCES
     from ..diffusion.continuous_diffusion import LATENT_SCHEDULES, TARGETS
     from ..diffusion.diffusion_process import LOSS_TYPES, NOISE_TYPES, SCHEDULES
     from ..diffusion.objective import OBJECTIVES
+    from ..models.rwkv_denoiser import ARCHS
     from ..models.mixers import MIXERS
-    from ..models.mixers.base import Fusion
-    from ..models.rwkv_denoiser import ARCHS, TIME_CONDITIONINGS
+    from ..models.rwkv_denoiser import TIME_CONDITIONINGS
     from ..ops.wkv7 import BACKENDS
-    from .builders import AUTOCAST_DTYPES, DATA_KINDS, DEVICES, denoiser_config, objective_config
+    from .builders import AUTOCAST_DTYPES, DEVICES
     from .optimizer import OPTIMIZERS, SCHEDULES as LR_SCHEDULES
 
-    check_known_keys(cfg)
+    for key, allowed in (("model.arch", tuple(ARCHS)), ("model.mixer", sorted(MIXERS)),
+                         ("model.time_conditioning", TIME_CONDITIONINGS), ("model.latent_target", TARGETS),
+                         ("model.wkv_backend", BACKENDS), ("training.dtype", tuple(AUTOCAST_DTYPES)),
+                         ("training.objective", OBJECTIVES), ("text_noise.schedule", sorted(SCHEDULES)),
+                         ("text_noise.loss_type", LOSS_TYPES), ("text_noise.noise_type", NOISE_TYPES),
+                         ("latent_noise.schedule", LATENT_SCHEDULES), ("optimizer.name", OPTIMIZERS),
+                         ("optimizer.schedule", LR_SCHEDULES), ("data.kind", tuple(DATA_SOURCES))):
+        _choice(cfg, key, allowed)
+    device = cfg.training.device
+    if not (device in DEVICES or str(device).startswith("cuda:")):
+        raise ConfigError(f"training.device={device!r} is not valid; choose one of {', '.join(DEVICES)} "
+                          "(or cuda:N)")
+
+
+def _check_model(cfg: DictConfig, arch) -> None:
+    """The arch's own checks, and the keys of other archs left unset."""
+    from ..models.rwkv_denoiser import ARCHS
+    from .builders import model_keys
+    m = cfg.model
+    for other in ARCHS.values():
+        if other is arch:
+            continue
+        set_keys = [k for k in other.keys if m.get(k) is not None and k in m]
+        if set_keys:
+            shown = ", ".join(f"model.{k}={m[k]!r}" for k in set_keys)
+            what = " / ".join(f"model.{k}" for k in other.keys)
+            raise ConfigError(f"{shown} set: {what} {'is' if len(other.keys) == 1 else 'are'} read by "
+                              f"model.arch={other.name} only (model.arch={m.arch}): set model.arch={other.name}, "
+                              f"or leave {'it' if len(other.keys) == 1 else 'them'} null"
+                              + (" (model=scratch)" if other.pretrained_key in set_keys else ""))
+    if m.freeze_backbone and arch.pretrained_key is None:
+        raise ConfigError(f"model.arch={m.arch} is trained from scratch: set model.freeze_backbone=false")
+    try:
+        arch.check(model_keys(m))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_across(cfg: DictConfig, arch, mixer, source) -> None:
+    """Rules that join the model, the objective, the tokenizer and the data."""
+    from ..models.rwkv_denoiser import ARCHS
+    from ..models.mixers import MIXERS
+    from ..data.sources import DATA_SOURCES
+    from .builders import model_keys
     m, tr, d = cfg.model, cfg.training, cfg.data
-    _choice(cfg, "model.arch", tuple(ARCHS))
-    _choice(cfg, "model.mixer", sorted(MIXERS))
-    _choice(cfg, "model.time_conditioning", TIME_CONDITIONINGS)
-    _choice(cfg, "model.latent_target", TARGETS)
-    _choice(cfg, "model.bi_fusion", Fusion.KINDS)
-    _choice(cfg, "model.wkv_backend", BACKENDS)
-    _choice(cfg, "training.dtype", tuple(AUTOCAST_DTYPES))
-    _choice(cfg, "training.objective", OBJECTIVES)
     if tr.objective == "ar":
-        if m.mixer != "causal":
+        if not mixer.autoregressive:
+            ar_mixers = ", ".join(n for n, c in MIXERS.items() if c.autoregressive)
             raise ConfigError(f"training.objective=ar predicts the next token from the tokens before it: "
-                              f"set model.mixer=causal (got model.mixer={m.mixer!r}, which reads ahead)")
+                              f"set model.mixer={ar_mixers} (got model.mixer={m.mixer!r}, which reads ahead)")
         if m.latent_prefix_len:
             raise ConfigError("training.objective=ar is a text-only baseline: set model.latent_prefix_len=0")
-        if d.kind == "synthetic":
-            raise ConfigError("training.objective=ar: the synthetic tasks are scored by diffusion decoding; "
-                              "train the baseline on text (data=text)")
-    if cfg.tokenizer.name == "chars" and d.kind not in ("text", "sft"):
-        raise ConfigError("tokenizer.name=chars builds its vocabulary from a corpus: use it with data=text "
-                          "or data=sft")
-    if not (tr.device in DEVICES or str(tr.device).startswith("cuda:")):
-        raise ConfigError(f"training.device={tr.device!r} is not valid; choose one of {', '.join(DEVICES)} "
-                          "(or cuda:N)")
-    _choice(cfg, "text_noise.schedule", sorted(SCHEDULES))
-    _choice(cfg, "text_noise.loss_type", LOSS_TYPES)
-    _choice(cfg, "text_noise.noise_type", NOISE_TYPES)
-    if cfg.text_noise.sft and d.kind != "sft":
+        if not arch.recurrent_decoding:
+            archs = ", ".join(a.name for a in ARCHS.values() if a.recurrent_decoding)
+            raise ConfigError(f"training.objective=ar decodes token by token through a recurrent state, which "
+                              f"model.arch={m.arch} has not; the AR baseline is model.arch={archs} "
+                              "model.mixer=causal")
+    if cfg.tokenizer.name == "chars" and not source.chars:
+        kinds = " or ".join(f"data.kind={k}" for k, s in DATA_SOURCES.items() if s.chars)
+        raise ConfigError(f"tokenizer.name=chars builds its vocabulary from a corpus: use it with {kinds}")
+    if cfg.text_noise.sft and not source.conversations:
         raise ConfigError(f"text_noise.sft=true trains answers to prompts: it needs conversation data (data=sft "
                           f"data.path=<file>), not data.kind={d.kind}")
-    _choice(cfg, "latent_noise.schedule", LATENT_SCHEDULES)
-    _choice(cfg, "optimizer.name", OPTIMIZERS)
-    _choice(cfg, "optimizer.schedule", LR_SCHEDULES)
+    if source.needs_tokenizer and not cfg.tokenizer.name:
+        raise ConfigError(f"data.kind={d.kind} tokenizes its text: set tokenizer.name (chars, bytes, "
+                          "BlinkDL/rwkv7-g1 or a Hugging Face tokenizer)")
+    if m.latent_prefix_len and not source.latents:
+        raise ConfigError(f"data.kind={d.kind} has no sentence latents: set model.latent_prefix_len=0")
+    if source.endless and not tr.max_steps:
+        raise ConfigError(f"data.kind={d.kind} is an endless stream: set training.max_steps")
+    _positive(cfg, "data.seq_len")
+    if arch.accepts(m.mixer):
+        multiple, key = arch.length_multiple(model_keys(m)), arch.length_key(model_keys(m))
+        if key is not None and isinstance(multiple, int) and multiple > 0 and d.seq_len % multiple:
+            raise ConfigError(f"model.{key}={multiple} does not divide data.seq_len={d.seq_len}: the model reads "
+                              "the text in blocks of that size; choose a block size that divides the "
+                              "sequence length")
+
+
+def _check_training(cfg: DictConfig) -> None:
+    tr = cfg.training
     if cfg.optimizer.schedule == "wsd":
         ds = cfg.optimizer.decay_steps
         if not isinstance(ds, int) or isinstance(ds, bool) or ds < 1:
             raise ConfigError(f"optimizer.decay_steps={ds!r}: optimizer.schedule=wsd needs the number of "
                               "steps of its final linear decay, e.g. optimizer.decay_steps=50")
-    _choice(cfg, "data.kind", DATA_KINDS)
     for key in ("training.train_batch_size", "training.eval_batch_size", "training.grad_accum_steps",
-                "optimizer.lr", "optimizer.decay_lr_mult", "logging.log_freq", "data.seq_len"):
+                "optimizer.lr", "optimizer.decay_lr_mult", "logging.log_freq"):
         _positive(cfg, key)
     _positive(cfg, "training.max_steps", allow_none=True)
     _positive(cfg, "eval.max_batches", allow_none=True)
@@ -155,63 +209,6 @@ def validate_config(cfg: DictConfig) -> None:
     _positive(cfg, "training.num_epochs", allow_none=True)
     if not tr.max_steps and not tr.num_epochs:
         raise ConfigError("set training.max_steps or training.num_epochs (both are null)")
-    if d.kind == "synthetic" and not tr.max_steps:
-        raise ConfigError("data.kind=synthetic is an endless stream: set training.max_steps")
-    if m.mask_id is not None and m.vocab_size is not None and not 0 <= m.mask_id < m.vocab_size:
-        raise ConfigError(f"model.mask_id={m.mask_id} must be below model.vocab_size={m.vocab_size}")
-    if m.arch in ("transformer", "hybrid"):
-        if m.rwkv_name:
-            raise ConfigError(f"model.arch={m.arch} is built from scratch, but model.rwkv_name={m.rwkv_name!r} "
-                              "names pretrained RWKV-7 weights: set model.rwkv_name=null (model=scratch)")
-        if m.freeze_backbone:
-            raise ConfigError(f"model.arch={m.arch} is trained from scratch: set model.freeze_backbone=false")
-    if m.arch != "rwkv7" and tr.objective == "ar":
-        raise ConfigError("training.objective=ar decodes through RWKV-7's recurrent state; the AR "
-                          "baseline is model.arch=rwkv7 model.mixer=causal")
-    if m.arch == "qwen3":
-        if not m.qwen3_name:
-            raise ConfigError("model.arch=qwen3 loads a pretrained Qwen3: set model.qwen3_name to a directory "
-                              "written by save_pretrained or a Hub name (model=qwen3 sets Qwen/Qwen3-0.6B-Base)")
-        if m.rwkv_name:
-            raise ConfigError(f"model.arch=qwen3 takes its weights from model.qwen3_name, but model.rwkv_name="
-                              f"{m.rwkv_name!r} names RWKV-7 weights: set model.rwkv_name=null (or use model=qwen3)")
-    elif m.qwen3_name:
-        raise ConfigError(f"model.qwen3_name={m.qwen3_name!r} is read by model.arch=qwen3 only (model.arch="
-                          f"{m.arch}): set model.arch=qwen3, or model.qwen3_name=null")
-    if m.block_attention:
-        _positive(cfg, "model.block_size")
-        if d.seq_len % m.block_size:
-            raise ConfigError(f"model.block_attention=true cuts the text into blocks of model.block_size="
-                              f"{m.block_size}, which does not divide data.seq_len={d.seq_len}")
-    if m.arch == "hybrid":
-        from ..models.hybrid import attention_layers
-        try:
-            attention_layers(m.n_layer, m.attn_layers, m.attn_every)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(str(e)) from None
-    elif m.attn_layers is not None or m.attn_every is not None:
-        raise ConfigError(f"model.attn_layers / model.attn_every place attention blocks in model.arch=hybrid; "
-                          f"model.arch={m.arch} does not read them: set model.arch=hybrid or leave both null")
-    if m.rwkv_name is None and m.arch != "qwen3":
-        for key in ("n_layer", "n_embd", "head_size"):
-            _positive(cfg, f"model.{key}")
-        if m.n_embd % m.head_size:
-            raise ConfigError(f"model.n_embd={m.n_embd} must be a multiple of model.head_size={m.head_size}")
-    if m.mixer == "block_causal":
-        _positive(cfg, "model.block_size")
-        if d.seq_len % m.block_size:
-            raise ConfigError(f"model.block_size={m.block_size} does not divide data.seq_len={d.seq_len}; "
-                              "choose a block size that divides the sequence length")
-    pel = m.pos_emb_len
-    if not isinstance(pel, int) or isinstance(pel, bool) or pel < 0:
-        raise ConfigError(f"model.pos_emb_len={pel!r} must be an integer >= 0 (0: no position embedding)")
-    if pel and pel < d.seq_len:
-        raise ConfigError(f"model.pos_emb_len={pel} is shorter than data.seq_len={d.seq_len}: the "
-                          f"position embedding must cover every text position; set "
-                          f"model.pos_emb_len={d.seq_len} (or 0 for none)")
-    std = m.pos_emb_init_std
-    if isinstance(std, bool) or not isinstance(std, (int, float)) or not std >= 0:
-        raise ConfigError(f"model.pos_emb_init_std={std!r} must be a number >= 0 (0: zeros)")
     for key in ("grad_checkpointing", "resume_any_world_size"):
         if not isinstance(tr[key], bool):
             raise ConfigError(f"training.{key}={tr[key]!r} must be true or false")
@@ -221,65 +218,23 @@ def validate_config(cfg: DictConfig) -> None:
                           "non-finite loss or gradient)")
     if tr.ema_decay is not None and not 0 < tr.ema_decay < 1:
         raise ConfigError(f"training.ema_decay={tr.ema_decay} must be in (0, 1) or null")
-    # the dataclasses' own checks (their messages name the config keys), before any data is read;
-    # a vocabulary left to the tokenizer gets a stand-in here and its own check in resolve_vocab
+
+
+def _check_dataclasses(cfg: DictConfig) -> None:
+    """The dataclasses' own checks (their messages name the config keys), before any data is
+    read; a vocabulary left to the tokenizer gets a stand-in here and its own check in resolve_vocab."""
+    from .builders import denoiser_config, objective_config
+    m, d = cfg.model, cfg.data
     stand_in = {}
     if m.vocab_size is None or m.mask_id is None:
         stand_in = {"vocab_size": m.vocab_size or (m.mask_id or 0) + 2,
                     "mask_id": m.mask_id if m.mask_id is not None else 0}
     try:
-        objective_config(tr)
+        objective_config(cfg.training)
         denoiser_config(m, **stand_in)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
-    if d.kind == "synthetic":
-        from ..data.tasks import TASK_NAMES
-        _choice(cfg, "data.task", TASK_NAMES)
-        if m.latent_prefix_len:
-            raise ConfigError("data.kind=synthetic is text only: set model.latent_prefix_len=0")
-        if m.rwkv_name:
-            raise ConfigError("data.kind=synthetic trains from scratch on a character vocabulary: "
-                              "set model.rwkv_name=null (model=scratch)")
-    elif d.kind == "sft":
-        if not d.path and not d.hf_dataset:
-            raise ConfigError("data=sft needs conversations: set data.path (a .json or .jsonl file) or data.hf_dataset")
-        if not cfg.tokenizer.name:
-            raise ConfigError("data=sft tokenizes the conversations: set tokenizer.name (chars, bytes, "
-                              "BlinkDL/rwkv7-g1 or a Hugging Face tokenizer)")
-        if m.latent_prefix_len:
-            raise ConfigError("data=sft has no sentence latents: set model.latent_prefix_len=0")
-        if cfg.text_noise.truncate_prob:
-            raise ConfigError(f"text_noise.truncate_prob={cfg.text_noise.truncate_prob} with data=sft could cut "
-                              "answers away: set text_noise.truncate_prob=0")
-        if tr.objective == "ar":
-            raise ConfigError("data=sft trains the diffusion objective on answers; training.objective=ar is not "
-                              "supported with it")
-        if not 0.0 <= d.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
-    elif d.kind == "text":
-        if not d.path and not d.hf_dataset:
-            raise ConfigError("data.kind=text needs a corpus: set data.path (a .txt, .jsonl, .json, folder or "
-                              "glob) or data.hf_dataset")
-        if not cfg.tokenizer.name:
-            raise ConfigError("data.kind=text tokenizes the corpus: set tokenizer.name (chars, bytes, "
-                              "BlinkDL/rwkv7-g1 or a Hugging Face tokenizer)")
-        if m.latent_prefix_len:
-            raise ConfigError("data.kind=text has no sentence latents: set model.latent_prefix_len=0")
-        if not 0.0 <= d.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
-    else:
-        if d.token_dir is None or not Path(d.token_dir).is_dir():
-            raise ConfigError(f"data.token_dir={d.token_dir!r} is not a directory; run "
-                              "python -m rwkv_diffusion_rnn.preprocess_tokenize_text first or point "
-                              "data.token_dir at its output")
-        if m.latent_prefix_len:
-            if d.latent_dir is None or not Path(d.latent_dir).is_dir():
-                raise ConfigError(f"data.latent_dir={d.latent_dir!r} is not a directory; run "
-                                  "python -m rwkv_diffusion_rnn.prepare_latents first, point "
-                                  "data.latent_dir at its latents, or set model.latent_prefix_len=0")
-            found = _first_latent_dim(cfg)
-            if found is not None and found[0] != m.latent_dim:
-                raise ConfigError(f"model.latent_dim={m.latent_dim} but {found[1]} holds a "
-                                  f"{found[0]}-dim latent; set model.latent_dim={found[0]} or re-run "
-                                  f"prepare_latents with --latent_dim {m.latent_dim}")
+    if m.pos_emb_len and m.pos_emb_len < d.seq_len:
+        raise ConfigError(f"model.pos_emb_len={m.pos_emb_len} is shorter than data.seq_len={d.seq_len}: the "
+                          f"position embedding must cover every text position; set "
+                          f"model.pos_emb_len={d.seq_len} (or 0 for none)")

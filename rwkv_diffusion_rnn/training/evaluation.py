@@ -35,15 +35,15 @@ class EvalSettings:
 
 
 class Evaluator:
-    """Scores a model on the run's validation data. ``synthetic`` picks task scoring (the data
-    has ``task`` and ``eval_set``) over the bound on ``data.val``; ``loss`` is the training
+    """Scores a model on the run's validation data. ``by_task`` picks task scoring (the data
+    has ``task`` and ``eval_set``: a source not scored by a likelihood) over the bound on ``data.val``; ``loss`` is the training
     objective (``loss(model, batch, generator, device, autocast, rows=...)``)."""
 
-    def __init__(self, *, data, settings: EvalSettings, synthetic: bool, objective: str,
+    def __init__(self, *, data, settings: EvalSettings, by_task: bool, objective: str,
                  loss: Callable, schedule, latent_diff, mask_id: int, vocab_size: int, tokenizer,
                  has_latent: bool, device: torch.device, autocast: Callable, dist):
         self.data, self.settings = data, settings
-        self.synthetic, self.objective, self.loss = synthetic, objective, loss
+        self.by_task, self.objective, self.loss = by_task, objective, loss
         self.schedule, self.latent_diff = schedule, latent_diff
         self.mask_id, self.vocab_size, self.tokenizer = mask_id, vocab_size, tokenizer
         self.has_latent = has_latent
@@ -55,7 +55,7 @@ class Evaluator:
         was_training = model.training
         model.eval()
         try:
-            if self.synthetic:
+            if self.by_task:
                 return self._evaluate_task(model, step)
             return self._evaluate_text_latent(model)
         finally:

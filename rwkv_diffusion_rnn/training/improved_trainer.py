@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoints as ckpt
 from . import distributed, resume
 from ..common import rng
+from ..data.sources import data_source
 from .builders import (AUTOCAST_DTYPES, autocast, build_data, build_latent_diffusion, build_model, build_objective,
                        build_optimizer_and_scheduler, build_text_diffusion, resolve_device, resolve_vocab)
 from .config_validation import validate_config
@@ -66,7 +67,7 @@ class Trainer:
         self.save_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(rng.seed_of("init", cfg.seed))
 
-        self.synthetic = cfg.data.kind == "synthetic"
+        self.source = data_source(cfg.data.kind)      # what the data is: epochs or a stream, scored how
         # training.init_from starts a new run from a checkpoint's weights (a resumed run already
         # holds them): its data is read with the checkpoint's tokenizer, so that ids mean the same
         self.init_path = None if tr.resume or not tr.init_from else resume.init_source(tr.init_from)
@@ -103,7 +104,7 @@ class Trainer:
                 batch_size=int(tr.eval_batch_size), max_batches=ev.max_batches, mc_samples=ev.mc_samples,
                 sample_steps=ev.sample_steps, threshold=ev.threshold, latent_steps=ev.latent_steps,
                 fresh=bool(ev.fresh)),
-            synthetic=self.synthetic, objective=tr.objective, loss=self.objective,
+            by_task=not self.source.likelihood, objective=tr.objective, loss=self.objective,
             schedule=self.text_diff.schedule, latent_diff=self.latent_diff, mask_id=cfg.model.mask_id,
             vocab_size=cfg.model.vocab_size, tokenizer=self.tokenizer, has_latent=self.has_latent,
             device=self.device, autocast=self._autocast, dist=self.dist)
@@ -147,7 +148,7 @@ class Trainer:
         tr = self.cfg.training
         if tr.max_steps:
             return int(tr.max_steps)
-        if self.synthetic:
+        if self.source.endless:
             return None
         per_epoch = math.ceil(len(self.data.train) / tr.grad_accum_steps)
         return per_epoch * int(tr.num_epochs)
@@ -264,7 +265,7 @@ class Trainer:
         tr = self.cfg.training
         if self.total_steps is not None and self.global_step >= self.total_steps:
             return True
-        return not self.synthetic and tr.num_epochs is not None and self.data.epoch >= tr.num_epochs
+        return not self.source.endless and tr.num_epochs is not None and self.data.epoch >= tr.num_epochs
 
     def _accumulate(self, batch, step_sums: Dict[str, float], last: bool = True) -> None:
         """Forward and backward of one micro-batch; its losses go into this step's sums. Only

@@ -46,7 +46,7 @@ def init_tokenizer(path: Path, tokenizer_name: str):
         raise ConfigError(f"training.init_from={path} was trained with tokenizer.name={name!r} and this "
                           f"run has tokenizer.name={tokenizer_name!r}: the ids would mean other text. "
                           f"Set tokenizer.name={name}")
-    return saved_tokenizer(path, saved) if saved.data.kind != "synthetic" else None
+    return saved_tokenizer(path, saved)     # None for a source with its own vocabulary
 
 
 def init_weights(path: Path, *, model: torch.nn.Module, ema: Optional[torch.nn.Module],

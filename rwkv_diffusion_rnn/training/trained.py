@@ -73,17 +73,18 @@ def saved_tokenizer(path: Path, cfg: DictConfig):
     """The tokenizer of ``tokenizer.json``; without that file, the one ``tokenizer.name`` names
     (a text corpus's chars vocabulary cannot be rebuilt that way, so such a checkpoint is refused)."""
     from ..data.tokenizer import tokenizer_from_spec
+    from ..data.sources import data_source, named_tokenizer
     spec = ckpt.read_tokenizer_spec(path)
     if spec is None:
-        if cfg.data.kind == "text":
+        source = data_source(cfg.data.kind)
+        if source.vocabulary is not None:
+            return None             # the data's own vocabulary (e.g. the synthetic tasks')
+        if not source.tokenizer_from_name:
             raise ckpt.CheckpointError(
-                f"{path} has no {ckpt.TOKENIZER_FILE}: its corpus cannot be tokenized as in training (a "
+                f"{path} has no {ckpt.TOKENIZER_FILE}: its data cannot be tokenized as in training (a "
                 "chars vocabulary comes from the training text). Use a checkpoint the trainer wrote, "
                 f"or copy {ckpt.TOKENIZER_FILE} from another checkpoint of the same run")
-        if cfg.data.kind == "synthetic":
-            return None
-        from .builders import load_named_tokenizer
-        return load_named_tokenizer(cfg)
+        return named_tokenizer(cfg)
     t = cfg.tokenizer
     try:
         return tokenizer_from_spec(spec, cache_dir=t.cache_dir, local_files_only=True,

@@ -16,6 +16,7 @@ Files are untrusted: ``.pth`` files are read with ``torch.load(weights_only=True
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from ..common.errors import CheckpointError, first_line
 from ..common.pickles import unsafe_pickle_reason
 from ..models.rwkv7 import RWKV7, RWKV7Config
+from ..models.archs import Arch, arch_of
 from ..models.rwkv_denoiser import DenoiserConfig, MultimodalRWKVDenoiser
 
 StateDict = Dict[str, torch.Tensor]
@@ -348,15 +350,20 @@ def build_denoiser(cfg: DenoiserConfig, *, rwkv_name: Optional[str] = None,
                    rwkv_filename: Optional[str] = None, rwkv_revision: Optional[str] = None,
                    cache_dir: Optional[str] = None, local_files_only: bool = False,
                    n_layer: int = 2, n_embd: int = 128, head_size: int = 32,
-                   wkv_backend: str = "auto", **backbone_kwargs) -> MultimodalRWKVDenoiser:
-    """A denoiser over pretrained RWKV-7 weights (``rwkv_name``: path or Hub repo) or over a
-    backbone built from scratch with the given sizes (``rwkv_name=None``)."""
-    if rwkv_name:
-        backbone = load_rwkv7(rwkv_name, filename=rwkv_filename, revision=rwkv_revision,
-                              cache_dir=cache_dir, local_files_only=local_files_only,
-                              wkv_backend=wkv_backend)
-        backbone.train()
-    else:
-        backbone = RWKV7(RWKV7Config(vocab_size=cfg.vocab_size, n_layer=n_layer, n_embd=n_embd,
-                                     head_size=head_size, wkv_backend=wkv_backend, **backbone_kwargs))
-    return MultimodalRWKVDenoiser(backbone, cfg)
+                   wkv_backend: str = "auto", **keys) -> MultimodalRWKVDenoiser:
+    """A denoiser of ``cfg.arch`` over pretrained weights (``rwkv_name`` for rwkv7: a path or Hub
+    repo; ``qwen3_name=`` for qwen3) or over a backbone built from scratch with the given sizes.
+    ``keys``: other ``model.*`` keys the arch reads (e.g. ``attn_layers`` for hybrid)."""
+    arch = arch_of(cfg.arch)
+    m = dict(vocab_size=cfg.vocab_size, rwkv_name=rwkv_name, rwkv_filename=rwkv_filename,
+             rwkv_revision=rwkv_revision, cache_dir=cache_dir, local_files_only=local_files_only,
+             n_layer=n_layer, n_embd=n_embd, head_size=head_size, wkv_backend=wkv_backend, **keys)
+    return MultimodalRWKVDenoiser(arch.build(m, pretrained_loader(arch)), cfg)
+
+
+def pretrained_loader(arch: Arch):
+    """The function loading ``arch``'s pretrained weights (None when it has none)."""
+    if arch.loader is None:
+        return None
+    module, _, name = arch.loader.partition(":")
+    return getattr(importlib.import_module(module), name)

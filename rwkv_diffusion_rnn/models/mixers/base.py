@@ -8,7 +8,7 @@ backbone keeps its BlinkDL parameter names and a pretrained checkpoint loads unc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Type
 
 import torch
 import torch.nn as nn
@@ -74,18 +74,58 @@ def run_block(block: RWKV7Block, x: torch.Tensor, v_first: Optional[torch.Tensor
 
 
 class Mixer(nn.Module):
-    """Base of every mixer. With ``grad_checkpointing`` (``training.grad_checkpointing``) each
-    block's activations are not kept for the backward: :meth:`run` recomputes the block then
-    (PyTorch's non-reentrant ``checkpoint``; the blocks draw no random numbers, so the recomputed
-    values are the same)."""
+    """Base of every mixer: the ``model.mixer`` scan orders (registered with :func:`register_mixer`)
+    and the stacks of the other archs (attention, hybrid, Qwen3).
 
+    A mixer declares its traits here, and the rest of the project (sampling, validation, the
+    builders, evaluate) asks them instead of comparing names:
+
+    * ``carries_state``: it reads left to right and ``forward(..., state=s, return_state=True)``
+      continues where the call that returned ``s`` stopped (generation caches, chunked sequences).
+    * ``autoregressive``: position i sees no j > i, so it can train and decode next-token
+      (``training.objective=ar``) and score samples as an AR model.
+    * ``length_option``: the option whose value the text length must be a multiple of (None: any).
+    * :meth:`cache_unit`: how many tokens a generation cache commits at once (None: no cache).
+    * :meth:`check_options`: its options' checks (ValueError naming the ``model.*`` key), run by
+      the constructor and by config validation before anything is built.
+
+    A mixer's options are its constructor's keyword arguments after ``blocks`` (``n_embd`` and
+    ``n_head`` come from the backbone); each is read from the ``model.<option>`` config key.
+
+    With ``grad_checkpointing`` (``training.grad_checkpointing``) each block's activations are not
+    kept for the backward: :meth:`run` recomputes the block then (PyTorch's non-reentrant
+    ``checkpoint``; the blocks draw no random numbers, so the recomputed values are the same)."""
+
+    name = ""                   # the model.mixer value (registered mixers)
+    carries_state = False
+    autoregressive = False
+    length_option: Optional[str] = None
     grad_checkpointing = False
+
+    @classmethod
+    def check_options(cls, **options) -> None:
+        """Refuses option values that cannot work (ValueError naming the ``model.*`` key)."""
+
+    def cache_unit(self) -> Optional[int]:
+        return None
 
     def run(self, fn, *args, **kwargs):
         """``fn(*args, **kwargs)``, one block's computation, checkpointed when enabled and training."""
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False, **kwargs)
         return fn(*args, **kwargs)
+
+
+# model.mixer -> the mixer class; filled by register_mixer where each mixer is defined
+MIXERS: Dict[str, Type[Mixer]] = {}
+
+
+def register_mixer(cls: Type[Mixer]) -> Type[Mixer]:
+    """Class decorator: makes ``cls`` the ``model.mixer={cls.name}`` choice."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a name (the model.mixer value) to be registered")
+    MIXERS[cls.name] = cls
+    return cls
 
 
 def layer_mods(mods: Optional[Sequence[Modulation]], n: int) -> List[Optional[Modulation]]:
@@ -105,8 +145,7 @@ class Fusion(nn.Module):
 
     def __init__(self, kind: str, n_embd: int):
         super().__init__()
-        if kind not in self.KINDS:
-            raise ValueError(f"bi_fusion={kind!r} is not one of {self.KINDS}")
+        self.check(kind)
         self.kind = kind
         if kind == "concat":
             self.proj = nn.Linear(2 * n_embd, n_embd, bias=False)
@@ -117,6 +156,11 @@ class Fusion(nn.Module):
             self.gate = nn.Linear(2 * n_embd, n_embd)
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
+
+    @classmethod
+    def check(cls, kind: str) -> None:
+        if kind not in cls.KINDS:
+            raise ValueError(f"model.bi_fusion={kind!r} is not valid; choose one of {', '.join(cls.KINDS)}")
 
     def forward(self, x, y_f, y_b):
         if self.kind == "sum":

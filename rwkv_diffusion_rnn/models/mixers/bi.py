@@ -27,20 +27,28 @@ import copy
 import torch
 import torch.nn as nn
 
-from .base import Fusion, Mixer, Modulation, layer_mods, run_block
+from .base import Fusion, Mixer, Modulation, layer_mods, register_mixer, run_block
 
 
 # Largest B * T (tokens of one direction) read as one batch of both directions.
 BATCH_BOTH_MAX_TOKENS = 1024
 
 
+@register_mixer
 class BiMixer(Mixer):
+    name = "bi"
+
     def __init__(self, blocks, n_embd: int, bi_fusion: str = "sum", bi_share_weights: bool = True):
         super().__init__()
+        self.check_options(bi_fusion=bi_fusion)
         self.share = bi_share_weights
         if not bi_share_weights:
             self.backward_blocks = copy.deepcopy(blocks)
         self.fusion = nn.ModuleList(Fusion(bi_fusion, n_embd) for _ in blocks)
+
+    @classmethod
+    def check_options(cls, bi_fusion: str = "sum", **_):
+        Fusion.check(bi_fusion)
 
     def forward(self, blocks, x, mods=None, state=None, return_state=False, prefix_len=0):
         if state is not None or return_state:

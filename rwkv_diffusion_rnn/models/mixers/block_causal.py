@@ -17,20 +17,33 @@ import copy
 import torch
 import torch.nn as nn
 
-from .base import Fusion, Mixer, layer_mods, run_block
+from .base import Fusion, Mixer, layer_mods, register_mixer, run_block
 
 
+@register_mixer
 class BlockCausalMixer(Mixer):
+    name = "block_causal"
+    carries_state = True
+    length_option = "block_size"
+
     def __init__(self, blocks, n_embd: int, block_size: int = 16, bi_fusion: str = "sum",
                  bi_share_weights: bool = True):
         super().__init__()
-        if block_size < 1:
-            raise ValueError(f"model.block_size must be >= 1, got {block_size}")
+        self.check_options(block_size=block_size, bi_fusion=bi_fusion)
         self.block_size = block_size
         self.share = bi_share_weights
         if not bi_share_weights:
             self.backward_blocks = copy.deepcopy(blocks)
         self.fusion = nn.ModuleList(Fusion(bi_fusion, n_embd) for _ in blocks)
+
+    @classmethod
+    def check_options(cls, block_size: int = 16, bi_fusion: str = "sum", **_):
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"model.block_size={block_size!r} must be an integer >= 1")
+        Fusion.check(bi_fusion)
+
+    def cache_unit(self):
+        return self.block_size     # nothing flows right to left across blocks
 
     def _segments(self, T: int, prefix_len: int):
         """(start, length, n_blocks) runs of equal-size blocks covering [0, T)."""

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from .base import Mixer, layer_mods, run_block
+from .base import Mixer, layer_mods, register_mixer, run_block
 
 
+@register_mixer
 class CausalMixer(Mixer):
+    name = "causal"
+    carries_state = True
+    autoregressive = True
+
     def __init__(self, blocks):
         super().__init__()
+
+    def cache_unit(self):
+        return 1    # every position is a boundary: the state after any prefix is all a later call needs
 
     def forward(self, blocks, x, mods=None, state=None, return_state=False, prefix_len=0):
         mods = layer_mods(mods, len(blocks))

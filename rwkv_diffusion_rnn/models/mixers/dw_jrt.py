@@ -18,10 +18,13 @@ import torch
 import torch.nn as nn
 
 from ..rwkv7 import DECAY_SCALE
-from .base import Mixer, layer_mods, run_block
+from .base import Mixer, layer_mods, register_mixer, run_block
 
 
+@register_mixer
 class DWJRTMixer(Mixer):
+    name = "dw_jrt"
+
     def __init__(self, blocks, n_head: int, dw_jrt_scale: float = 1.0,
                  dw_jrt_learnable_alpha: bool = False, dw_jrt_alpha_init: float = 0.0,
                  dw_jrt_layer_start: int = 1):
