@@ -76,6 +76,7 @@ def test_diffusion_bound_is_logged_and_evaluate_agrees_within_its_standard_error
     corpus = corpus_file(tmp_path)
     metrics = run(compose_config(overrides(tmp_path, corpus)))
     assert metrics["val_nelbo_stderr"] > 0 and "val_text_loss" in metrics
+    assert "val_latent_loss" not in metrics      # a text-only model: not measured, so not reported
     last = ckpt.latest_checkpoint(tmp_path / "run")
     same = evaluate(last, ["logging.progress_bar=false"])
     assert same["quantity"] == "nelbo"

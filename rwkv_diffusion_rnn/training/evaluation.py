@@ -128,6 +128,8 @@ class Evaluator:
                 cos = torch.nn.functional.cosine_similarity(z.float().cpu(), batch["latent"].float(), dim=-1)
                 cos_sum, cos_n = cos_sum + float(cos.sum()), cos_n + cos.numel()
         tot = dict(zip(tot, self.dist.sum(tot.values())))      # the shares of each batch add up
+        if not self.has_latent:
+            del tot["latent_loss"]      # a text-only model has no latent loss to report (not a measured 0)
         out.update({f"val_{k}": v / max(n, 1) for k, v in tot.items()})
         if cos_n:
             out["val_latent_cos"] = cos_sum / cos_n
