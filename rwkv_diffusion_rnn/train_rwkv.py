@@ -75,5 +75,56 @@ def main(cfg: DictConfig) -> None:
                                         for k, v in metrics.items()))
 
 
+def usage() -> str:
+    """``--help``: what the command does, its config groups and main keys (the choices read from
+    the config folder and the registries), and examples. Hydra's full config: ``--cfg job``."""
+    from rwkv_diffusion_rnn.data.sources import DATA_SOURCES
+    from rwkv_diffusion_rnn.models.mixers import MIXERS
+    from rwkv_diffusion_rnn.models.rwkv_denoiser import ARCHS
+
+    def group(name):
+        return " | ".join(sorted(p.stem for p in (Path(CONFIG_DIR) / name).glob("*.yaml")))
+
+    return f"""usage: python -m rwkv_diffusion_rnn.train_rwkv [key=value ...] [group=choice ...]
+
+Trains a diffusion language model whose denoiser is an RWKV-7 network (text + sentence latent,
+or text alone), or its AR baseline. Writes train_log.jsonl, metrics.json and checkpoints under
+logging.save_dir (default outputs/<date>/<time>). Overrides are Hydra's: key=value.
+
+config groups (group=choice)
+  experiment     {group("experiment")}
+  model          {group("model")}
+  data           {group("data")}
+  text_noise     {group("text_noise")}
+  latent_noise   {group("latent_noise")}
+  optimizer      {group("optimizer")}
+
+main keys
+  model.arch               {" | ".join(ARCHS)}
+  model.mixer              {" | ".join(sorted(MIXERS))}   (how the blocks read the sequence)
+  model.rwkv_name          pretrained RWKV-7 weights: a .pth / safetensors path or Hub repo (null: from scratch)
+  model.n_layer / n_embd / head_size    sizes of a network built from scratch
+  model.latent_prefix_len  latent prefix tokens (0: a text-only model)
+  data.kind                {" | ".join(DATA_SOURCES)}   (set by the data group)
+  data.path / data.seq_len the corpus (data=text, data=sft) and the text length
+  tokenizer.name           chars | bytes | BlinkDL/rwkv7-g1 | a Hugging Face tokenizer
+  training.objective       diffusion | ar
+  training.max_steps / num_epochs / train_batch_size / dtype / device
+  training.resume          latest | <checkpoint dir>   (continue exactly)
+  training.init_from       <checkpoint dir>   (a new run from its weights)
+  logging.save_dir / log_freq / eval_freq / save_every
+
+examples
+  python -m rwkv_diffusion_rnn.train_rwkv experiment=shakespeare_char training.max_steps=200 logging.save_dir=runs/shk
+  python -m rwkv_diffusion_rnn.train_rwkv experiment=struct training.max_steps=100 logging.save_dir=runs/struct
+  python -m rwkv_diffusion_rnn.train_rwkv logging.save_dir=runs/struct training.resume=latest training.max_steps=200
+
+every key and its default: python -m rwkv_diffusion_rnn.train_rwkv --cfg job
+Hydra's own options: --hydra-help"""
+
+
 if __name__ == "__main__":
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(usage())
+        sys.exit(0)
     main()

@@ -137,3 +137,22 @@ def test_the_padding_id_is_the_named_tokenizers(tmp_path):
                        "tokenizer.local_files_only=true"])
     with pytest.raises(ConfigError, match="tokenizer.name='/no/such/tokenizer'"):
         named_tokenizer(cfg)
+
+
+def test_help_is_short_names_the_registered_choices_and_points_to_the_full_config():
+    import subprocess
+    import sys
+    from rwkv_diffusion_rnn.models.mixers import MIXERS
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "rwkv_diffusion_rnn.train_rwkv", "--help"], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("usage:") and len(lines) < 60
+    mixer_line = next(line for line in lines if line.strip().startswith("model.mixer"))
+    assert all(name in mixer_line for name in MIXERS)
+    assert "experiment " in out.stdout and "shakespeare_char" in out.stdout and "--cfg job" in out.stdout
+    full = subprocess.run([sys.executable, "-m", "rwkv_diffusion_rnn.train_rwkv", "--cfg", "job"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert full.returncode == 0 and "model:" in full.stdout and "training:" in full.stdout
+
