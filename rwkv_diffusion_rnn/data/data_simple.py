@@ -1,4 +1,5 @@
-"""Paired text-token / sentence-latent data: files on disk, the dataset, batching and resumable order.
+"""Paired text-token / sentence-latent data (``data_simple`` is the DiffRwkv pipeline's name): files
+on disk, the dataset, batching and resumable order.
 
 On-disk layout (written by ``prepare_latents`` and ``preprocess_tokenize_text``)::
 

@@ -1,4 +1,5 @@
-"""MultimodalRWKVDenoiser: an RWKV-7 network that denoises [latent prefix | text].
+"""MultimodalRWKVDenoiser (the DiffRwkv name): an RWKV-7 network (or another ``model.arch``) that
+denoises [latent prefix | text].
 
 Inputs are partly masked text ids and a noisy sentence latent ``z_s`` [B, latent_dim]. The
 latent is projected to ``latent_prefix_len`` prefix tokens placed before the text; each token

@@ -1,4 +1,4 @@
-"""The training loop: masked diffusion on text and Gaussian diffusion on the sentence latent, or
+"""The training loop (``improved_trainer`` is the DiffRwkv pipeline's name for it): masked diffusion on text and Gaussian diffusion on the sentence latent, or
 next-token prediction (``training.objective=ar``), the baseline.
 
 :class:`Trainer` takes a resolved config (see ``configs/rwkv_mmdit.yaml``), builds the run's parts
