@@ -7,10 +7,10 @@ whether the model learned to write text from a sentence latent and to infer a la
    ("the red fox sleeps in the garden."): subject, colour, action, place, 8 values each, five
    templates. 4,200 distinct sentences (deterministic by ``--seed``), written with their
    attributes to ``<data_dir>/corpus.jsonl``.
-2. **Latents and tokens.** :func:`~rwkv_diffusion_rnn.prepare_latents.prepare_latents` embeds
+2. **Latents and tokens.** :func:`~rwkv_diffusion_rnn.data.latents.prepare_latents` embeds
    them with the packaged all-MiniLM-L6-v2 (offline) and projects to 32 dims by PCA fitted on
    the 4,000 training sentences (200 are held out), into ``<data_dir>/minilm_32d/``;
-   :func:`~rwkv_diffusion_rnn.preprocess_tokenize_text.tokenize_json` tokenizes both splits with
+   :func:`~rwkv_diffusion_rnn.data.token_files.tokenize_json` tokenizes both splits with
    the RWKV World tokenizer (max_length 16; the grammar's longest sentence is 12 tokens) into
    ``<data_dir>/rwkv_tokens/``. Steps whose outputs exist are skipped on a re-run.
 3. **Training.** The config ``experiment=demo`` (``configs/experiment/demo.yaml``) composed with
