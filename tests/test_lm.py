@@ -171,6 +171,9 @@ def test_the_shakespeare_preset_is_nanogpts_baby_run():
     assert (cfg.data.seq_len, cfg.training.train_batch_size, cfg.training.max_steps) == (64, 12, 2000)
     assert (cfg.optimizer.lr, cfg.optimizer.lr * cfg.optimizer.min_lr_ratio) == (1e-3, pytest.approx(1e-4))
     assert cfg.optimizer.schedule == "cosine" and cfg.data.val_fraction == 0.1 and cfg.tokenizer.name == "chars"
+    # a reading that tells a text from its reversal (a shared-weight sum cannot: its samples read
+    # right to left about half the time)
+    assert (cfg.model.mixer, cfg.model.bi_fusion) == ("bi", "gated")
 
 
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is absent (the public corpus beside the checkout)")
