@@ -27,8 +27,11 @@ from rwkv_diffusion_rnn.training.config_validation import CONFIG_DIR  # noqa: E4
 def compose_config(overrides=()) -> DictConfig:
     """The config the command line builds from these Hydra overrides (for use from Python)."""
     from hydra import compose, initialize_config_dir
+    from rwkv_diffusion_rnn.training.resume import take_init_config
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="rwkv_mmdit", overrides=list(overrides))
+        cfg = compose(config_name="rwkv_mmdit", overrides=list(overrides))
+    take_init_config(cfg, overrides)        # training.init_from: the checkpoint's model and tokenizer
+    return cfg
 
 
 def run(cfg: DictConfig) -> dict:
@@ -58,6 +61,9 @@ def main(cfg: DictConfig) -> None:
     from rwkv_diffusion_rnn.training.distributed import launched
     main_rank = (launched() or (0,))[0] == 0     # under torchrun, rank 0 alone speaks
     try:
+        from hydra.core.hydra_config import HydraConfig
+        from rwkv_diffusion_rnn.training.resume import take_init_config
+        take_init_config(cfg, HydraConfig.get().overrides.task)
         metrics = run(cfg)
     except OtherRankFailed:
         sys.exit(2)

@@ -45,3 +45,48 @@ def test_a_checkpoint_that_does_not_fit_is_refused_by_key(tmp_path, pretrained):
         Trainer(compose_config(overrides(tmp_path, corpus, f"training.init_from={source}", "tokenizer.name=bytes")))
     with pytest.raises(ckpt.CheckpointError, match="neither a checkpoint nor a run folder"):
         Trainer(compose_config(overrides(tmp_path, corpus, f"training.init_from={tmp_path}")))
+
+
+CHATS = [{"conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": "ok"}]}
+         for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def pretrained_text(tmp_path_factory):
+    """A text-only run from scratch with sizes other than model=scratch's, on a corpus holding every
+    character of the conversations (an SFT file refuses characters its chars vocabulary lacks)."""
+    tmp = tmp_path_factory.mktemp("pre_text")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("System: be brief\nUser: question 0123456789\nAssistant: ok\n" * 30)
+    run(compose_config(["data=text", f"data.path={corpus}", f"data.cache_dir={tmp / 'cache'}", "tokenizer.name=chars",
+                        "model=scratch", "model.latent_prefix_len=0", "model.n_layer=1", "model.n_embd=32",
+                        "model.head_size=16", "data.seq_len=32", "training.train_batch_size=4",
+                        "training.max_steps=2", "logging.eval_freq=0", "logging.progress_bar=false",
+                        f"logging.save_dir={tmp / 'run'}"]))
+    return tmp / "run"
+
+
+def test_the_documented_fine_tune_line_takes_the_checkpoints_model_and_tokenizer(tmp_path, pretrained_text):
+    import json
+    import os
+    import subprocess
+    import sys
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps(c) for c in CHATS) + "\n")
+    # the line of docs/sft.md, as typed, plus a step limit
+    line = ["data=sft", f"data.path={chats}", f"training.init_from={pretrained_text}",
+            f"logging.save_dir={tmp_path / 'sft_ft'}", "training.max_steps=2"]
+    done = subprocess.run([sys.executable, "-m", "rwkv_diffusion_rnn.train_rwkv", *line], cwd=tmp_path,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "initialised from" in done.stdout
+    assert read_train_log(tmp_path / "sft_ft")[-1]["step"] == 2
+    saved = ckpt.read_saved_config(ckpt.latest_checkpoint(tmp_path / "sft_ft"))
+    assert (saved["model"]["n_layer"], saved["model"]["n_embd"], saved["model"]["rwkv_name"]) == (1, 32, None)
+    assert saved["tokenizer"]["name"] == "chars" and saved["data"]["kind"] == "sft"
+    # from Python the same: keys the overrides give still win over the checkpoint's
+    cfg = compose_config([*line[:4], "model.n_embd=64", "model.local_files_only=true"])
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.latent_prefix_len, cfg.tokenizer.name) == (1, 64, 0, "chars")
+    assert cfg.model.local_files_only is True          # machine settings never come from a saved file
+    with pytest.raises(ckpt.CheckpointError, match="model.n_embd=32 there, 64 here"):
+        Trainer(cfg)

@@ -7,15 +7,17 @@ losses the uninterrupted run would have. It needs the settings the checkpoint's 
 
 ``training.init_from`` starts a new run from a checkpoint's weights (and EMA when it kept one)
 only: the optimizer, schedule, data position and step start fresh. Its data is read with the
-checkpoint's tokenizer, so that ids mean the same text.
+checkpoint's tokenizer, so that ids mean the same text, and the ``model.*`` / ``tokenizer.*``
+keys the command line does not give come from the checkpoint (:func:`take_init_config`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Set
 
 import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..common.errors import CheckpointError, ConfigError
 from . import checkpoints as ckpt
@@ -34,6 +36,53 @@ def init_source(source) -> Path:
     path = checkpoint_dir(source)
     ckpt.verify_checkpoint(path)
     return path
+
+
+# The groups a fine-tuning run takes from its training.init_from checkpoint: the weights' shapes
+# need its model keys, and its ids need its tokenizer.
+INIT_GROUPS = ("model", "tokenizer")
+# Keys about this machine and about trust, which a saved file never sets: only the command line does.
+LOCAL_KEYS = frozenset({"model.cache_dir", "model.local_files_only", "tokenizer.cache_dir",
+                        "tokenizer.local_files_only", "tokenizer.trust_remote_code"})
+
+
+def given_keys(overrides: Sequence[str]) -> Set[str]:
+    """The config keys Hydra ``overrides`` set by name (``model.n_layer=2``, ``+model.x=1``,
+    ``~model.x``); a group choice (``model=scratch``) names no key."""
+    keys = set()
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if "." in key and "@" not in key and "/" not in key:
+            keys.add(key)
+    return keys
+
+
+def take_init_config(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """With ``training.init_from`` (and no ``training.resume``), sets in ``cfg`` the checkpoint's
+    saved ``model.*`` and ``tokenizer.*`` values that ``overrides`` (this run's command line) do
+    not give, so a fine-tuning run needs no more than the checkpoint's name. A key the user gives
+    still wins; one that cannot work with the weights or the data is refused by the checks that
+    follow (the config checks, :func:`init_tokenizer`, :func:`init_weights`), naming it."""
+    from .trained import checkpoint_dir
+    from ..models.mixers import MIXERS, option_defaults
+    tr = cfg.training
+    if tr.resume or not tr.init_from:
+        return
+    path = checkpoint_dir(tr.init_from)
+    saved = ckpt.read_saved_config(path) or {}       # verified before it is parsed
+    given = given_keys(overrides)
+    for group in INIT_GROUPS:
+        values = saved.get(group) or {}
+        mixer = values.get("mixer") if group == "model" else None
+        options = set(option_defaults(mixer)) if mixer in MIXERS else set()
+        for key, value in values.items():
+            dotted = f"{group}.{key}"
+            if dotted in LOCAL_KEYS or any(g == dotted or g.startswith(dotted + ".") for g in given):
+                continue
+            if key not in cfg[group] and key not in options:
+                continue        # a key this version no longer reads
+            with open_dict(cfg):
+                OmegaConf.update(cfg, dotted, value, merge=False)
 
 
 def init_tokenizer(path: Path, tokenizer_name: str):
