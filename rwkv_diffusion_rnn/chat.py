@@ -23,7 +23,7 @@ def chat_loop(argv: Sequence[str], lines: TextIO = sys.stdin, out: TextIO = sys.
         raise ValueError("chat reads the user's turns from its input; prompt= and conversation= belong to generate")
     g = dataclasses.replace(g, chat=True, print_texts=False, progress_bar=False, num_samples=1)
     check_options(dataclasses.replace(g, prompt="-"))      # refuse bad options before loading the model
-    trained = load_trained(g.checkpoint, device=g.device)
+    trained = load_trained(g.checkpoint, device=g.device, trust_remote_code=g.trust_remote_code)
     turns: List[Tuple[str, str]] = []
     interactive = lines.isatty()
     while True:

@@ -102,6 +102,7 @@ class GenerateConfig:
     out: Optional[str] = None             # <file>.jsonl
     latent_out: Optional[str] = None      # <file>.npy
     device: Optional[str] = None          # default: the run's training.device
+    trust_remote_code: bool = False       # run the tokenizer's own code (the user's say, never the checkpoint's)
     print_texts: bool = True
     progress_bar: bool = True
 
@@ -461,7 +462,7 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
     if trained is not None and g.checkpoint is None:
         g.checkpoint = str(trained.path)
     check_options(g)
-    trained = trained or load_trained(g.checkpoint, device=g.device)
+    trained = trained or load_trained(g.checkpoint, device=g.device, trust_remote_code=g.trust_remote_code)
     model, cfg, tok = trained.model, trained.cfg, trained.tokenizer
     mcfg = model.config
     ar = trained.objective == "ar"

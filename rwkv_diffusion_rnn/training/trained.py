@@ -49,7 +49,11 @@ def checkpoint_dir(path) -> Path:
 
 
 def saved_config(path: Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """The checkpoint's ``config.yaml`` with ``key=value`` overrides (unknown keys refused)."""
+    """The checkpoint's ``config.yaml`` with ``key=value`` overrides (unknown keys refused).
+
+    Trust is the user's, per command: the saved ``tokenizer.trust_remote_code`` is never used.
+    A checkpoint whose config asks for it is refused unless the overrides (the user's command line)
+    say ``tokenizer.trust_remote_code=true``."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
     file = path / ckpt.CONFIG_FILE
@@ -57,6 +61,9 @@ def saved_config(path: Path, overrides: Sequence[str] = ()) -> DictConfig:
         raise ckpt.CheckpointError(f"{path} has no {ckpt.CONFIG_FILE}: the model and data it was trained on "
                                    "cannot be rebuilt; use a checkpoint the trainer wrote")
     cfg = ckpt.parse_config_file(file)  # invalid YAML is a CheckpointError naming the file
+    asked = OmegaConf.select(cfg, "tokenizer.trust_remote_code") not in (None, False)
+    if OmegaConf.select(cfg, "tokenizer") is not None:
+        cfg.tokenizer.trust_remote_code = False
     OmegaConf.set_struct(cfg, True)
     for item in overrides:
         key, sep, _ = item.partition("=")
@@ -66,6 +73,12 @@ def saved_config(path: Path, overrides: Sequence[str] = ()) -> DictConfig:
             OmegaConf.update(cfg, key, OmegaConf.select(OmegaConf.from_dotlist([item]), key), merge=False)
         except OmegaConfBaseException:
             raise ConfigError(f"{key}: no such key in {file} (the saved config of this checkpoint)") from None
+    if asked and OmegaConf.select(cfg, "tokenizer.trust_remote_code") is not True:
+        raise ckpt.CheckpointError(
+            f"{file} sets tokenizer.trust_remote_code: true, which would run Python code that comes with the "
+            f"checkpoint's tokenizer ({OmegaConf.select(cfg, 'tokenizer.name')}); a saved file never turns that "
+            f"on. If you trust {path} and that code, pass tokenizer.trust_remote_code=true on the command line "
+            "(generate / chat: trust_remote_code=true)")
     return cfg
 
 
@@ -93,12 +106,16 @@ def saved_tokenizer(path: Path, cfg: DictConfig):
         raise ckpt.CheckpointError(f"{path / ckpt.TOKENIZER_FILE} cannot be loaded: {e}") from e
 
 
-def load_trained(checkpoint, overrides: Sequence[str] = (), device: Optional[str] = None) -> Trained:
+def load_trained(checkpoint, overrides: Sequence[str] = (), device: Optional[str] = None,
+                 trust_remote_code: bool = False) -> Trained:
     """Verify, rebuild and load ``checkpoint`` (see the module docstring). ``device`` overrides
-    the run's ``training.device``."""
+    the run's ``training.device``; ``trust_remote_code``: the user's own permission to run a
+    tokenizer's code (never taken from the checkpoint)."""
     from .builders import build_model, resolve_device
     path = checkpoint_dir(checkpoint)
     ckpt.verify_checkpoint(path)
+    if trust_remote_code:
+        overrides = [*overrides, "tokenizer.trust_remote_code=true"]
     cfg = saved_config(path, overrides)
     tokenizer = saved_tokenizer(path, cfg)
     dev = resolve_device(device or cfg.training.device)
