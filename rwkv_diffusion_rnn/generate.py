@@ -311,16 +311,26 @@ def build_canvases(g: GenerateConfig, tokenizer, mask_id: int, length: int, ar: 
     return [Canvas(list(c.ids), list(c.given), dict(c.source)) for c in sources for _ in range(g.num_samples)]
 
 
+def chat_template_of(cfg):
+    """The ``ChatTemplate`` a checkpoint's run (``cfg``, its saved config) rendered conversations with."""
+    from rwkv_diffusion_rnn.data import sft
+    if "chat_template" not in cfg.data:
+        raise _error(f"chat=true renders the prompt with the chat template of a run trained on conversations "
+                     f"(data=sft); this checkpoint's run used data.kind={cfg.data.kind}")
+    return sft.ChatTemplate(**dict(cfg.data.chat_template))
+
+
+def chat_prompt_ids(tokenizer, template, system: Optional[str], turns, where: str) -> List[int]:
+    """What an answer is decoded after: BOS (the end-of-text id) + ``turns`` rendered with ``template``."""
+    return [int(tokenizer.eos_id)] + _encode(tokenizer, template.prompt(system, turns), where)
+
+
 def chat_canvases(g: GenerateConfig, tokenizer, mask_id: int, cfg, turns=None) -> List[Canvas]:
     """``chat=true``: BOS + the prompt rendered with the run's chat template, then the answer's
     masks; one canvas per conversation (and sample). ``turns``: a conversation so far, (role,
     text) pairs ending with a user turn, in place of ``prompt=``."""
     from rwkv_diffusion_rnn.data import sft
-    if "chat_template" not in cfg.data:
-        raise _error(f"chat=true renders the prompt with the chat template of a run trained on conversations "
-                     f"(data=sft); this checkpoint's run used data.kind={cfg.data.kind}")
-    template = sft.ChatTemplate(**dict(cfg.data.chat_template))
-    eos_id = int(tokenizer.eos_id)
+    template = chat_template_of(cfg)
     if turns is not None:
         items = [(g.system, list(turns), None, {"prompt": turns[-1][1]}, "prompt")]
     elif g.prompt is not None:
@@ -335,7 +345,7 @@ def chat_canvases(g: GenerateConfig, tokenizer, mask_id: int, cfg, turns=None) -
             items.append((c.system, c.turns, reference, {"conversation": c.where}, c.where))
     canvases = []
     for system, turns, reference, source, where in items:
-        ids = [eos_id] + _encode(tokenizer, template.prompt(system, turns), where)
+        ids = chat_prompt_ids(tokenizer, template, system, turns, where)
         n = g.length if g.length is not None else int(cfg.data.seq_len) - len(ids)
         if n < 1:
             raise _error(f"{where}: the rendered prompt is {len(ids)} tokens, which leaves no room for an answer in "

@@ -272,3 +272,41 @@ def test_a_character_the_vocabulary_lacks_is_named_with_its_conversation(tmp_pat
     tok = CharTokenizer.from_text(["System: User: Assistant: \na"])
     with pytest.raises(DataFormatError, match=r"c.jsonl line 3 turn 1: .*'Z'"):
         examples_of([conv], tok, TEMPLATE, seq_len=100)
+
+
+@pytest.fixture(scope="module")
+def answers_ok_64(tmp_path_factory):
+    """The "ok" model of :func:`answers_ok` with data.seq_len=64: a few exchanges fill it."""
+    tmp = tmp_path_factory.mktemp("ok64")
+    rows = [{"conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": "ok"}]}
+            for i in range(64)]
+    path = write_jsonl(tmp / "c.jsonl", rows)
+    run(compose_config(sft_overrides(tmp, path, "training.max_steps=60", "optimizer.lr=3e-3", "logging.eval_freq=0",
+                                     "optimizer.warmup_steps=5", "data.seq_len=64")))
+    return tmp / "run"
+
+
+def test_a_chat_session_keeps_the_last_turns_that_fit_and_survives_a_failing_turn(answers_ok_64):
+    import os
+    import subprocess
+    import sys
+
+    def chat(*lines, options=("length=4",)):
+        done = subprocess.run(
+            [sys.executable, "-m", "rwkv_diffusion_rnn.chat", f"checkpoint={answers_ok_64}", "temperature=0",
+             "remasking=low_confidence", *options], input="".join(f"{line}\n" for line in lines),
+            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.splitlines(), done.stderr
+
+    # each exchange is 31 tokens: from the third turn on the oldest goes to leave length=4 for the answer
+    answers, err = chat(*(f"question {i}" for i in range(5)))
+    assert answers == ["ok"] * 5
+    assert err.count("(dropped the oldest turn to fit data.seq_len=64)") == 3
+    # without length= the answer keeps at least a quarter of data.seq_len: a second turn already drops one
+    answers, err = chat("question 1", "question 2", options=())
+    assert len(answers) == 2 and err.count("(dropped the oldest turn to fit data.seq_len=64)") == 1
+    # a character outside the chars vocabulary fails that turn alone; the next one is answered
+    answers, err = chat("question 1", "question Z", "question 3")
+    assert answers == ["ok", "ok"]
+    assert "error: " in err and "'Z'" in err and "(type /reset to start over)" in err, err
