@@ -347,12 +347,12 @@ def _by_length(lengths: Sequence[int], batch_size: int):
 def text_from_latents(model, latents: torch.Tensor, lengths: Sequence[int], *, steps: Optional[int],
                       batch_size: int, tokenizer, desc: str, show_progress: bool = True) -> List[str]:
     """Decode row i from ``latents[i]`` at ``lengths[i]`` tokens (greedy, lowest-confidence remasking)."""
-    from tqdm.auto import tqdm
     from .diffusion.sampling import generate_text
+    from .training.events import progress
     device = next(model.parameters()).device
     out: List[Optional[str]] = [None] * len(lengths)
     chunks = list(_by_length(lengths, batch_size))
-    for n, rows in tqdm(chunks, desc=desc, unit="batch", disable=not show_progress or None):
+    for n, rows in progress(chunks, desc=desc, bar=show_progress, stream=sys.stdout):
         ids = generate_text(model, latent=latents[rows].to(device), length=n, steps=steps or n,
                             generator=torch.Generator().manual_seed(0)).cpu()
         for r, row in zip(rows.tolist(), ids):
@@ -363,14 +363,14 @@ def text_from_latents(model, latents: torch.Tensor, lengths: Sequence[int], *, s
 def latents_from_text(model, diffusion, ids: Sequence[torch.Tensor], *, steps: int, batch_size: int,
                       seed: int = 0, desc: str = "text -> latent", show_progress: bool = True) -> torch.Tensor:
     """A latent for every clean text by the DDIM sampler (start noise seeded per row)."""
-    from tqdm.auto import tqdm
     from .diffusion.sampling import generate_latent
+    from .training.events import progress
     device = next(model.parameters()).device
     dim = model.config.latent_dim
     noise = torch.randn(len(ids), dim, generator=torch.Generator().manual_seed(seed))
     out = torch.empty(len(ids), dim)
     chunks = list(_by_length([len(x) for x in ids], batch_size))
-    for n, rows in tqdm(chunks, desc=desc, unit="batch", disable=not show_progress or None):
+    for n, rows in progress(chunks, desc=desc, bar=show_progress, stream=sys.stdout):
         text = torch.stack([ids[r] for r in rows.tolist()])
         z = generate_latent(model, diffusion, text.to(device), steps=steps, init_noise=noise[rows].to(device))
         out[rows] = z.float().cpu()

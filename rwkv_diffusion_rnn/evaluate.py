@@ -59,6 +59,7 @@ def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = Non
     from rwkv_diffusion_rnn.common import rng
     from rwkv_diffusion_rnn.training import likelihood
     from rwkv_diffusion_rnn.training.builders import autocast, build_text_diffusion
+    from rwkv_diffusion_rnn.training.events import output_is_terminal
     from rwkv_diffusion_rnn.training.trained import load_trained
 
     trained = load_trained(checkpoint, overrides)
@@ -67,13 +68,17 @@ def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = Non
     objective, ev = cfg.training.objective, cfg.eval
     schedule = build_text_diffusion(cfg).schedule
 
+    # off a terminal (a file, a CI log) plain lines always report progress: a long job never looks silent
+    show = bool(cfg.logging.progress_bar) or not output_is_terminal()
+
     def run(latent: str):
         return likelihood.score(model, batches, objective=objective, schedule=schedule, mask_id=cfg.model.mask_id,
                                 vocab_size=cfg.model.vocab_size,
                                 generator=rng.generator("eval_noise"), mc_samples=ev.mc_samples,
                                 max_batches=ev.max_batches, tokenizer=tokenizer, latent=latent,
                                 device=device, autocast=lambda: autocast(device, cfg.training.dtype),
-                                progress=cfg.logging.progress_bar)
+                                progress=show,
+                                progress_desc="evaluate" if latent == "clean" else f"evaluate ({latent} latent)")
 
     summary = run("clean")
     result = {"checkpoint": str(path), "step": trained.step, "objective": objective,

@@ -462,6 +462,7 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
     import torch
     from rwkv_diffusion_rnn.diffusion import sampling
     from rwkv_diffusion_rnn.training.builders import build_latent_diffusion
+    from rwkv_diffusion_rnn.training.events import PlainProgress, output_is_terminal
     from rwkv_diffusion_rnn.training.trained import load_trained
 
     g = dataclasses.replace(config or GenerateConfig(), **options)
@@ -521,7 +522,11 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
     latents_out: List[Any] = []
     groups = list(_groups(canvases, g.batch_size))
     bar = None
-    if g.progress_bar:
+    # a file or a CI log: a plain line per batch of samples, bar or not (a chat turn, one answer
+    # printed as soon as it is written, needs none)
+    if not output_is_terminal() and turns is None:
+        bar = PlainProgress("generate", len(canvases), unit="samples", every_s=0.0)
+    elif g.progress_bar:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(canvases), desc="generate", unit="sample", dynamic_ncols=True, disable=None,
                    file=sys.stderr)

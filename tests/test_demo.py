@@ -2,6 +2,7 @@
 and the backbone smoke check."""
 import importlib.util
 import json
+import re
 
 import pytest
 
@@ -74,6 +75,9 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
     assert saved["n_eval"] == 20 and saved["train_steps"] == 5 and len(saved["examples"]) == 2
     assert saved["examples"][0]["source"] in {e["text"] for e in val}
     assert "attribute recovery" in out and "cosine" in out
+    # captured output is no terminal: each evaluation step reports its batches in plain lines
+    for step in ("latent -> text", "latent -> text (shuffled latents)", "text -> latent"):
+        assert re.search(rf"^{re.escape(step)}: (\d+)/\1 batches  \d+m\d\ds  ETA 0m00s$", out, re.M), out
 
     # A second run reuses the data and, with --eval_only, reproduces the numbers from the checkpoint.
     again = demo.main([*args, "--eval_only"])

@@ -108,6 +108,19 @@ def test_the_command_prints_the_texts_and_writes_jsonl(runs, tmp_path):
     assert recs[0]["settings"]["checkpoint"].endswith("step_0000006") and "Traceback" not in p.stderr
 
 
+def test_output_to_a_file_gets_a_plain_progress_line_per_batch_of_samples(runs, tmp_path):
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        p = subprocess.run([sys.executable, "-m", "rwkv_diffusion_rnn.generate", f"checkpoint={runs['bi']}",
+                            "length=8", "num_samples=3", "batch_size=2", "steps=4"], cwd=tmp_path, stdout=f,
+                           stderr=subprocess.STDOUT, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                                                          "PATH": "/usr/bin:/bin"})
+    text = log.read_text()
+    assert p.returncode == 0, text
+    lines = [line.split("  ")[0] for line in text.splitlines() if line.startswith("generate: ")]
+    assert lines == ["generate: 2/3 samples", "generate: 3/3 samples"] and "\r" not in text
+
+
 def _refused(p, *words, out=None):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     for w in words:

@@ -110,3 +110,16 @@ def test_wandb_gets_the_config_every_record_and_the_final_metrics(tmp_path, monk
     assert config["training"]["max_steps"] == 4
     assert [r for _, r in calls["log"]] == read_train_log(tmp_path) and [s for s, _ in calls["log"]] == [2, 4]
     assert calls["summary"] == metrics and calls["finished"] == 1
+
+
+def test_other_commands_off_a_terminal_print_a_line_first_then_every_30_s_and_at_the_end(monkeypatch):
+    """events.progress (evaluate, generate, the demo's evaluation) when the output is a file."""
+    import io
+    from rwkv_diffusion_rnn.training import events
+    clock = iter([0.0, 1.0, 2.0, 31.0, 32.0, 33.0, 40.0])    # the start, then one reading per batch
+    monkeypatch.setattr(events.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    assert list(events.progress(range(6), desc="evaluate", stream=out)) == list(range(6))
+    assert out.getvalue().splitlines() == ["evaluate: 1/6 batches  0m01s  ETA 0m05s",     # the first
+                                           "evaluate: 3/6 batches  0m31s  ETA 0m31s",     # 30 s after it
+                                           "evaluate: 6/6 batches  0m40s  ETA 0m00s"]     # the end

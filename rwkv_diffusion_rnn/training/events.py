@@ -12,6 +12,8 @@ run folder (rank 0 under torchrun), in the order the callbacks were given:
 
 :class:`ProgressLines` prints one plain line per log record; the trainer adds it itself when the
 output goes to a file or CI log rather than a terminal, where a progress bar cannot redraw.
+:func:`progress` does the same for the other long commands (evaluate, generate, the demo's
+evaluation): a bar on a terminal, :class:`PlainProgress` lines elsewhere.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, TextIO
+from typing import Any, Dict, Iterable, Iterator, Optional, TextIO
 
 # The record's own fields; any other numeric field is an evaluation metric, shown in the line
 RECORD_FIELDS = frozenset({"step", "epoch", "loss", "text_loss", "latent_loss", "lr", "grad_norm",
@@ -85,6 +87,62 @@ class ProgressLines(Callback):
         if evals:
             parts.append(" ".join(evals))
         print("  ".join(parts), file=self.stream or sys.stdout, flush=True)
+
+
+class PlainProgress:
+    """``evaluate: 120/1742 batches  0m31s  ETA 6m40s``: the plain-line counterpart of a progress
+    bar, for the long commands other than training (evaluate, generate, the demo's evaluation)
+    when their output is not a terminal. A line after the first update (so a log shows the work
+    started and its pace), then at most one every ``every_s`` seconds, and one at the end; the
+    ETA assumes the remaining items take the mean time of those done."""
+
+    def __init__(self, desc: str, total: Optional[int] = None, unit: str = "batches",
+                 every_s: float = 30.0, stream: Optional[TextIO] = None):
+        self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
+        self.stream = stream
+        self.n = 0
+        self.t0 = self.last = time.perf_counter()
+        self.printed_at = None          # the count of the last line printed
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if self.printed_at is None or now - self.last >= self.every_s or self.n == self.total:
+            self._line(now)
+
+    def close(self) -> None:
+        if self.printed_at != self.n:
+            self._line(time.perf_counter())
+
+    def _line(self, now: float) -> None:
+        self.last, self.printed_at = now, self.n
+        elapsed = now - self.t0
+        parts = [f"{self.desc}: {self.n}/{self.total if self.total is not None else '?'} {self.unit}",
+                 _duration(elapsed)]
+        if self.total is not None and self.n > 0:
+            parts.append(f"ETA {_duration(max(self.total - self.n, 0) * elapsed / self.n)}")
+        print("  ".join(parts), file=self.stream or sys.stderr, flush=True)
+
+
+def progress(items: Iterable, *, desc: str, total: Optional[int] = None, unit: str = "batches",
+             bar: bool = True, every_s: float = 30.0, stream: Optional[TextIO] = None) -> Iterator:
+    """``items``, reporting progress as they are consumed: a tqdm bar on a terminal (unless
+    ``bar`` is false: nothing), plain :class:`PlainProgress` lines to ``stream`` (default stderr)
+    otherwise, where a bar cannot redraw and a long job would look silent."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)
+    if output_is_terminal():
+        if bar:
+            from tqdm.auto import tqdm
+            yield from tqdm(items, total=total, desc=desc, dynamic_ncols=True)
+        else:
+            yield from items
+        return
+    lines = PlainProgress(desc, total, unit, every_s, stream)
+    for item in items:
+        yield item
+        lines.update()
+    lines.close()
 
 
 class WandbLog(Callback):

@@ -36,7 +36,8 @@ def score(model, batches: Iterable[dict], *, objective: str, schedule=None, mask
           vocab_size: Optional[int] = None,
           generator: Optional[torch.Generator] = None, mc_samples: int = 1, max_batches: Optional[int] = None,
           tokenizer=None, latent: str = "clean", device: torch.device = torch.device("cpu"),
-          autocast: Callable = nullcontext, progress: bool = False, dist=None) -> LikelihoodSummary:
+          autocast: Callable = nullcontext, progress: bool = False, progress_desc: str = "score",
+          dist=None) -> LikelihoodSummary:
     """The bound (``objective="diffusion"``) or the NLL (``"ar"``) of ``batches`` (the first
     ``max_batches``); characters are counted when the tokenizer can.
 
@@ -45,7 +46,10 @@ def score(model, batches: Iterable[dict], *, objective: str, schedule=None, mask
 
     ``dist`` (a :class:`~rwkv_diffusion_rnn.training.distributed.Dist`): each process scores its
     share of every batch's rows (with the draws of the whole batch) and every process returns
-    the summary of all of them."""
+    the summary of all of them.
+
+    ``progress``: a bar on a terminal, plain lines named ``progress_desc`` elsewhere
+    (:func:`~rwkv_diffusion_rnn.training.events.progress`)."""
     if latent not in LATENT_MODES:
         raise ValueError(f"latent={latent!r}; choose one of {LATENT_MODES}")
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -53,8 +57,8 @@ def score(model, batches: Iterable[dict], *, objective: str, schedule=None, mask
         batches = islice(batches, max_batches)
         total = max_batches if total is None else min(total, max_batches)
     if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(batches, total=total, desc="score", dynamic_ncols=True, disable=None)
+        from .events import progress as report
+        batches = report(batches, desc=progress_desc, total=total, unit="batches")
     acc = LikelihoodAccumulator(exact=objective == "ar")
     prior = prior_nats(schedule, vocab_size - 1) if objective != "ar" else 0.0   # every id but the mask
     counting = tokenizer is not None
@@ -111,8 +115,8 @@ def score_texts(model, token_lists: Sequence[Sequence[int]], bos_id: int, device
     order = sorted((i for i in range(n) if tokens[i]), key=lambda i: tokens[i])   # similar lengths together
     starts = range(0, len(order), batch_size)
     if progress:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="score samples", dynamic_ncols=True, disable=None)
+        from .events import progress as report
+        starts = report(starts, desc="score samples", unit="batches")
     for start in starts:
         rows = order[start:start + batch_size]
         T = max(tokens[i] for i in rows)
