@@ -3,6 +3,7 @@ bound train, log val_nll / val_nelbo, resume exactly, and ``evaluate`` reproduce
 logged from the checkpoint alone; bad input is refused by name."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,24 @@ def test_evaluate_command_line_prints_the_json_and_refuses_bad_input_without_a_t
     r = subprocess.run([*cmd, f"checkpoint={tmp_path / 'nothing'}"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and "nothing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evaluate_to_a_file_prints_progress_lines_and_reuses_the_training_token_cache(tmp_path):
+    corpus = corpus_file(tmp_path)
+    run(compose_config(overrides(tmp_path, corpus, "training.max_steps=2", "logging.eval_freq=0")))
+    caches = sorted((tmp_path / "cache").iterdir())
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        r = subprocess.run([sys.executable, "-m", "rwkv_diffusion_rnn.evaluate", f"checkpoint={tmp_path / 'run'}",
+                            "eval.max_batches=null"], cwd=ROOT, env=env, stdout=out, stderr=err, timeout=300)
+    text = (tmp_path / "err.txt").read_text()
+    assert r.returncode == 0, text[-2000:]
+    lines = [line for line in text.splitlines() if line.startswith("evaluate: ")]
+    assert lines and re.match(r"evaluate: (\d+)/\1 batches  \d+m\d\ds  ETA 0m00s$", lines[-1]), text
+    assert "\r" not in text                                          # no bar redrawn into the file
+    assert json.loads((tmp_path / "out.txt").read_text())["quantity"] == "nelbo"
+    # the chars vocabulary saved with the checkpoint finds the cache training built: no second one
+    assert sorted((tmp_path / "cache").iterdir()) == caches and len(caches) == 1
 
 
 def test_the_shakespeare_preset_is_nanogpts_baby_run():

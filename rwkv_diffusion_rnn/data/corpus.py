@@ -686,6 +686,15 @@ def prepare_corpus(spec: CorpusSpec, tokenizer, cache_dir, *, progress: bool = T
     folder = cache_dir / name
     want = None if isinstance(tokenizer, str) else tokenizer_spec(tokenizer)
 
+    if isinstance(tokenizer, CharTokenizer):
+        # A chars vocabulary saved with a checkpoint (evaluate, resume) was built by training from
+        # this corpus with tokenizer="chars", whose cache is keyed by that string, not by the
+        # vocabulary: reuse it when it holds the same vocabulary rather than tokenize a copy.
+        built = cache_dir / _folder_name(spec, train_src, val_src, "chars")
+        if built.is_dir():
+            meta, _ = _stale(built, records, val_records, want)
+            if meta is not None:
+                return Corpus(built, tokenizer, meta, rebuilt=False)
     if folder.is_dir():
         meta, why = _stale(folder, records, val_records, want)
         if meta is not None:
