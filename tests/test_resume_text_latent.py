@@ -162,3 +162,15 @@ def test_a_text_latent_checkpoint_is_scored_given_its_latent_and_given_the_null_
     assert result["nats_per_token"] == pytest.approx(metrics["val_nelbo"], rel=1e-9)
     assert result["null_latent"]["nats_per_token"] == pytest.approx(metrics["val_nelbo_null_latent"], rel=1e-9)
     assert result["null_latent"]["tokens"] == result["tokens"] > 0
+
+
+@pytest.mark.parametrize("roles, measured, absent", [
+    (["training.clean_text_prob=1.0", "training.clean_latent_prob=0.0"], "val_latent_loss", "val_text_loss"),
+    (["training.clean_text_prob=0.0", "training.clean_latent_prob=1.0"], "val_text_loss", "val_latent_loss")])
+def test_a_loss_no_validation_row_carries_is_absent_not_zero(data_dir, tmp_path, roles, measured, absent):
+    """Every row text -> latent: no row carries a text loss; every row latent -> text: none a latent loss."""
+    args = [a for a in common(data_dir, 2) if not a.startswith("data.val_fraction")]
+    metrics = run(compose_cfg([*args, "data.val_fraction=0.25", "training.eval_batch_size=16", *roles,
+                               f"logging.save_dir={tmp_path}"]))
+    assert metrics[measured] > 0 and absent not in metrics
+    assert absent not in read_log(tmp_path)[-1] and measured in read_log(tmp_path)[-1]

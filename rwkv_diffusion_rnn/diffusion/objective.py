@@ -21,6 +21,11 @@ All draws come from the one generator the caller passes, in a fixed order (trunc
 and the loss is those rows' terms over the whole batch's normaliser, so the shares' losses add up
 to the loss of the whole batch.
 
+An objective returns ``(loss, stats)``; ``stats`` holds ``text_loss``, ``latent_loss`` and
+``tokens`` (of the rows run) and ``text_rows`` / ``latent_rows``: how many rows of the whole batch
+carry each loss. A loss no row carries is 0 by construction, not a measurement, and is left out
+of the mean of a validation pass.
+
 :class:`AutoregressiveObjective` trains a causal denoiser (``mixer=causal``, no latent) to
 predict each token from those before it; it draws nothing.
 """
@@ -150,21 +155,29 @@ class DiffusionObjective:
                                            normalizer=None if norm is None else norm.latent)
             loss = loss + self.config.latent_loss_weight * latent_loss
         return loss, {"text_loss": float(text_loss.detach()), "latent_loss": float(latent_loss.detach()),
-                      "tokens": int(nb.valid.sum())}
+                      "tokens": int(nb.valid.sum()), **self._carried(nb)}
+
+    @staticmethod
+    def _carried(nb: NoisyBatch) -> Dict[str, int]:
+        """The rows of ``nb`` that carry each loss."""
+        return {"text_rows": int(nb.text_rows.sum()),
+                "latent_rows": int(nb.latent_rows.sum()) if nb.latent_rows is not None else 0}
 
     def __call__(self, model, batch: Dict[str, torch.Tensor], generator: torch.Generator,
                  device: torch.device = torch.device("cpu"), autocast: Callable = nullcontext,
                  rows: Optional[slice] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         nb = self.noise(batch, generator)
-        norm = None
+        norm = whole = None
         if rows is not None:
+            whole = self._carried(nb)       # the counts of the whole batch, not of this share
             norm, nb = Normalizers.of(nb), nb.take(rows)
         has_latent = nb.zs is not None
         with autocast():
             out = model(nb.xt.to(device), nb.t.to(device), nb.zs.to(device) if has_latent else None,
                         nb.s.to(device) if has_latent else None,
                         latent_drop=nb.drop.to(device) if has_latent else None)
-        return self.loss(out, nb, norm)
+        loss, stats = self.loss(out, nb, norm)
+        return loss, {**stats, **(whole or {})}
 
 
 def answer_positions(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -194,6 +207,7 @@ class AutoregressiveObjective:
                  device: torch.device = torch.device("cpu"), autocast: Callable = nullcontext,
                  rows: Optional[slice] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         inputs, targets, valid = next_token_inputs(batch)
+        n_rows = int(inputs.shape[0])       # every row carries the text loss
         count = None
         if rows is not None:
             count = max(float(valid.sum()), 1.0)
@@ -206,4 +220,5 @@ class AutoregressiveObjective:
         ce = torch.nn.functional.cross_entropy(logits[valid].float(), targets.to(device)[valid],
                                                reduction="mean" if count is None else "sum")
         loss = ce if count is None else ce / count
-        return loss, {"text_loss": float(loss.detach()), "latent_loss": 0.0, "tokens": int(valid.sum())}
+        return loss, {"text_loss": float(loss.detach()), "latent_loss": 0.0, "tokens": int(valid.sum()),
+                      "text_rows": n_rows, "latent_rows": 0}

@@ -109,8 +109,10 @@ class Evaluator:
         if self.has_latent:
             out["val_nelbo_null_latent"] = self.likelihood(model, latent="null").nats_per_token
         g = rng.generator("eval_noise")  # the same noise at every evaluation
+        # each loss is the mean over the batches that had rows carrying it: a batch without any
+        # (e.g. every row text -> latent) has a 0 loss by construction, not a measured one
         tot = {"text_loss": 0.0, "latent_loss": 0.0}
-        n = 0
+        n = {"text_loss": 0, "latent_loss": 0}
         cos_sum, cos_n = 0.0, 0
         max_batches = self.settings.max_batches
         for i, batch in enumerate(self.data.val):
@@ -118,19 +120,19 @@ class Evaluator:
                 break
             rows, counted = self.dist.eval_rows(batch["input_ids"].shape[0]) if self.dist.active else (None, True)
             _, st = self.loss(model, batch, g, self.device, self.autocast, rows=rows)
-            if counted:
-                tot["text_loss"] += st["text_loss"]
-                tot["latent_loss"] += st["latent_loss"]
-            n += 1
+            for key, rows_key in (("text_loss", "text_rows"), ("latent_loss", "latent_rows")):
+                if st[rows_key]:            # the whole batch's rows: the same on every process
+                    n[key] += 1
+                    if counted:
+                        tot[key] += st[key]
             if self.has_latent and i == 0:
                 z = generate_latent(model, self.latent_diff, batch["input_ids"].to(self.device),
                                     steps=self.settings.latent_steps, generator=rng.generator("eval_sampling"))
                 cos = torch.nn.functional.cosine_similarity(z.float().cpu(), batch["latent"].float(), dim=-1)
                 cos_sum, cos_n = cos_sum + float(cos.sum()), cos_n + cos.numel()
         tot = dict(zip(tot, self.dist.sum(tot.values())))      # the shares of each batch add up
-        if not self.has_latent:
-            del tot["latent_loss"]      # a text-only model has no latent loss to report (not a measured 0)
-        out.update({f"val_{k}": v / max(n, 1) for k, v in tot.items()})
+        # a loss no batch measured is absent (a text-only model's latent loss too), never a 0
+        out.update({f"val_{k}": v / n[k] for k, v in tot.items() if n[k]})
         if cos_n:
             out["val_latent_cos"] = cos_sum / cos_n
         return out
