@@ -95,7 +95,7 @@ def usage() -> str:
 
 Trains a diffusion language model whose denoiser is an RWKV-7 network (text + sentence latent,
 or text alone), or its AR baseline. Writes train_log.jsonl, metrics.json and checkpoints under
-logging.save_dir (default outputs/<date>/<time>). Overrides are Hydra's: key=value.
+logging.save_dir (default runs/<date>/<time>). Overrides are Hydra's: key=value.
 
 config groups (group=choice)
   experiment     {group("experiment")}

@@ -53,7 +53,8 @@ def cli(args, hydra_dir, **kw):
 
 
 def hydra_outputs():
-    return set((ROOT / "outputs").rglob("*")) if (ROOT / "outputs").exists() else set()
+    """The files of Hydra's default run directories in the repository (runs/<date>/<time>)."""
+    return {p for day in (ROOT / "runs").glob("????-??-??") for p in day.rglob("*")}
 
 
 def test_cli_as_file_and_module_and_bad_override(tmp_path):
@@ -71,7 +72,7 @@ def test_cli_as_file_and_module_and_bad_override(tmp_path):
     assert not (tmp_path / "b" / "train_log.jsonl").exists()
     r = cli(["-m", "rwkv_diffusion_rnn.train_rwkv", "experiment=struct", "training.lr=0.1"], tmp_path / "hydra_c")
     assert r.returncode != 0 and "training.lr" in r.stderr
-    assert hydra_outputs() == before, "a command line run wrote Hydra's outputs/ into the repository"
+    assert hydra_outputs() == before, "a command line run wrote Hydra's runs/<date>/<time> into the repository"
 
 
 def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(tmp_path):
