@@ -10,7 +10,10 @@ reproduces the ``val_nelbo`` / ``val_nll`` training logged): a diffusion model's
 an AR model's exact NLL, in nats and bits per token, bits per character where the tokenizer
 knows characters, perplexity (a bound for diffusion), tokens scored and the Monte-Carlo standard
 error; a text + latent model also without its latent (``null_latent``). Writes ``<dir>/eval.json``
-(or ``out=<file>``) and prints it.
+(or ``out=<file>``) and prints it. Progress goes to stderr: a bar on a terminal
+(``logging.progress_bar``), a plain line every 30 s when the output is a file or a log.
+The text corpus is read from the token cache training built (``data.cache_dir``, relative to the
+current directory), tokenized again only when its sources changed.
 
 The quality of generated samples:
 ``python -m rwkv_diffusion_rnn.evaluate eval.samples=<file.jsonl> eval.scorer=<AR checkpoint> [out=<file>]
