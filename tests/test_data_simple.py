@@ -11,8 +11,15 @@ from rwkv_diffusion_rnn.data.data_simple import ResumableDataLoader, ResumableSa
 from rwkv_diffusion_rnn.common.errors import DataFormatError
 
 
+def no_tokens_info():
+    """The warning of token files without tokens_info.json (as DiffRwkv's tokenizer writes them,
+    and ``make_data`` on purpose): the loader cannot check them against the texts, and says so."""
+    return pytest.warns(UserWarning, match=r"cannot check that these token files .* it has no tokens_info\.json")
+
+
 def make_data(root: Path, n=6, dim=4, max_length=8, seed=0):
-    """A prepare_latents + preprocess_tokenize_text style layout with known contents."""
+    """A prepare_latents + preprocess_tokenize_text style layout with known contents (token files
+    without tokens_info.json, as the DiffRwkv pipeline writes them: :func:`no_tokens_info`)."""
     rng = np.random.default_rng(seed)
     data = root / "qwen"
     tok = root / "tokens" / "train"
@@ -38,7 +45,9 @@ def make_data(root: Path, n=6, dim=4, max_length=8, seed=0):
 
 def test_json_and_directory_pairing(tmp_path):
     js, tok, lat, expect = make_data(tmp_path)
-    for ds in (TextLatentDataset(js, tok, latent_dim=4), TextLatentDataset(None, tok, lat, latent_dim=4)):
+    with no_tokens_info():
+        datasets = (TextLatentDataset(js, tok, latent_dim=4), TextLatentDataset(None, tok, lat, latent_dim=4))
+    for ds in datasets:
         assert len(ds) == 6
         for i, (ids, latent) in enumerate(expect):
             item = ds[i]
@@ -46,7 +55,8 @@ def test_json_and_directory_pairing(tmp_path):
             assert item["attention_mask"].dtype == torch.bool and item["attention_mask"].all()
             assert item["latent"].dtype == torch.float32
             np.testing.assert_array_equal(item["latent"].numpy(), latent)
-    ds = TextLatentDataset(js, tok, max_samples=3, seq_len=2)
+    with no_tokens_info():
+        ds = TextLatentDataset(js, tok, max_samples=3, seq_len=2)
     assert len(ds) == 3 and ds[2]["input_ids"].tolist() == expect[2][0][:2].tolist()
 
 
@@ -59,7 +69,8 @@ def test_latent_path_relative_to_cwd_or_absolute(tmp_path, monkeypatch):
     other = tmp_path / "elsewhere.json"
     other.write_text(json.dumps(entries))
     monkeypatch.chdir(tmp_path)
-    assert len(TextLatentDataset(other, tok, latent_dim=4)) == 6
+    with no_tokens_info():
+        assert len(TextLatentDataset(other, tok, latent_dim=4)) == 6
 
 
 def test_missing_files_reported_together(tmp_path):
@@ -85,10 +96,12 @@ def test_missing_files_reported_together(tmp_path):
 
 def test_wrong_dim_and_nan_name_the_file(tmp_path):
     js, tok, lat, _ = make_data(tmp_path)
-    with pytest.raises(DataFormatError, match=r"00000000\.npy: latent has 4 dims but model.latent_dim is 32.*--latent_dim 32"):
+    with no_tokens_info(), pytest.raises(DataFormatError, match=r"00000000\.npy: latent has 4 dims but "
+                                                             r"model.latent_dim is 32.*--latent_dim 32"):
         TextLatentDataset(js, tok, latent_dim=32)
     np.save(lat / "00000003.npy", np.array([0, np.nan, 0, 0], np.float32))
-    ds = TextLatentDataset(js, tok, latent_dim=4)
+    with no_tokens_info():
+        ds = TextLatentDataset(js, tok, latent_dim=4)
     with pytest.raises(DataFormatError, match=r"00000003\.npy: latent contains NaN"):
         ds[3]
     np.save(lat / "00000004.npy", np.zeros(5, np.float32))
@@ -98,7 +111,8 @@ def test_wrong_dim_and_nan_name_the_file(tmp_path):
 
 def test_collate_pads_to_longest_or_seq_len(tmp_path):
     js, tok, _, expect = make_data(tmp_path)
-    ds = TextLatentDataset(js, tok)
+    with no_tokens_info():
+        ds = TextLatentDataset(js, tok)
     batch = TextLatentCollator(pad_id=0)([ds[0], ds[3], ds[1]])
     assert batch["input_ids"].shape == (3, 4) and batch["latent"].shape == (3, 4)
     assert batch["attention_mask"].sum(1).tolist() == [1, 4, 2]
@@ -148,7 +162,8 @@ def test_sampler_resume_mid_epoch(drop_last):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_loader_resume_counts_consumed_batches(tmp_path, num_workers):
     js, tok, _, _ = make_data(tmp_path, n=11)
-    ds = TextLatentDataset(js, tok)
+    with no_tokens_info():
+        ds = TextLatentDataset(js, tok)
     collate = TextLatentCollator()
 
     def loader():
@@ -183,15 +198,19 @@ def loader_epochs(loader, epochs):
 
 def test_build_dataloaders_and_split(tmp_path):
     js, tok, lat, _ = make_data(tmp_path, n=10)
-    train, val = build_dataloaders(token_dir=tok, latent_dir=lat, val_fraction=0.2, batch_size=3,
-                                   eval_batch_size=2, latent_dim=4, max_samples=9, seed=1)
+    with no_tokens_info():
+        train, val = build_dataloaders(token_dir=tok, latent_dir=lat, val_fraction=0.2, batch_size=3,
+                                       eval_batch_size=2, latent_dim=4, max_samples=9, seed=1)
     assert len(train.dataset) == 7 and len(val.dataset) == 2
     assert len(train) == 3 and [b["latent"].shape[0] for b in val] == [2]
     tr, va = split_indices(9, 0.2, 1)
     assert sorted(tr + va) == list(range(9)) and split_indices(9, 0.2, 1) == (tr, va)
-    train, val = build_dataloaders(json_path=js, token_dir=tok, val_json_path=js, val_token_dir=tok, batch_size=4)
+    with no_tokens_info():
+        train, val = build_dataloaders(json_path=js, token_dir=tok, val_json_path=js, val_token_dir=tok,
+                                       batch_size=4)
     assert len(train) == 3 and sum(b["input_ids"].shape[0] for b in val) == 10
-    train, val = build_dataloaders(token_dir=tok, latent_dir=lat, batch_size=4)
+    with no_tokens_info():
+        train, val = build_dataloaders(token_dir=tok, latent_dir=lat, batch_size=4)
     assert val is None
     with pytest.raises(DataFormatError, match="data.val_token_dir"):
         build_dataloaders(json_path=js, token_dir=tok, val_json_path=js)
@@ -216,11 +235,14 @@ def test_atomic_writes_leave_no_partial_file(tmp_path):
 
 def test_build_dataloaders_padding(tmp_path):
     js, tok, lat, _ = make_data(tmp_path, n=4)  # lengths 1..4
-    train, _ = build_dataloaders(token_dir=tok, latent_dir=lat, batch_size=4, seq_len=3, shuffle=False)
+    with no_tokens_info():
+        train, _ = build_dataloaders(token_dir=tok, latent_dir=lat, batch_size=4, seq_len=3, shuffle=False)
     b = next(iter(train))
     assert b["input_ids"].shape == (4, 3) and b["attention_mask"].sum(1).tolist() == [1, 2, 3, 3]
-    train, _ = build_dataloaders(token_dir=tok, latent_dir=lat, batch_size=2, seq_len=6, shuffle=False)
+    with no_tokens_info():
+        train, _ = build_dataloaders(token_dir=tok, latent_dir=lat, batch_size=2, seq_len=6, shuffle=False)
     assert next(iter(train))["input_ids"].shape == (2, 2)  # longest in the batch
-    train, _ = build_dataloaders(token_dir=tok, latent_dir=lat, batch_size=2, seq_len=6, shuffle=False,
-                                 pad_to_seq_len=True)
+    with no_tokens_info():
+        train, _ = build_dataloaders(token_dir=tok, latent_dir=lat, batch_size=2, seq_len=6, shuffle=False,
+                                     pad_to_seq_len=True)
     assert next(iter(train))["input_ids"].shape == (2, 6)
