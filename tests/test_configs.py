@@ -156,3 +156,37 @@ def test_help_is_short_names_the_registered_choices_and_points_to_the_full_confi
                           capture_output=True, text=True, timeout=120)
     assert full.returncode == 0 and "model:" in full.stdout and "training:" in full.stdout
 
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optimizer.betas=[2,0.9]", r"optimizer.betas=\[2, 0.9\] must be a list of 2 values, each a number in \[0, 1\)"),
+    ("optimizer.betas=abc", r"optimizer.betas='abc' must be a list of 2 values"),
+    ("optimizer.lr=nan", r"optimizer.lr=nan must be a positive number"),
+    ("optimizer.weight_decay=abc", r"optimizer.weight_decay='abc' must be a number >= 0"),
+    ("optimizer.warmup_steps=-1", r"optimizer.warmup_steps=-1 must be an integer >= 0"),
+    ("optimizer.min_lr_ratio=2", r"optimizer.min_lr_ratio=2 must be a number in \[0, 1\]"),
+    ("data=text data.val_fraction=abc", r"data.val_fraction='abc' must be a number in \[0, 1\)"),
+    ("text_noise.min_masking_rate=2", r"text_noise.min_masking_rate=2 must be a number in \[0, 1\]"),
+    ("text_noise.truncate_prob=5", r"text_noise.truncate_prob=5 must be a number in \[0, 1\]"),
+    ("latent_noise.max_noise_level=1.5", r"latent_noise.max_noise_level=1.5 must be a number in \(0, 1\)"),
+    ("logging.keep_last=0", r"logging.keep_last=0 must be an integer >= 1 or null \(keep every checkpoint\)"),
+    ("logging.save_every=-5", r"logging.save_every=-5 must be an integer >= 1 or null"),
+    ("training.grad_clip=-1", r"training.grad_clip=-1 must be a positive number or null \(no clipping\)"),
+    ("training.clean_text_prob=inf", r"training.clean_text_prob=inf must be a number in \[0, 1\]"),
+    ("eval.threshold=1.5", r"eval.threshold=1.5 must be a number in \[0, 1\] or null"),
+    ("model.latent_dim=0", r"model.latent_dim=0 must be an integer >= 1"),
+    ("model.freeze_backbone=maybe", r"model.freeze_backbone='maybe' must be true or false"),
+])
+def test_every_typed_value_is_checked_naming_the_key_the_value_and_the_range(override, match, tmp_path):
+    """Each kind of check (range, open end, list, finite, integer, null allowed, flag) refuses a bad
+    value before anything is built, with the key, the value and what is allowed."""
+    cfg = compose_cfg(["experiment=struct", f"logging.save_dir={tmp_path}", *override.split()])
+    with pytest.raises(ConfigError, match=match):
+        validate_config(cfg)
+
+
+def test_a_constructor_and_the_validation_share_one_rule():
+    """MaskedDiffusion (public API) refuses with the same message as the config check."""
+    from rwkv_diffusion_rnn.diffusion.diffusion_process import MaskedDiffusion
+    with pytest.raises(ConfigError, match=r"text_noise.truncate_prob=5 must be a number in \[0, 1\]"):
+        MaskedDiffusion(mask_id=3, vocab_size=4, truncate_prob=5)

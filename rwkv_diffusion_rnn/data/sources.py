@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from omegaconf import DictConfig
 
 from ..common import rng
+from ..common.checks import Flag, Num
 from ..common.errors import ConfigError
 
 
@@ -257,10 +258,12 @@ def data_source(kind: str) -> DataSource:
     return DATA_SOURCES[kind]
 
 
-def check_val_fraction(d: DictConfig) -> None:
-    v = d.val_fraction
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-        raise ConfigError(f"data.val_fraction={v!r} must be a number in [0, 1)")
+# the data.* numbers and flags the sources read, with their ranges
+OPTIONS = {
+    "seq_len": Num(lo=1, integer=True), "val_fraction": Num(0, 1, hi_open=True), "num_workers": Num(lo=0, integer=True),
+    "max_samples": Num(lo=1, integer=True, optional=True, null_means="all"), "shuffle": Flag(),
+    "struct_len": Num(lo=1, integer=True), "eval_size": Num(lo=1, integer=True), "eval_seed": Num(integer=True),
+}
 
 
 def _check_text(cfg: DictConfig) -> None:
@@ -268,7 +271,6 @@ def _check_text(cfg: DictConfig) -> None:
     if not d.path and not d.hf_dataset:
         raise ConfigError("data.kind=text needs a corpus: set data.path (a .txt, .jsonl, .json, folder or "
                           "glob) or data.hf_dataset")
-    check_val_fraction(d)
 
 
 def _corpus_validation(cfg: DictConfig, tokenizer):
@@ -293,7 +295,6 @@ def _check_sft(cfg: DictConfig) -> None:
     if cfg.training.objective == "ar":
         raise ConfigError("data=sft trains the diffusion objective on answers; training.objective=ar is not "
                           "supported with it")
-    check_val_fraction(d)
 
 
 def _check_text_latent(cfg: DictConfig) -> None:
@@ -313,7 +314,6 @@ def _check_text_latent(cfg: DictConfig) -> None:
             raise ConfigError(f"model.latent_dim={m.latent_dim} but {found[1]} holds a "
                               f"{found[0]}-dim latent; set model.latent_dim={found[0]} or re-run "
                               f"prepare_latents with --latent_dim {m.latent_dim}")
-    check_val_fraction(d)
 
 
 def _first_latent_dim(latent_dir):

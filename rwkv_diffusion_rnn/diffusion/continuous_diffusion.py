@@ -32,10 +32,16 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..common.checks import Flag, Num, check_options
+
 __all__ = ["GaussianDiffusion", "cfg_combine", "LATENT_SCHEDULES", "TARGETS"]
 
 LATENT_SCHEDULES = ("cosine", "linear")
 TARGETS = ("eps", "x0", "v")
+# the latent_noise.* numbers and flags GaussianDiffusion reads, with their ranges
+OPTIONS = {"min_noise_level": Num(0, 1, lo_open=True, hi_open=True),
+           "max_noise_level": Num(0, 1, lo_open=True, hi_open=True),
+           "num_train_steps": Num(lo=1, integer=True), "low_discrepancy": Flag()}
 
 
 def _rand(shape, generator, device, normal=False) -> torch.Tensor:
@@ -77,13 +83,13 @@ class GaussianDiffusion:
             raise ValueError(f"schedule must be one of {list(LATENT_SCHEDULES)}, got {schedule!r}")
         if target not in TARGETS:
             raise ValueError(f"target must be one of {list(TARGETS)}, got {target!r}")
-        if not 0.0 < min_noise_level < max_noise_level < 1.0:
+        check_options("latent_noise", dict(min_noise_level=min_noise_level, max_noise_level=max_noise_level,
+                                           num_train_steps=num_train_steps), OPTIONS)
+        if not min_noise_level < max_noise_level:
             raise ValueError(
                 "noise levels must satisfy 0 < min_noise_level < max_noise_level < 1, got "
                 f"min_noise_level={min_noise_level}, max_noise_level={max_noise_level}"
             )
-        if num_train_steps < 1:
-            raise ValueError(f"num_train_steps must be >= 1, got {num_train_steps}")
         self.schedule = schedule
         self.min_noise_level = float(min_noise_level)
         self.max_noise_level = float(max_noise_level)

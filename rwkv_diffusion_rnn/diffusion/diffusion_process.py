@@ -34,6 +34,8 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from ..common.checks import Flag, Num, check_options
+
 __all__ = [
     "MaskSchedule",
     "LinearSchedule",
@@ -252,6 +254,12 @@ def _composition(total: int, parts: int, generator, device) -> list[int]:
 
 NOISE_TYPES = ("mask", "random_replace")
 LOSS_TYPES = ("mdlm", "llada", "soft_ce")
+# the text_noise.* numbers and flags MaskedDiffusion reads, with their ranges
+OPTIONS = {
+    "min_masking_rate": Num(0, 1), "span_prob": Num(0, 1), "truncate_prob": Num(0, 1),
+    "mean_span_length": Num(lo=1), "reweight_cap": Num(lo=0, lo_open=True, optional=True, null_means="no cap"),
+    "label_smoothing": Num(0, 1, hi_open=True, optional=True), "low_discrepancy": Flag(), "sft": Flag(),
+}
 
 
 class MaskedDiffusion:
@@ -310,20 +318,14 @@ class MaskedDiffusion:
             raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
-        for name, p in (("min_masking_rate", min_masking_rate), ("span_prob", span_prob),
-                        ("truncate_prob", truncate_prob)):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {p}")
-        if not mean_span_length >= 1:
-            raise ValueError(f"mean_span_length must be >= 1, got {mean_span_length}")
+        check_options("text_noise", dict(min_masking_rate=min_masking_rate, span_prob=span_prob,
+                                         truncate_prob=truncate_prob, mean_span_length=mean_span_length,
+                                         reweight_cap=reweight_cap), OPTIONS)
         if not 0.0 < eps < 1.0:
             raise ValueError(f"eps must be in (0, 1), got {eps}")
-        if reweight_cap is not None and not reweight_cap > 0:
-            raise ValueError(f"reweight_cap must be > 0 or None, got {reweight_cap}")
         if loss_type == "soft_ce":
             label_smoothing = 0.1 if label_smoothing is None else label_smoothing
-            if not 0.0 <= label_smoothing < 1.0:
-                raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+            OPTIONS["label_smoothing"].check("text_noise.label_smoothing", label_smoothing)
         elif label_smoothing:
             raise ValueError(
                 f"label_smoothing={label_smoothing} is only used by loss_type='soft_ce' "

@@ -39,9 +39,20 @@ from .archs import ARCHS, arch_of
 from .mixers import MIXERS, Modulation, mixer_class, option_defaults
 from .mixers.base import Mixer
 from .rwkv7 import LayerState
+from ..common.checks import Flag, Num, check_options
 from .time_conditioning import AdaLNZero, FiLM, TimeConditioner
 
 TIME_CONDITIONINGS = ("film", "adaln_zero", "none")
+# the model.* numbers and flags of DenoiserConfig, with their ranges
+OPTIONS = {
+    "vocab_size": Num(lo=2, integer=True), "mask_id": Num(lo=0, integer=True),
+    "latent_dim": Num(lo=1, integer=True), "latent_prefix_len": Num(lo=0, integer=True),
+    "adaln_identity_init": Flag(), "bi_share_weights": Flag(), "dw_jrt_scale": Num(),
+    "dw_jrt_learnable_alpha": Flag(), "dw_jrt_alpha_init": Num(), "dw_jrt_layer_start": Num(lo=0, integer=True),
+    "block_size": Num(lo=1, integer=True), "block_attention": Flag(), "use_rwkv_lm_head": Flag(),
+    "freeze_backbone": Flag(), "pos_emb_len": Num(lo=0, integer=True), "pos_emb_init_std": Num(lo=0),
+    "latent_in_cond": Flag(),
+}
 
 
 @dataclass
@@ -73,6 +84,7 @@ class DenoiserConfig:
     mixer_options: Dict[str, Any] = field(default_factory=dict)   # options of a mixer that are no field here
 
     def __post_init__(self):
+        check_options("model", {k: getattr(self, k) for k in OPTIONS}, OPTIONS)
         arch = arch_of(self.arch)
         if self.mixer not in MIXERS:
             raise ValueError(f"model.mixer={self.mixer!r}; choose one of {sorted(MIXERS)}")
@@ -95,14 +107,6 @@ class DenoiserConfig:
             mixer_class(self.mixer).check_options(**{k: self.mixer_option(k) for k in option_defaults(self.mixer)})
         if not 0 <= self.mask_id < self.vocab_size:
             raise ValueError(f"model.mask_id={self.mask_id} must be a token id below model.vocab_size={self.vocab_size}")
-        if self.latent_prefix_len < 0 or (self.latent_prefix_len and self.latent_dim < 1):
-            raise ValueError("model.latent_prefix_len must be >= 0 and model.latent_dim >= 1")
-        if isinstance(self.pos_emb_len, bool) or not isinstance(self.pos_emb_len, int) or self.pos_emb_len < 0:
-            raise ValueError(f"model.pos_emb_len={self.pos_emb_len!r} must be an integer >= 0 (0: no position "
-                             "embedding)")
-        std = self.pos_emb_init_std
-        if isinstance(std, bool) or not isinstance(std, (int, float)) or not std >= 0:
-            raise ValueError(f"model.pos_emb_init_std={self.pos_emb_init_std!r} must be a number >= 0 (0: zeros)")
         if self.latent_in_cond and (self.time_conditioning == "none" or not self.latent_prefix_len):
             raise ValueError("model.latent_in_cond=true adds the latent to the time conditioning: it needs "
                              "model.latent_prefix_len >= 1 and model.time_conditioning=film or adaln_zero")

@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from ..common.checks import Flag, Num, check_options
 from ..common.errors import ConfigError
 
 
@@ -25,16 +26,6 @@ def _choice(cfg, key, allowed):
         val = val[part]
     if val not in allowed:
         raise ConfigError(f"{key}={val!r} is not valid; choose one of {', '.join(map(str, allowed))}")
-
-
-def _positive(cfg, key, allow_none=False):
-    val = cfg
-    for part in key.split("."):
-        val = val[part]
-    if val is None and allow_none:
-        return
-    if not isinstance(val, (int, float)) or val <= 0:
-        raise ConfigError(f"{key}={val!r} must be a positive number")
 
 
 def _leaf_keys(node, prefix: str = "") -> set:
@@ -93,6 +84,7 @@ def validate_config(cfg: DictConfig) -> None:
 
     check_known_keys(cfg)
     _check_choices(cfg)
+    _check_values(cfg)
     arch, mixer, source = ARCHS[cfg.model.arch], MIXERS[cfg.model.mixer], DATA_SOURCES[cfg.data.kind]
     _check_model(cfg, arch)
     source.check(cfg)
@@ -125,6 +117,49 @@ def _check_choices(cfg: DictConfig) -> None:
     if not (device in DEVICES or str(device).startswith("cuda:")):
         raise ConfigError(f"training.device={device!r} is not valid; choose one of {', '.join(DEVICES)} "
                           "(or cuda:N)")
+
+
+# The training loop's own options (the trainer reads them), with their ranges; the other groups'
+# live with the module that reads them (optimizer.OPTIONS, diffusion_process.OPTIONS, ...).
+TRAINING_OPTIONS = {
+    "train_batch_size": Num(lo=1, integer=True), "eval_batch_size": Num(lo=1, integer=True),
+    "grad_accum_steps": Num(lo=1, integer=True),
+    "grad_clip": Num(lo=0, lo_open=True, optional=True, null_means="no clipping"),
+    "max_steps": Num(lo=1, integer=True, optional=True), "num_epochs": Num(lo=1, integer=True, optional=True),
+    "ema_decay": Num(0, 1, lo_open=True, hi_open=True, optional=True, null_means="no EMA"),
+    "unfreeze_backbone_at_epoch": Num(lo=0, integer=True, optional=True),
+    "latent_loss_weight": Num(lo=0), "clean_text_prob": Num(0, 1), "clean_latent_prob": Num(0, 1),
+    "latent_drop_prob": Num(0, 1), "stop_at_step": Num(lo=1, integer=True, optional=True),
+    "max_bad_steps": Num(lo=0, integer=True), "grad_checkpointing": Flag(), "resume_any_world_size": Flag(),
+}
+LOGGING_OPTIONS = {
+    "log_freq": Num(lo=1, integer=True), "eval_freq": Num(lo=0, integer=True),
+    "save_every": Num(lo=1, integer=True, optional=True, null_means="at epoch ends only"),
+    "save_epochs": Flag(), "keep_last": Num(lo=1, integer=True, optional=True, null_means="keep every checkpoint"),
+    "wandb": Flag(), "progress_bar": Flag(),
+}
+EVAL_OPTIONS = {
+    "max_batches": Num(lo=1, integer=True, optional=True, null_means="all"), "mc_samples": Num(lo=1, integer=True),
+    "sample_steps": Num(lo=1, integer=True), "threshold": Num(0, 1, optional=True),
+    "latent_steps": Num(lo=1, integer=True), "fresh": Flag(),
+}
+
+
+def _check_values(cfg: DictConfig) -> None:
+    """Every number and flag of every group: its type and range (each group's table lives with
+    the module that reads it)."""
+    from ..data.sources import OPTIONS as DATA
+    from ..diffusion.continuous_diffusion import OPTIONS as LATENT_NOISE
+    from ..diffusion.diffusion_process import OPTIONS as TEXT_NOISE
+    from ..models.rwkv_denoiser import OPTIONS as MODEL
+    from .optimizer import OPTIONS as OPTIMIZER
+    model = dict(MODEL)
+    if cfg.model.vocab_size is None or cfg.model.mask_id is None:   # null: the tokenizer gives them
+        model = {k: v for k, v in model.items() if k not in ("vocab_size", "mask_id")}
+    for group, options in (("training", TRAINING_OPTIONS), ("logging", LOGGING_OPTIONS), ("eval", EVAL_OPTIONS),
+                           ("optimizer", OPTIMIZER), ("text_noise", TEXT_NOISE), ("latent_noise", LATENT_NOISE),
+                           ("model", model), ("data", DATA)):
+        check_options(group, cfg[group], options)
 
 
 def _check_model(cfg: DictConfig, arch) -> None:
@@ -183,7 +218,6 @@ def _check_across(cfg: DictConfig, arch, mixer, source) -> None:
         raise ConfigError(f"data.kind={d.kind} has no sentence latents: set model.latent_prefix_len=0")
     if source.endless and not tr.max_steps:
         raise ConfigError(f"data.kind={d.kind} is an endless stream: set training.max_steps")
-    _positive(cfg, "data.seq_len")
     if arch.accepts(m.mixer):
         multiple, key = arch.length_multiple(model_keys(m)), arch.length_key(model_keys(m))
         if key is not None and isinstance(multiple, int) and multiple > 0 and d.seq_len % multiple:
@@ -199,25 +233,8 @@ def _check_training(cfg: DictConfig) -> None:
         if not isinstance(ds, int) or isinstance(ds, bool) or ds < 1:
             raise ConfigError(f"optimizer.decay_steps={ds!r}: optimizer.schedule=wsd needs the number of "
                               "steps of its final linear decay, e.g. optimizer.decay_steps=50")
-    for key in ("training.train_batch_size", "training.eval_batch_size", "training.grad_accum_steps",
-                "optimizer.lr", "optimizer.decay_lr_mult", "logging.log_freq"):
-        _positive(cfg, key)
-    _positive(cfg, "training.max_steps", allow_none=True)
-    _positive(cfg, "eval.max_batches", allow_none=True)
-    if cfg.eval.get("mc_samples") is not None:
-        _positive(cfg, "eval.mc_samples")
-    _positive(cfg, "training.num_epochs", allow_none=True)
     if not tr.max_steps and not tr.num_epochs:
         raise ConfigError("set training.max_steps or training.num_epochs (both are null)")
-    for key in ("grad_checkpointing", "resume_any_world_size"):
-        if not isinstance(tr[key], bool):
-            raise ConfigError(f"training.{key}={tr[key]!r} must be true or false")
-    mbs = tr.max_bad_steps
-    if not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 0:
-        raise ConfigError(f"training.max_bad_steps={mbs!r} must be an integer >= 0 (0: stop at the first "
-                          "non-finite loss or gradient)")
-    if tr.ema_decay is not None and not 0 < tr.ema_decay < 1:
-        raise ConfigError(f"training.ema_decay={tr.ema_decay} must be in (0, 1) or null")
 
 
 def _check_dataclasses(cfg: DictConfig) -> None:

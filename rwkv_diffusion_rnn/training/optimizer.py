@@ -24,8 +24,19 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from ..common.checks import Num, Seq
+
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 OPTIMIZERS = ("adamw", "muon", "adamw8bit", "lion8bit")
+# the optimizer.* numbers, with their ranges (muon_* only in optimizer=muon configs)
+OPTIONS = {
+    "lr": Num(lo=0, lo_open=True), "weight_decay": Num(lo=0), "betas": Seq(Num(0, 1, hi_open=True), 2),
+    "eps": Num(lo=0, lo_open=True), "backbone_lr_mult": Num(lo=0), "decay_lr_mult": Num(lo=0, lo_open=True),
+    "warmup_steps": Num(lo=0, integer=True), "min_lr_ratio": Num(0, 1),
+    "decay_steps": Num(lo=1, integer=True, optional=True),
+    "muon_lr": Num(lo=0, lo_open=True), "muon_momentum": Num(0, 1, hi_open=True),
+    "muon_ns_steps": Num(lo=1, integer=True),
+}
 EIGHT_BIT = {"adamw8bit": "AdamW8bit", "lion8bit": "Lion8bit"}    # optimizer.name -> bitsandbytes class
 
 _NO_DECAY_SUFFIXES = (".bias", "emb.weight", "type_emb.weight", "pos_emb", "null_latent", ".r_k")
