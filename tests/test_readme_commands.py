@@ -409,4 +409,4 @@ def test_the_commands_of_the_doc_run_as_typed(doc, session):
             continue
         session.run(cmd, by_text)
     if skipped:
-        pytest.skip("not run here: " + "; ".join(skipped))
+        pytest.skip("not run here: " + "; ".join(dict.fromkeys(skipped)))
