@@ -838,15 +838,19 @@ def _latest_hint(save_dir: Path) -> str:
     return f"The newest checkpoint in {save_dir} is {latest}." if latest else f"{save_dir} holds no complete checkpoint."
 
 
-def check_config_compatible(saved_config: dict, config: dict, keys=("model",), *, checkpoint=None) -> None:
+def check_config_compatible(saved_config: dict, config: dict, keys=("model",), *, checkpoint=None,
+                            ignore=(), instead: str = "start a new run in another logging.save_dir") -> None:
     """Raise CheckpointError listing every setting under the ``keys`` prefixes (dotted, e.g.
-    ``model`` or ``data.seq_len``) whose value differs between the checkpoint and this run."""
+    ``model`` or ``data.seq_len``) whose value differs between the checkpoint and this run (but
+    the keys under an ``ignore`` prefix); ``instead``: what else the user can do."""
     saved, current = _plain(saved_config), _plain(config)
     diffs = []
     for prefix in keys:
         a = _flatten(_get_dotted(saved, prefix), prefix)
         b = _flatten(_get_dotted(current, prefix), prefix)
         for key in sorted(set(a) | set(b)):
+            if any(key == p or key.startswith(p + ".") for p in ignore):
+                continue
             va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
             if va is _ABSENT or vb is _ABSENT or va != vb or (type(va) is bool) != (type(vb) is bool):
                 diffs.append(f"  {key}: checkpoint {_show(va)}, config {_show(vb)}")
@@ -855,7 +859,7 @@ def check_config_compatible(saved_config: dict, config: dict, keys=("model",), *
         raise CheckpointError(
             f"{where} was saved with different settings than this run:\n" + "\n".join(diffs) + "\n"
             f"Resume with the same {', '.join(keys)} settings as the checkpoint (see its {CONFIG_FILE}), "
-            "or start a new run in another logging.save_dir."
+            f"or {instead}."
         )
 
 

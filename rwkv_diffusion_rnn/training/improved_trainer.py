@@ -122,6 +122,7 @@ class Trainer:
         self.folder = RunFolder(self.save_dir)  # its lock and files are rank 0's
         self.stop_requested = False
         self.resumed_from = None
+        self.config_changes = []          # settings changed on a resume: key, was, now, from which step
         self._t_window = time.perf_counter()  # start of the steps the next log record sums up
         self._bad = ""                    # what made the last skipped step non-finite
         if tr.resume:
@@ -161,6 +162,8 @@ class Trainer:
                  "world_size": self.dist.world, "parallel": self.dist.mode}
         if self.pending_record is not None:
             state["pending_record"] = json_safe(self.pending_record)
+        if self.config_changes:
+            state["config_changes"] = json_safe(self.config_changes)
         return state
 
     def save(self, name: str) -> Path:
@@ -188,7 +191,7 @@ class Trainer:
 
     def _resume(self, source: str):
         path = ckpt.resolve_resume(str(source), self.save_dir)
-        resume.check_resumable(path, config=OmegaConf.to_container(self.cfg, resolve=False),
+        resume.check_resumable(path, config=OmegaConf.to_container(self.cfg, resolve=True),
                                tokenizer=self._tokenizer_spec(), world=self.dist.world, parallel=self.dist.mode,
                                any_world_size=bool(self.cfg.training.resume_any_world_size))
         state = resume.restore(source, path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -203,6 +206,12 @@ class Trainer:
         self.pending_record = state.get("pending_record")
         self.resumed_from = path
         self._print(f"resumed from {path} at step {self.global_step}")
+        # a setting changed on resume takes effect from here; the record says what ran before it
+        changes = resume.changed_settings(path, OmegaConf.to_container(self.cfg, resolve=True))
+        self.config_changes = list(state.get("config_changes", [])) + [
+            {"from_step": self.global_step, "key": k, "was": was, "now": now} for k, was, now in changes]
+        for k, was, now in changes:
+            self._print(f"  {k}: {was!r} until step {self.global_step}, {now!r} from here")
 
     def _claim_save_dir(self):
         """Takes the run folder (:meth:`RunFolder.claim`). Rank 0's work: the lock and the log are its files."""

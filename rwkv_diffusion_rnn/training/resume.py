@@ -23,9 +23,17 @@ from ..common.errors import CheckpointError, ConfigError
 from . import checkpoints as ckpt
 
 
-# Settings a resumed run must share with its checkpoint: the weights' shapes, and the batches the
-# saved data position counts (another batch size would not continue the same epoch).
-RESUME_KEYS = ("model", "training.train_batch_size", "training.grad_accum_steps")
+# Settings that make a run what it is, which a resumed run shares with its checkpoint: the weights'
+# shapes, what is trained (the objective, its row roles, the noise), on which data, and the
+# batches the saved data position counts (another batch size would not continue the same epoch).
+RESUME_KEYS = ("model", "training.objective", "training.clean_text_prob", "training.clean_latent_prob",
+               "training.latent_drop_prob", "training.train_batch_size", "training.grad_accum_steps",
+               "text_noise", "latent_noise", "data")
+# Inside those, keys about where and how the data is read, not what it is: they may change.
+RESUME_FREE = ("data.cache_dir", "data.num_workers")
+# The groups whose other keys (learning rate, steps, logging, evaluation) may change on resume:
+# they take effect from the resumed step, and the change is recorded (config_changes).
+CHANGEABLE = ("optimizer", "training", "logging", "eval")
 
 
 # ------------------------------------------------------------------ training.init_from
@@ -124,12 +132,14 @@ def init_weights(path: Path, *, model: torch.nn.Module, ema: Optional[torch.nn.M
 def check_resumable(path: Path, *, config: Dict[str, Any], tokenizer: Optional[Dict[str, Any]], world: int,
                     parallel: str, any_world_size: bool) -> None:
     """Refuses a checkpoint this run cannot continue exactly: other :data:`RESUME_KEYS` in
-    ``config`` (this run's unresolved config), another ``tokenizer`` spec, another world size
+    ``config`` (this run's resolved config), another ``tokenizer`` spec, another world size
     (unless ``any_world_size``: ``training.resume_any_world_size``), or whole weights for an
     FSDP run (``parallel``)."""
-    saved = ckpt.read_saved_config(path, resolve=False)     # verified before it is parsed
+    saved = ckpt.read_saved_config(path)     # verified before it is parsed
     if saved is not None:
-        ckpt.check_config_compatible(saved, config, keys=RESUME_KEYS, checkpoint=path)
+        ckpt.check_config_compatible(saved, config, keys=RESUME_KEYS, checkpoint=path, ignore=RESUME_FREE,
+                                     instead=f"start a new run from its weights with training.init_from={path} "
+                                             "in another logging.save_dir")
     saved_tok = ckpt.read_tokenizer_spec(path)
     if saved_tok is not None and saved_tok != tokenizer:
         raise CheckpointError(
@@ -158,12 +168,45 @@ def check_world(path: Path, *, world: int, parallel: str, any_world_size: bool) 
             "run shards them (training.parallel=fsdp): resume it with training.parallel=ddp or none")
 
 
+def changed_settings(path: Path, config: Dict[str, Any]) -> list:
+    """``[(key, checkpoint's value, this run's value)]`` for the keys of :data:`CHANGEABLE` groups
+    (outside :data:`RESUME_KEYS`) that this run (``config``, resolved) sets otherwise."""
+    saved = ckpt.read_saved_config(path) or {}
+    out = []
+    for group in CHANGEABLE:
+        a, b = ckpt._flatten(saved.get(group) or {}, group), ckpt._flatten(config.get(group) or {}, group)
+        for key in sorted(set(a) | set(b)):
+            if any(key == k or key.startswith(k + ".") for k in RESUME_KEYS) or key in _NOT_SETTINGS:
+                continue
+            if a.get(key) != b.get(key):
+                out.append((key, a.get(key), b.get(key)))
+    return out
+
+
+# keys that name this attempt, not the run's settings
+_NOT_SETTINGS = {"training.resume", "training.init_from", "training.stop_at_step", "training.resume_any_world_size",
+                 "training.device", "training.parallel", "logging.save_dir"}
+
+
 def restore(resume: str, path: Path, *, model, optimizer, scheduler, ema, data, noise_gen,
             rank: int, world: int) -> Dict[str, Any]:
     """Loads the checkpoint at ``path`` (``training.resume=resume``) into the run's parts: the
     weights, optimizer, schedule, EMA, data position and this rank's noise stream. Returns the
-    saved trainer state (step, log accumulators, metrics...) for the trainer to take back."""
+    saved trainer state (step, log accumulators, metrics...) for the trainer to take back.
+
+    The optimizer's state (moments, step counts) and the schedule's position come back; its
+    settings (learning rates, weight decay, betas, the schedule's shape) are this run's, so a
+    learning rate changed on resume takes effect from the resumed step. With the settings
+    unchanged they are the saved ones, and the run continues exactly."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    base_lrs = list(scheduler.base_lrs)
     state, tensors = ckpt.load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema)
+    for group, settings in zip(optimizer.param_groups, fresh):
+        group.update({k: v for k, v in settings.items() if k != "lr"})
+    scheduler.base_lrs = base_lrs
+    for group, base, fn in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]   # what get_last_lr() reports
     try:
         data.load(state.get("data", {}), tensors)
     except ValueError as e:
