@@ -225,3 +225,16 @@ def test_bad_corpora_are_refused_on_the_command_line_naming_the_file(tmp_path):
         assert r.returncode == 2, (named, r.stderr[-1500:])
         assert named in r.stderr and "Traceback" not in r.stderr, (named, r.stderr[-1500:])
     assert not (tmp_path / "run" / "train_log.jsonl").exists()
+
+
+def test_degenerate_corpora_are_refused(tmp_path):
+    """A corpus with nothing to learn (blank lines) and a validation text that is the training
+    text are refused naming the key, before a bound of ~0 could be reported."""
+    from rwkv_diffusion_rnn.common.errors import DataFormatError
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n" * 5000)
+    with pytest.raises(DataFormatError, match=r"training split of .*blank.txt holds 1 distinct token in \d+ tokens"):
+        run(compose_config(overrides(tmp_path, blank)))
+    corpus = corpus_file(tmp_path)
+    with pytest.raises(ConfigError, match=r"data.val_path=.* is the training text data.path="):
+        run(compose_config(overrides(tmp_path, corpus, f"data.val_path={corpus}")))

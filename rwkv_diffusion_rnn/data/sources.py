@@ -116,6 +116,7 @@ class CorpusData(_EpochData):
         d = cfg.data
         corpus = prepare_corpus(corpus_spec(d), tokenizer, d.cache_dir, progress=cfg.logging.progress_bar)
         self.corpus, self.tokenizer = corpus, corpus.tokenizer
+        check_not_degenerate(corpus.train, split_name(d, "training"))
         self.train = TrainWindows(corpus.train, d.seq_len, batch_size, rng.seed_of("data_order", seed),
                                   source=split_name(d, "training"))
         self.val = corpus_val_windows(d, corpus, eval_batch_size)
@@ -154,6 +155,25 @@ class SFTData(_EpochData):
         eos = int(tokenizer.eos_id)
         self.train = sft.SFTBatches(train, batch_size, rng.seed_of("data_order", seed), eos, multiple, source=source)
         self.val = sft.SFTEvalBatches(val, eval_batch_size, eos, multiple) if val else None
+
+
+# Fewer distinct tokens than this in the training split (a corpus of blank lines, one repeated
+# character) leave nothing to learn: the bound falls to ~0 and says nothing about the model.
+MIN_DISTINCT_TOKENS = 2
+_SAMPLE_TOKENS = 1 << 22        # distinct ids are counted on at most this many tokens, spread over the split
+
+
+def check_not_degenerate(tokens, source: str) -> None:
+    """Refuses a training split with fewer than :data:`MIN_DISTINCT_TOKENS` distinct token ids."""
+    import numpy as np
+    n = len(tokens)
+    step = max(1, n // _SAMPLE_TOKENS)
+    distinct = np.unique(np.asarray(tokens[::step])) if n else np.zeros(0)
+    if len(distinct) < MIN_DISTINCT_TOKENS:
+        from ..common.errors import DataFormatError
+        raise DataFormatError(f"{source} holds {len(distinct)} distinct token{'s' if len(distinct) != 1 else ''} "
+                              f"in {n} tokens (only blank lines or one repeated character?): a model learns "
+                              f"nothing from it; train on text with at least {MIN_DISTINCT_TOKENS} distinct tokens")
 
 
 def chat_template(d: DictConfig):
@@ -271,6 +291,17 @@ def _check_text(cfg: DictConfig) -> None:
     if not d.path and not d.hf_dataset:
         raise ConfigError("data.kind=text needs a corpus: set data.path (a .txt, .jsonl, .json, folder or "
                           "glob) or data.hf_dataset")
+    _check_val_path(d)
+
+
+def _check_val_path(d: DictConfig) -> None:
+    """The held-out text must not be the training text (the bound would measure memorisation)."""
+    from pathlib import Path
+    if d.path and d.get("val_path") and Path(str(d.val_path)).expanduser().resolve() == \
+            Path(str(d.path)).expanduser().resolve():
+        raise ConfigError(f"data.val_path={d.val_path!r} is the training text data.path={d.path!r}: validation "
+                          "would score text the model trained on; give held-out text, or leave data.val_path "
+                          "null to hold out the last data.val_fraction")
 
 
 def _corpus_validation(cfg: DictConfig, tokenizer):
@@ -289,6 +320,7 @@ def _check_sft(cfg: DictConfig) -> None:
     d = cfg.data
     if not d.path and not d.hf_dataset:
         raise ConfigError("data=sft needs conversations: set data.path (a .json or .jsonl file) or data.hf_dataset")
+    _check_val_path(d)
     if cfg.text_noise.truncate_prob:
         raise ConfigError(f"text_noise.truncate_prob={cfg.text_noise.truncate_prob} with data=sft could cut "
                           "answers away: set text_noise.truncate_prob=0")
