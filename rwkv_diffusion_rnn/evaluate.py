@@ -211,9 +211,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(0 if argv else 2)
     from rwkv_diffusion_rnn.common.errors import ConfigError, ProjectError
     checkpoint = out = samples = scorer = batch_size = None
+    overwrite = False
     overrides = []
     for item in argv:
-        if item.startswith("checkpoint="):
+        if item.startswith("overwrite="):
+            overwrite = item.split("=", 1)[1].lower() == "true"
+        elif item.startswith("checkpoint="):
             checkpoint = item.split("=", 1)[1]
         elif item.startswith("out="):
             out = item.split("=", 1)[1]
@@ -226,6 +229,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         else:
             overrides.append(item)
     try:
+        from rwkv_diffusion_rnn.common.files import check_output
+        check_output("out", out, [samples] if samples else [], overwrite)
         if samples is not None or scorer is not None:
             if not samples:
                 raise ConfigError("eval.scorer scores generated samples: give eval.samples=<file.jsonl>")

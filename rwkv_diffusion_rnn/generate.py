@@ -62,6 +62,9 @@ if __package__ in (None, ""):  # run as a file: python rwkv_diffusion_rnn/genera
     sys.path[:] = [p for p in sys.path if not p or str(Path(p).resolve()) != _here]
     sys.path.insert(0, str(Path(_here).parent))
 
+from rwkv_diffusion_rnn.common.checks import Num  # noqa: E402  (after the path fix above)
+from rwkv_diffusion_rnn.common.files import check_output  # noqa: E402
+
 MODES = ("text", "latent", "joint")
 MASK_MARKER = re.compile(r"<mask(?::(\d+))?>")
 
@@ -103,6 +106,7 @@ class GenerateConfig:
     latent_out: Optional[str] = None      # <file>.npy
     device: Optional[str] = None          # default: the run's training.device
     trust_remote_code: bool = False       # run the tokenizer's own code (the user's say, never the checkpoint's)
+    overwrite: bool = False               # out= / latent_out= may replace an existing file
     print_texts: bool = True
     progress_bar: bool = True
 
@@ -154,6 +158,20 @@ def _parse_value(key: str, raw: str):
         raise _error(f"{key}={raw!r}: expected {want}") from None
 
 
+# The largest canvas generate writes: beyond it one call would need tens of GB (every layer keeps
+# [batch, length, width] activations) before the first token appears.
+MAX_LENGTH = 1 << 20
+# generate's numbers, with their ranges
+OPTIONS = {
+    "num_samples": Num(lo=1, integer=True), "length": Num(lo=1, hi=MAX_LENGTH, integer=True, optional=True),
+    "steps": Num(lo=1, integer=True, optional=True), "block_length": Num(lo=1, integer=True, optional=True),
+    "batch_size": Num(lo=1, integer=True), "latent_steps": Num(lo=1, integer=True),
+    "top_k": Num(lo=1, integer=True, optional=True), "temperature": Num(lo=0),
+    "top_p": Num(0, 1, lo_open=True, optional=True), "threshold": Num(0, 1, optional=True),
+    "cfg_scale": Num(), "eta": Num(0, 1), "seed": Num(integer=True),
+}
+
+
 def check_options(g: GenerateConfig) -> None:
     """What can be refused before the model is loaded."""
     from rwkv_diffusion_rnn.diffusion.sampling import LATENT_SAMPLERS, REMASKING
@@ -187,17 +205,10 @@ def check_options(g: GenerateConfig) -> None:
         raise _error(f"{given[0]}= is the input of mode=latent; to continue a text use prompt=, to fill one template=")
     if g.mode == "joint" and (g.latent is not None or g.latent_text is not None):
         raise _error("mode=joint samples the latent itself; to write from a given latent use mode=text latent=...")
-    for key, low in (("num_samples", 1), ("length", 1), ("steps", 1), ("block_length", 1), ("batch_size", 1),
-                     ("latent_steps", 1), ("top_k", 1)):
+    for key, spec in OPTIONS.items():
         value = getattr(g, key)
-        if value is not None and value < low:
-            raise _error(f"{key}={value} must be >= {low}")
-    if g.temperature < 0:
-        raise _error(f"temperature={g.temperature} must be >= 0")
-    if g.top_p is not None and not 0.0 < g.top_p <= 1.0:
-        raise _error(f"top_p={g.top_p} must be in (0, 1]")
-    if g.threshold is not None and g.threshold < 0:
-        raise _error(f"threshold={g.threshold} must be >= 0")
+        if not spec.ok(value):
+            raise _error(f"{key}={value!r} must be {spec.describe()}")
     if g.out is not None and not g.out.endswith(".jsonl"):
         raise _error(f"out={g.out}: write samples to a .jsonl file")
     if g.latent_out is not None:
@@ -205,6 +216,10 @@ def check_options(g: GenerateConfig) -> None:
             raise _error(f"latent_out={g.latent_out}: write latents to a .npy file")
         if g.mode == "text":
             raise _error("latent_out= is written by mode=latent and mode=joint; mode=text writes no latent")
+    inputs = [getattr(g, k) for k in ("prompt_file", "template_file", "text_file", "conversation", "latent",
+                                      "projection") if getattr(g, k) is not None]
+    for key in ("out", "latent_out"):
+        check_output(key, getattr(g, key), inputs, g.overwrite)
     if g.cfg_scale != 0.0 and g.mode == "text" and g.latent is None and g.latent_text is None:
         raise _error("cfg_scale guides towards a latent: give latent=<file>.npy or latent_text=\"...\" "
                      "(or use mode=joint)")
@@ -489,6 +504,9 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
     if g.block_length is not None and ar:
         raise _error("block_length is a diffusion decoding option; an AR model writes one token at a time")
     length = g.length or int(cfg.data.seq_len)
+    if mcfg.pos_emb_len and length > mcfg.pos_emb_len:
+        raise _error(f"length={length} exceeds the {mcfg.pos_emb_len} positions this model learned "
+                     f"(model.pos_emb_len): give length <= {mcfg.pos_emb_len}")
     eos_id = getattr(tok, "eos_id", None)
     if g.chat and ar:
         raise _error("chat=true decodes an answer with masked diffusion; this checkpoint is an AR model")

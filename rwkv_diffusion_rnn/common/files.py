@@ -8,7 +8,7 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -52,3 +52,19 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     atomic_write_with(path, lambda f: np.savez(f, **arrays))
+
+
+def check_output(key: str, out: Optional[str], inputs: Sequence[str], overwrite: bool) -> None:
+    """A command's output ``key=out`` is never one of its ``inputs`` and never a folder, and an
+    existing file is replaced only with ``overwrite=true`` (ConfigError naming the key otherwise)."""
+    from .errors import ConfigError
+    if out is None:
+        return
+    target = Path(out).expanduser().resolve()
+    if any(Path(i).expanduser().resolve() == target for i in inputs):
+        raise ConfigError(f"{key}={out} is also an input of this command: write to another file")
+    if target.is_dir():
+        raise ConfigError(f"{key}={out} is a folder: give a file name")
+    if target.exists() and not overwrite:
+        raise ConfigError(f"{key}={out} exists: give another file, or overwrite=true to replace it")
+
