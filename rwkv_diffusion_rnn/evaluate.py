@@ -58,7 +58,6 @@ def _val_batches(cfg, tokenizer):
 
 def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = None) -> dict:
     """Scores ``checkpoint`` (see the module docstring); returns what it writes to ``eval.json``."""
-    from rwkv_diffusion_rnn.common.files import atomic_write_json
     from rwkv_diffusion_rnn.common import rng
     from rwkv_diffusion_rnn.training import likelihood
     from rwkv_diffusion_rnn.training.builders import autocast, build_text_diffusion
@@ -91,8 +90,18 @@ def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = Non
     if cfg.model.latent_prefix_len and objective != "ar":
         result["latent"] = "clean"
         result["null_latent"] = run("null").as_dict()
-    atomic_write_json(Path(out) if out else path / EVAL_FILE, result, indent=2)
+    _write_result(Path(out) if out else path / EVAL_FILE, result, "out" if out else "checkpoint")
     return result
+
+
+def _write_result(path: Path, result: dict, key: str) -> None:
+    """Writes ``result`` atomically; a failed write names the setting that chose ``path``."""
+    from rwkv_diffusion_rnn.common.errors import ConfigError
+    from rwkv_diffusion_rnn.common.files import atomic_write_json, os_error_message
+    try:
+        atomic_write_json(path, result, indent=2)
+    except OSError as e:
+        raise ConfigError(os_error_message(e, key, path)) from None
 
 
 def _read_samples(samples: Path) -> list:
@@ -147,7 +156,6 @@ def evaluate_samples(samples, scorer, out: Optional[str] = None, batch_size: int
     the module docstring; ``overrides`` apply to the scorer's saved config); returns what it
     writes to ``out`` (default: ``<samples without .jsonl>.eval.json``)."""
     from rwkv_diffusion_rnn.common.errors import ConfigError, DataFormatError, UnknownCharacterError
-    from rwkv_diffusion_rnn.common.files import atomic_write_json
     from rwkv_diffusion_rnn.training import likelihood
     from rwkv_diffusion_rnn.training.builders import autocast
     from rwkv_diffusion_rnn.training.trained import checkpoint_dir, load_trained, saved_config
@@ -200,7 +208,7 @@ def evaluate_samples(samples, scorer, out: Optional[str] = None, batch_size: int
     chars = [count(ids[i]) for i in scored] if count is not None else [None]
     if None not in chars and sum(chars):
         result["bits_per_char"] = total_nats / math.log(2) / sum(chars)
-    atomic_write_json(Path(out) if out else samples_eval_path(samples), result, indent=2)
+    _write_result(Path(out) if out else samples_eval_path(samples), result, "out" if out else "eval.samples")
     return result
 
 

@@ -596,13 +596,19 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
 
 
 def _write(g: GenerateConfig, records: List[dict], latents: List[Any]) -> None:
-    from rwkv_diffusion_rnn.common.files import atomic_save_npy, atomic_write_bytes
-    if g.out is not None:
-        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        atomic_write_bytes(g.out, body.encode("utf-8"))
-    if g.latent_out is not None:
-        import numpy as np
-        atomic_save_npy(g.latent_out, np.stack(latents).astype(np.float32))
+    from rwkv_diffusion_rnn.common.files import atomic_save_npy, atomic_write_bytes, os_error_message
+    try:
+        if g.out is not None:
+            body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            atomic_write_bytes(g.out, body.encode("utf-8"))
+    except OSError as e:
+        raise _error(os_error_message(e, "out", g.out)) from None
+    try:
+        if g.latent_out is not None:
+            import numpy as np
+            atomic_save_npy(g.latent_out, np.stack(latents).astype(np.float32))
+    except OSError as e:
+        raise _error(os_error_message(e, "latent_out", g.latent_out)) from None
 
 
 def _show(records: List[dict]) -> str:

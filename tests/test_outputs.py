@@ -60,3 +60,63 @@ def test_a_commands_own_input_is_never_its_output(tmp_path):
 def test_decoding_options_have_types_and_ranges(item, match):
     with pytest.raises(ConfigError, match=match):
         checked(item)
+
+
+# ---------------------------------------------------------------------------------------------- OS errors
+
+
+def _mounts_available(tmp_path):
+    import shutil
+    if shutil.which("unshare") is None:
+        return False
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    ok = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"],
+                        capture_output=True, timeout=20).returncode == 0
+    probe.rmdir()
+    return ok
+
+
+def on_mount(folder, options, *argv):
+    """Runs ``python argv`` with a fresh tmpfs (``options``, e.g. ``ro`` or ``size=16k``) mounted on
+    ``folder`` in a private mount namespace (unshare -rm: no root needed where user namespaces are)."""
+    cmd = f'mount -t tmpfs -o {options} tmpfs {folder} && exec "$0" "$@"'
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    return subprocess.run(["unshare", "-rm", "sh", "-c", cmd, sys.executable, *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def train_args(tmp_path, cache, corpus_repeat=40):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["the cat sat on the mat.", "a dog ran in the park!"] * corpus_repeat) + "\n")
+    return ["-m", "rwkv_diffusion_rnn.train_rwkv", "experiment=shakespeare_char", f"data.path={corpus}",
+            f"data.cache_dir={cache}", "data.seq_len=16", "model.n_layer=1", "model.n_embd=32", "model.head_size=16",
+            "training.train_batch_size=4", "training.max_steps=2", "logging.eval_freq=0", "eval.max_batches=1",
+            "logging.progress_bar=false", f"logging.save_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'h'}"]
+
+
+@pytest.mark.parametrize("options, fix", [("ro", "it is not writable"), ("size=8k", "the disk is full")])
+def test_an_unwritable_token_cache_names_the_key_and_the_fix(tmp_path, options, fix):
+    if not _mounts_available(tmp_path):
+        pytest.skip("cannot mount a tmpfs here (unshare -rm refused)")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    r = on_mount(cache, options, *train_args(tmp_path, cache, corpus_repeat=400))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"data.cache_dir={cache}: cannot write there" in r.stderr and fix in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_an_unwritable_out_names_the_key_and_the_fix(tmp_path):
+    if not _mounts_available(tmp_path):
+        pytest.skip("cannot mount a tmpfs here (unshare -rm refused)")
+    r = subprocess.run([sys.executable, *train_args(tmp_path, tmp_path / "cache")], cwd=ROOT,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    r = on_mount(shelf, "ro", "-m", "rwkv_diffusion_rnn.generate", f"checkpoint={tmp_path / 'run'}", "steps=2",
+                 "num_samples=1", f"out={shelf / 's.jsonl'}", "progress_bar=false")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"out={shelf / 's.jsonl'}: cannot write there" in r.stderr and "it is not writable" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -68,3 +68,22 @@ def check_output(key: str, out: Optional[str], inputs: Sequence[str], overwrite:
     if target.exists() and not overwrite:
         raise ConfigError(f"{key}={out} exists: give another file, or overwrite=true to replace it")
 
+
+def os_error_message(e: OSError, key: str, path) -> str:
+    """An OSError from writing under ``path`` (the value of setting ``key``) as a sentence that
+    names the setting, the path, the cause and the fix."""
+    import errno
+    code = getattr(e, "errno", None)
+    where = f"{key}={path}" if key else str(path)
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "it is not writable (read-only folder or file system, or no permission): choose a writable place"
+    elif code in (errno.ENOSPC, errno.EDQUOT):
+        fix = "the disk is full: free space there, or choose a place on another disk"
+    elif code == errno.ENOTDIR:
+        fix = "a part of that path is a file, not a folder: choose another path"
+    elif code == errno.EISDIR:
+        fix = "it is a folder where a file is written: give a file name"
+    else:
+        fix = "choose another place"
+    return f"{where}: cannot write there ({e.strerror or e}); {fix}"
+

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from ..common.errors import DataFormatError, UnknownCharacterError
-from ..common.files import atomic_write_json
+from ..common.files import atomic_write_json, os_error_message
 from .data_simple import unicode_problem
 from .epochs import EpochBatches, epoch_seed
 from .tokenizer import ByteTokenizer, CharTokenizer, tokenizer_spec
@@ -702,11 +702,19 @@ def prepare_corpus(spec: CorpusSpec, tokenizer, cache_dir, *, progress: bool = T
             return Corpus(folder, tok, meta, rebuilt=False)
         print(f"corpus cache {folder}: {why}; re-tokenizing", flush=True)
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
     try:
-        tok, meta = _build(tmp, spec, train_src, val_src, tokenizer, records, val_records, progress)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise DataFormatError(os_error_message(e, "data.cache_dir", cache_dir)) from None
+    try:
+        try:
+            tok, meta = _build(tmp, spec, train_src, val_src, tokenizer, records, val_records, progress)
+        except OSError as e:
+            if e.filename is not None and not str(e.filename).startswith(str(tmp)):
+                raise           # reading the corpus: the error names its file
+            raise DataFormatError(os_error_message(e, "data.cache_dir", cache_dir)) from None
         old = None
         if folder.exists():
             old = cache_dir / f".{name}.old-{os.getpid()}-{secrets.token_hex(4)}"
