@@ -1092,6 +1092,135 @@ def c_other_world_size(ctx: Ctx):
     return "torchrun 2 processes, then training.resume=latest alone", outcome, yn(not verifies(save / "step_0000002")), msg
 
 
+def text_corpus(folder: Path, text: str | None = None) -> Path:
+    path = folder / "corpus.txt"
+    path.write_text(text if text is not None else "\n".join(["the cat sat on the mat.", "a dog ran in the park!"] * 60))
+    return path
+
+
+TEXT = ["experiment=shakespeare_char", "data.seq_len=16", "model.n_layer=1", "model.n_embd=32", "model.head_size=16",
+        "training.train_batch_size=4", "training.max_steps=2", "logging.eval_freq=0", "eval.max_batches=1",
+        "logging.progress_bar=false"]
+
+
+@case("33", "a checkpoint whose config asks to run its tokenizer's code")
+def c_remote_code(ctx: Ctx):
+    import yaml
+    save = ctx.copy_base("remote-code")
+    newest = save / "step_0000004"
+    marker = save.parent / "PWNED"
+    evil = save.parent / "evil_tokenizer"
+    evil.mkdir()
+    (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (evil / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil.Evil", None]}}))
+    cfg = yaml.safe_load((newest / "config.yaml").read_text())
+    cfg["tokenizer"]["trust_remote_code"] = True
+    (newest / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (newest / "tokenizer.json").write_text(json.dumps({"kind": "hf", "name": str(evil), "vocab_size": 53,
+                                                       "eos_id": 52, "mask_id": 52}))
+    for name in ("config.yaml", "tokenizer.json"):
+        rewrite_manifest_entry(newest, name)
+    res = ctx.module("generate", [f"checkpoint={newest}", "num_samples=1", "steps=2"])
+    outcome, msg = judge_refusal(res, [str(newest / "config.yaml"), "tokenizer.trust_remote_code=true"])
+    if marker.exists():
+        outcome, msg = SILENT, f"the tokenizer's code ran (wrote {marker.name}): {msg}"
+    return "config.yaml trust_remote_code: true, tokenizer.json names a code tokenizer (manifest rewritten)", \
+        outcome, "no", msg
+
+
+@case("34", "a typed value out of its range")
+def c_typed_value(ctx: Ctx):
+    save = ctx.dir("typed") / "run"
+    res = ctx.train([*TINY, "training.max_steps=2", "optimizer.betas=[2,0.9]", f"logging.save_dir={save}"])
+    outcome, msg = judge_refusal(res, ["optimizer.betas=[2, 0.9]", "[0, 1)"])
+    return "optimizer.betas=[2,0.9]", outcome, "no", msg
+
+
+@case("35", "a value that would make a wrong run (negative gradient clip)")
+def c_wrong_run_value(ctx: Ctx):
+    save = ctx.dir("grad-clip") / "run"
+    res = ctx.train([*TINY, "training.max_steps=2", "training.grad_clip=-1", f"logging.save_dir={save}"])
+    outcome, msg = judge_refusal(res, ["training.grad_clip=-1", "positive number or null"])
+    return "training.grad_clip=-1", outcome, "no", msg
+
+
+@case("36", "resume with another text noise")
+def c_resume_other_noise(ctx: Ctx):
+    save = ctx.copy_base("resume-noise")
+    res = ctx.train([*TINY, "training.max_steps=6", "training.resume=latest", "text_noise.loss_type=mdlm",
+                     f"logging.save_dir={save}"])
+    outcome, msg = judge_refusal(res, ["text_noise.loss_type", "training.init_from="])
+    return "text_noise.loss_type=mdlm (trained llada) on training.resume=latest", outcome, \
+        yn(not verifies(save / "step_0000004")), msg
+
+
+@case("37", "resume with another learning rate")
+def c_resume_other_lr(ctx: Ctx):
+    from rwkv_diffusion_rnn.training import checkpoints as ckpt
+    save = ctx.copy_base("resume-lr")
+    res = ctx.train([*TINY, "training.max_steps=6", "training.resume=latest", "optimizer.lr=0.05",
+                     f"logging.save_dir={save}"])
+    state = ckpt.read_trainer_state(save / "step_0000006") if (save / "step_0000006").is_dir() else {}
+    changes = state.get("config_changes", [])
+    ok = any(c.get("key") == "optimizer.lr" and c.get("now") == 0.05 and c.get("from_step") == 4 for c in changes)
+    outcome, msg = judge_handled(res, ok, f"config_changes in step_0000006: {changes}", ["optimizer.lr"],
+                                 say="the new learning rate ran from step 4, recorded as config_changes")
+    return "optimizer.lr=0.05 on training.resume=latest", outcome, yn(not verifies(save / "step_0000004")), msg
+
+
+@case("38", "generate out= an existing file")
+def c_out_exists(ctx: Ctx):
+    save = ctx.base()
+    out = ctx.dir("out-exists") / "samples.jsonl"
+    out.write_text("keep me\n")
+    res = ctx.module("generate", [f"checkpoint={save}", "num_samples=1", "steps=2", f"out={out}"])
+    outcome, msg = judge_refusal(res, ["exists", "overwrite=true"])
+    return "out= names a file that exists", outcome, yn(out.read_text() != "keep me\n"), msg
+
+
+@case("39", "evaluate out= its own samples file")
+def c_out_own_input(ctx: Ctx):
+    d = ctx.dir("out-input")
+    samples = d / "s.jsonl"
+    samples.write_text(json.dumps({"text": "abc"}) + "\n")
+    res = ctx.module("evaluate", [f"eval.samples={samples}", f"eval.scorer={ctx.base()}", f"out={samples}",
+                                  "overwrite=true"])
+    outcome, msg = judge_refusal(res, ["is also an input"])
+    return "eval.samples=S out=S", outcome, yn(samples.read_text() != json.dumps({"text": "abc"}) + "\n"), msg
+
+
+@case("40", "a read-only token cache folder")
+def c_readonly_cache(ctx: Ctx):
+    d = ctx.dir("ro-cache")
+    cache = d / "cache"
+    cache.mkdir()
+    if shutil.which("unshare") is None:
+        raise NotTried("no unshare to mount a read-only folder (root ignores file permissions)")
+    args = [*TEXT, f"data.path={text_corpus(d)}", f"data.cache_dir={cache}", f"logging.save_dir={d / 'run'}"]
+    cmd = f'mount -t tmpfs -o ro tmpfs {cache} && exec "$0" "$@"'
+    res = ctx.cli(["unshare", "-rm", "sh", "-c", cmd, *ctx.train_cmd(args)])
+    if "mount:" in res.err and res.rc != 0 and "cache" not in res.err.split("mount:")[0]:
+        raise NotTried(f"cannot mount a read-only tmpfs here: {first_error_line(res.err)}")
+    outcome, msg = judge_refusal(res, ["data.cache_dir=", "not writable"])
+    return "data.cache_dir on a read-only mount", outcome, "no", msg
+
+
+@case("41", "a corpus of blank lines")
+def c_blank_corpus(ctx: Ctx):
+    d = ctx.dir("blank")
+    res = ctx.train([*TEXT, f"data.path={text_corpus(d, chr(10) * 4000)}", f"data.cache_dir={d / 'cache'}",
+                     f"logging.save_dir={d / 'run'}"])
+    outcome, msg = judge_refusal(res, ["corpus.txt", "distinct token"])
+    return "data.path holds only blank lines", outcome, "no", msg
+
+
+@case("42", "generate temperature=nan")
+def c_temperature_nan(ctx: Ctx):
+    res = ctx.module("generate", [f"checkpoint={ctx.base()}", "num_samples=1", "steps=2", "temperature=nan"])
+    outcome, msg = judge_refusal(res, ["temperature=nan", ">= 0"])
+    return "temperature=nan", outcome, "no", msg
+
+
 # ------------------------------------------------------------------------------------------ driver
 
 def run_case(ctx: Ctx, cid: str, title: str, fn) -> Row:
