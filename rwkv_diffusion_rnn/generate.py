@@ -267,11 +267,19 @@ def parse_template(tokenizer, template: str, mask_id: int, where: str = "templat
     ids: List[int] = []
     given: List[bool] = []
     pos, found = 0, False
+    starts = {m.start() for m in MASK_MARKER.finditer(template)}
+    bad = next((i for i in range(len(template)) if template.startswith("<mask", i) and i not in starts), None)
+    if bad is not None:
+        raise _error(f"{where}: {template[bad:bad + 16]!r}... at character {bad} is not a mask marker: write "
+                     "<mask> (one token) or <mask:N> (N tokens, N a whole number)")
     for m in MASK_MARKER.finditer(template):
         piece = _encode(tokenizer, template[pos:m.start()], where) if m.start() > pos else []
         n = int(m.group(1)) if m.group(1) is not None else 1
         if n < 1:
             raise _error(f"{where}: {m.group(0)} asks for {n} tokens; use <mask:N> with N >= 1")
+        if len(ids) + len(piece) + n > MAX_LENGTH:
+            raise _error(f"{where}: {m.group(0)} makes the canvas longer than {MAX_LENGTH} tokens, the most "
+                         "generate writes; ask for fewer")
         ids += piece + [mask_id] * n
         given += [True] * len(piece) + [False] * n
         pos, found = m.end(), True

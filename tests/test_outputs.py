@@ -120,3 +120,15 @@ def test_an_unwritable_out_names_the_key_and_the_fix(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"out={shelf / 's.jsonl'}: cannot write there" in r.stderr and "it is not writable" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_template_markers_are_well_formed_and_bounded():
+    from rwkv_diffusion_rnn.data.tokenizer import ByteTokenizer
+    from rwkv_diffusion_rnn.generate import parse_template
+    tok = ByteTokenizer()
+    ids, given = parse_template(tok, "ab<mask:3>c", tok.mask_id)
+    assert given == [True, True, False, False, False, True]
+    with pytest.raises(ConfigError, match=r"'<mask:abc>c'\.\.\. at character 2 is not a mask marker"):
+        parse_template(tok, "ab<mask:abc>c", tok.mask_id)
+    with pytest.raises(ConfigError, match=r"<mask:99999999> makes the canvas longer than 1048576 tokens"):
+        parse_template(tok, "ab<mask:99999999>", tok.mask_id)
