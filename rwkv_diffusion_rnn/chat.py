@@ -49,7 +49,8 @@ def chat_loop(argv: Sequence[str], lines: TextIO = sys.stdin, out: TextIO = sys.
         raise ValueError("chat reads the user's turns from its input; prompt= and conversation= belong to generate")
     g = dataclasses.replace(g, chat=True, print_texts=False, progress_bar=False, num_samples=1)
     check_options(dataclasses.replace(g, prompt="-"))      # refuse bad options before loading the model
-    trained = load_trained(g.checkpoint, device=g.device, trust_remote_code=g.trust_remote_code)
+    trained = load_trained(g.checkpoint, device=g.device, trust_remote_code=g.trust_remote_code,
+                           tokenizer_path=g.tokenizer_path)
     template, seq_len = chat_template_of(trained.cfg), int(trained.cfg.data.seq_len)
     answer_room = g.length if g.length is not None else max(1, seq_len // MIN_ANSWER_SHARE)
 

@@ -107,6 +107,7 @@ class GenerateConfig:
     device: Optional[str] = None          # default: the run's training.device
     trust_remote_code: bool = False       # run the tokenizer's own code (the user's say, never the checkpoint's)
     overwrite: bool = False               # out= / latent_out= may replace an existing file
+    tokenizer_path: Optional[str] = None  # a tokenizer outside the checkpoint that you allow it to read
     print_texts: bool = True
     progress_bar: bool = True
 
@@ -496,7 +497,8 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
     if trained is not None and g.checkpoint is None:
         g.checkpoint = str(trained.path)
     check_options(g)
-    trained = trained or load_trained(g.checkpoint, device=g.device, trust_remote_code=g.trust_remote_code)
+    trained = trained or load_trained(g.checkpoint, device=g.device, trust_remote_code=g.trust_remote_code,
+                                      tokenizer_path=g.tokenizer_path)
     model, cfg, tok = trained.model, trained.cfg, trained.tokenizer
     mcfg = model.config
     ar = trained.objective == "ar"

@@ -107,8 +107,8 @@ def test_resume_and_init_from_do_not_run_it_either(poisoned):
 
 
 def test_without_the_config_asking_a_code_tokenizer_is_refused_and_never_imported(poisoned, tmp_path):
-    """tokenizer.json alone naming a code tokenizer: it is loaded without remote code, which
-    refuses it; nothing is imported."""
+    """tokenizer.json alone naming a code tokenizer elsewhere: refused for its path; allowed by the
+    user, it is loaded without remote code, which refuses it; nothing is imported."""
     tmp, last, marker = poisoned
     import shutil
     copy = tmp_path / "ckpt"
@@ -116,8 +116,13 @@ def test_without_the_config_asking_a_code_tokenizer_is_refused_and_never_importe
     cfg = yaml.safe_load((copy / ckpt.CONFIG_FILE).read_text())
     cfg["tokenizer"]["trust_remote_code"] = False
     rewrite(copy, ckpt.CONFIG_FILE, yaml.safe_dump(cfg))
-    with pytest.raises(CheckpointError, match=r"tokenizer.json cannot be loaded"):
+    with pytest.raises(CheckpointError, match=r"points the tokenizer at .*evil_tokenizer, outside the checkpoint"):
         load_trained(copy)
+    # the user allows that folder to be read, but not its code: it is loaded without remote code,
+    # which refuses it
+    evil = json.loads((copy / ckpt.TOKENIZER_FILE).read_text())["name"]
+    with pytest.raises(CheckpointError, match=r"tokenizer.json cannot be loaded"):
+        load_trained(copy, [f"tokenizer.name={evil}"])
     assert not marker.exists()
 
 
@@ -132,7 +137,48 @@ def test_the_payload_is_live_when_the_user_trusts_it(poisoned, tmp_path):
     spec = json.loads((copy / ckpt.TOKENIZER_FILE).read_text())
     rewrite(copy, ckpt.TOKENIZER_FILE, json.dumps({**spec, "name": str(evil)}))
     try:
-        load_trained(copy, trust_remote_code=True)
+        load_trained(copy, trust_remote_code=True, tokenizer_path=str(evil))
     except Exception:
         pass        # the stand-in tokenizer class is not a working tokenizer; importing it is the point
     assert marker.read_text() == "ran"
+
+
+def test_a_checkpoint_from_pretrained_weights_rebuilds_without_reading_them(tmp_path):
+    """The weights a run started from are not read again when its checkpoint is used: the sizes
+    come from the checkpoint's own weights, so the pretrained file may be gone (or the saved path
+    point anywhere) and evaluate and generate still work, with the same numbers."""
+    from rwkv_diffusion_rnn.evaluate import evaluate
+    from rwkv_diffusion_rnn.generate import generate
+    from rwkv_diffusion_rnn.weights.pretrained_rwkv import save_random_blinkdl_checkpoint
+    pth = save_random_blinkdl_checkpoint(tmp_path / "pretrained" / "rwkv7-tiny.pth", n_layer=1, n_embd=32,
+                                         head_size=16, vocab_size=80)
+    run(compose_config(overrides(tmp_path, tmp_path / "run", f"model.rwkv_name={pth}")))
+    before = evaluate(tmp_path / "run", ["logging.progress_bar=false"], out=str(tmp_path / "a.json"))
+    pth.rename(tmp_path / "elsewhere.pth")
+    after = evaluate(tmp_path / "run", ["logging.progress_bar=false"], out=str(tmp_path / "b.json"))
+    assert after["nats_per_token"] == before["nats_per_token"]
+    assert len(generate(tmp_path / "run", num_samples=1, steps=2, length=8)) == 1
+
+
+def test_a_saved_tokenizer_path_outside_the_checkpoint_is_read_only_when_the_user_gives_it(tmp_path):
+    """tokenizer.json naming a Hugging Face tokenizer folder elsewhere on the machine: refused
+    naming the file and the flag; with the user's own tokenizer.name=<that path> it loads."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    run(compose_config(overrides(tmp_path, tmp_path / "run")))
+    last = ckpt.latest_checkpoint(tmp_path / "run")
+    spec = json.loads((last / ckpt.TOKENIZER_FILE).read_text())
+    vocab = {c: i for i, c in enumerate(spec["chars"])}
+    vocab["<eos>"], vocab["<mask>"] = len(vocab), len(vocab) + 1
+    folder = tmp_path / "elsewhere" / "tok"
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", mask_token="<mask>").save_pretrained(folder)
+    rewrite(last, ckpt.TOKENIZER_FILE, json.dumps({**spec, "kind": "hf", "name": str(folder)}))
+    with pytest.raises(CheckpointError, match=r"tokenizer.json points the tokenizer at .*tok, outside the checkpoint.*"
+                                              r"pass tokenizer.name=.*tok on the command line"):
+        load_trained(last)
+    try:
+        load_trained(last, [f"tokenizer.name={folder}"])
+    except CheckpointError as e:
+        assert "outside the checkpoint" not in str(e)      # past the path check (this stand-in may still differ)

@@ -38,6 +38,9 @@ class Arch:
     recurrent_decoding: bool = False                   # decodes token by token through a state (objective=ar)
     pretrained_key: Optional[str] = None               # the model.* key naming pretrained weights
     loader: Optional[str] = None                       # "module:function" loading them
+    # "module:function" building the backbone from the tensor shapes of weights saved with it
+    # (names without "backbone."), so a checkpoint rebuilds without reading the pretrained file
+    from_shapes: Optional[str] = None
     needs_pretrained: bool = False                     # built only from pretrained weights (no sizes)
     keys: Tuple[str, ...] = ()                         # model.* keys only this arch reads
     check: Callable[[Mapping], None] = _no_checks      # checks of its own keys (ValueError naming the key)
@@ -115,4 +118,5 @@ def _check_rwkv7(m: Mapping) -> None:
 RWKV7_ARCH = register_arch(Arch(
     name="rwkv7", backbone=RWKV7, build=_build_rwkv7, make_mixer=_rwkv7_mixer, rwkv_head=True,
     recurrent_decoding=True, pretrained_key="rwkv_name", keys=("rwkv_name",), check=_check_rwkv7,
-    loader="rwkv_diffusion_rnn.weights.pretrained_rwkv:load_rwkv7"))
+    loader="rwkv_diffusion_rnn.weights.pretrained_rwkv:load_rwkv7",
+    from_shapes="rwkv_diffusion_rnn.weights.pretrained_rwkv:backbone_from_shapes"))

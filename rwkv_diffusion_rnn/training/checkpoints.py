@@ -518,6 +518,17 @@ def is_sharded(path) -> bool:
     return any(f.startswith(SHARDED_DIR + "/") for f in files)
 
 
+def weight_shapes(path) -> dict | None:
+    """``{parameter name: shape}`` of the model weights of the checkpoint at ``path``, read from
+    the safetensors header alone (None for a sharded checkpoint). Tied tensors stored once appear
+    under their stored name."""
+    path = Path(path)
+    if is_sharded(path):
+        return None
+    with safe_open(str(path / MODEL_FILE), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
 def has_ema(path) -> bool:
     """Whether the checkpoint at ``path`` holds EMA weights (ema.safetensors, or in its shards)."""
     path = Path(path)

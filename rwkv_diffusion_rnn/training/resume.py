@@ -103,7 +103,9 @@ def init_tokenizer(path: Path, tokenizer_name: str):
         raise ConfigError(f"training.init_from={path} was trained with tokenizer.name={name!r} and this "
                           f"run has tokenizer.name={tokenizer_name!r}: the ids would mean other text. "
                           f"Set tokenizer.name={name}")
-    return saved_tokenizer(path, saved)     # None for a source with its own vocabulary
+    # the run's tokenizer.name (the user's, or taken from this checkpoint by naming it in
+    # training.init_from) is the tokenizer the user chose to read
+    return saved_tokenizer(path, saved, allowed_paths=[tokenizer_name])   # None: the data's own vocabulary
 
 
 def init_weights(path: Path, *, model: torch.nn.Module, ema: Optional[torch.nn.Module],

@@ -82,9 +82,38 @@ def saved_config(path: Path, overrides: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
-def saved_tokenizer(path: Path, cfg: DictConfig):
+def local_tokenizer_paths(spec: dict) -> list:
+    """The files or folders on this machine that a tokenizer spec reads (an RWKV World vocabulary
+    file, a Hugging Face tokenizer folder); a Hub name or a built-in vocabulary reads none."""
+    import os
+    paths = []
+    if spec.get("vocab_file"):
+        paths.append(str(spec["vocab_file"]))
+    name = str(spec.get("name") or "")
+    if spec.get("kind") == "hf" and (os.path.isabs(name) or name.startswith(("./", "../", "~")) or Path(name).exists()):
+        paths.append(name)
+    return paths
+
+
+def check_tokenizer_paths(path: Path, spec: dict, allowed: Sequence[str] = ()) -> None:
+    """A saved tokenizer spec reads files only inside the checkpoint or at a path the user gave
+    on this command line (``allowed``): a saved file does not choose what is read elsewhere."""
+    inside = path.resolve()
+    granted = {Path(p).expanduser().resolve() for p in allowed if p}
+    for p in local_tokenizer_paths(spec):
+        target = Path(p).expanduser().resolve()
+        if target == inside or inside in target.parents or target in granted:
+            continue
+        raise ckpt.CheckpointError(
+            f"{path / ckpt.TOKENIZER_FILE} points the tokenizer at {p}, outside the checkpoint; a saved file "
+            f"does not choose what is read from this machine. If you trust that tokenizer, pass "
+            f"tokenizer.name={p} on the command line (generate / chat: tokenizer_path={p})")
+
+
+def saved_tokenizer(path: Path, cfg: DictConfig, allowed_paths: Sequence[str] = ()):
     """The tokenizer of ``tokenizer.json``; without that file, the one ``tokenizer.name`` names
-    (a text corpus's chars vocabulary cannot be rebuilt that way, so such a checkpoint is refused)."""
+    (a text corpus's chars vocabulary cannot be rebuilt that way, so such a checkpoint is refused).
+    ``allowed_paths``: local tokenizer paths the user gave (:func:`check_tokenizer_paths`)."""
     from ..data.tokenizer import tokenizer_from_spec
     from ..data.sources import data_source, named_tokenizer
     spec = ckpt.read_tokenizer_spec(path)
@@ -98,6 +127,7 @@ def saved_tokenizer(path: Path, cfg: DictConfig):
                 "chars vocabulary comes from the training text). Use a checkpoint the trainer wrote, "
                 f"or copy {ckpt.TOKENIZER_FILE} from another checkpoint of the same run")
         return named_tokenizer(cfg)
+    check_tokenizer_paths(path, spec, allowed_paths)
     t = cfg.tokenizer
     try:
         return tokenizer_from_spec(spec, cache_dir=t.cache_dir, local_files_only=True,
@@ -106,20 +136,47 @@ def saved_tokenizer(path: Path, cfg: DictConfig):
         raise ckpt.CheckpointError(f"{path / ckpt.TOKENIZER_FILE} cannot be loaded: {e}") from e
 
 
+class _Shape:
+    def __init__(self, shape):
+        self.shape = shape
+
+
+def _rebuild(path: Path, cfg: DictConfig):
+    """The model of a checkpoint that started from pretrained weights, built from the sizes of the
+    weights it holds: the pretrained file its config names is not read (nor downloaded) again, so
+    a saved path cannot point loading elsewhere. None where the arch cannot (the caller builds from
+    the config)."""
+    from ..models.archs import arch_of
+    from ..models.rwkv_denoiser import MultimodalRWKVDenoiser
+    from ..weights.pretrained_rwkv import named_function
+    from .builders import denoiser_config, model_keys
+    arch = arch_of(cfg.model.arch)
+    if not (arch.pretrained_key and cfg.model.get(arch.pretrained_key) and arch.from_shapes):
+        return None
+    shapes = ckpt.weight_shapes(path)
+    if shapes is None:
+        return None
+    backbone_shapes = {k[len("backbone."):]: _Shape(v) for k, v in shapes.items() if k.startswith("backbone.")}
+    backbone = named_function(arch.from_shapes)(backbone_shapes, model_keys(cfg.model), str(path / ckpt.MODEL_FILE))
+    return MultimodalRWKVDenoiser(backbone, denoiser_config(cfg.model))
+
+
 def load_trained(checkpoint, overrides: Sequence[str] = (), device: Optional[str] = None,
-                 trust_remote_code: bool = False) -> Trained:
+                 trust_remote_code: bool = False, tokenizer_path: Optional[str] = None) -> Trained:
     """Verify, rebuild and load ``checkpoint`` (see the module docstring). ``device`` overrides
     the run's ``training.device``; ``trust_remote_code``: the user's own permission to run a
-    tokenizer's code (never taken from the checkpoint)."""
+    tokenizer's code (never taken from the checkpoint); ``tokenizer_path`` (or a
+    ``tokenizer.name=<path>`` override): the user's permission to read a tokenizer outside it."""
     from .builders import build_model, resolve_device
     path = checkpoint_dir(checkpoint)
     ckpt.verify_checkpoint(path)
     if trust_remote_code:
         overrides = [*overrides, "tokenizer.trust_remote_code=true"]
     cfg = saved_config(path, overrides)
-    tokenizer = saved_tokenizer(path, cfg)
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("tokenizer.name=")] + [tokenizer_path]
+    tokenizer = saved_tokenizer(path, cfg, allowed_paths=[p for p in given if p])
     dev = resolve_device(device or cfg.training.device)
-    model = build_model(cfg)
+    model = _rebuild(path, cfg) or build_model(cfg)
     ema = copy.deepcopy(model) if ckpt.has_ema(path) else None
     state, _ = ckpt.load_checkpoint(path, model=model, ema=ema, restore_rng=False)
     model = (ema if ema is not None else model).to(dev).eval()

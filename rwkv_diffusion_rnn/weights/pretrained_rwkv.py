@@ -363,7 +363,21 @@ def build_denoiser(cfg: DenoiserConfig, *, rwkv_name: Optional[str] = None,
 
 def pretrained_loader(arch: Arch):
     """The function loading ``arch``'s pretrained weights (None when it has none)."""
-    if arch.loader is None:
+    return named_function(arch.loader)
+
+
+def named_function(spec: Optional[str]):
+    """The function a ``"module:function"`` string of an arch entry names (None for None)."""
+    if spec is None:
         return None
-    module, _, name = arch.loader.partition(":")
+    module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def backbone_from_shapes(shapes, keys, source: str = "checkpoint") -> RWKV7:
+    """An RWKV-7 of the sizes that BlinkDL-named tensor ``shapes`` (anything with ``.shape``) say,
+    its WKV backend from the ``model.*`` ``keys``: a checkpoint that holds every weight rebuilds
+    without reading the pretrained file it started from."""
+    cfg = config_from_state_dict(shapes, source)
+    cfg.wkv_backend = keys.get("wkv_backend") or "auto"
+    return RWKV7(cfg)
