@@ -151,16 +151,19 @@ def test_bad_conversations_are_refused_naming_the_file_and_entry(tmp_path, conte
     assert str(path) in str(e.value) and all(p in str(e.value) for p in phrases), str(e.value)
 
 
-@pytest.fixture(scope="module")
-def answers_ok(tmp_path_factory):
-    """A tiny model trained to answer every question with "ok"."""
-    tmp = tmp_path_factory.mktemp("ok")
+def train_answering_ok(tmp, seq_len: int):
+    """A tiny model trained to answer every question with "ok" (its run folder)."""
     rows = [{"conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": "ok"}]}
             for i in range(64)]
     path = write_jsonl(tmp / "c.jsonl", rows)
     run(compose_config(sft_overrides(tmp, path, "training.max_steps=60", "optimizer.lr=3e-3", "logging.eval_freq=0",
-                                     "optimizer.warmup_steps=5", "data.seq_len=40")))
+                                     "optimizer.warmup_steps=5", f"data.seq_len={seq_len}")))
     return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def answers_ok(tmp_path_factory):
+    return train_answering_ok(tmp_path_factory.mktemp("ok"), 40)
 
 
 def test_generate_chat_answers_after_the_rendered_prompt_and_prints_only_the_answer(answers_ok, tmp_path):
@@ -277,13 +280,7 @@ def test_a_character_the_vocabulary_lacks_is_named_with_its_conversation(tmp_pat
 @pytest.fixture(scope="module")
 def answers_ok_64(tmp_path_factory):
     """The "ok" model of :func:`answers_ok` with data.seq_len=64: a few exchanges fill it."""
-    tmp = tmp_path_factory.mktemp("ok64")
-    rows = [{"conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": "ok"}]}
-            for i in range(64)]
-    path = write_jsonl(tmp / "c.jsonl", rows)
-    run(compose_config(sft_overrides(tmp, path, "training.max_steps=60", "optimizer.lr=3e-3", "logging.eval_freq=0",
-                                     "optimizer.warmup_steps=5", "data.seq_len=64")))
-    return tmp / "run"
+    return train_answering_ok(tmp_path_factory.mktemp("ok64"), 64)
 
 
 def test_a_chat_session_keeps_the_last_turns_that_fit_and_survives_a_failing_turn(answers_ok_64):
