@@ -132,3 +132,17 @@ def test_template_markers_are_well_formed_and_bounded():
         parse_template(tok, "ab<mask:abc>c", tok.mask_id)
     with pytest.raises(ConfigError, match=r"<mask:99999999> makes the canvas longer than 1048576 tokens"):
         parse_template(tok, "ab<mask:99999999>", tok.mask_id)
+
+
+def test_evaluate_checks_the_values_it_overrides(tmp_path):
+    """evaluate's key=value overrides of a checkpoint's saved config have the training config's
+    types and ranges: refused by key before anything is scored."""
+    r = subprocess.run([sys.executable, *train_args(tmp_path, tmp_path / "cache")], cwd=ROOT,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for item, match in (("eval.mc_samples=abc", "eval.mc_samples='abc' must be an integer >= 1"),
+                        ("eval.max_batches=0", "eval.max_batches=0 must be an integer >= 1 or null")):
+        r = subprocess.run([sys.executable, "-m", "rwkv_diffusion_rnn.evaluate", f"checkpoint={tmp_path / 'run'}", item],
+                           cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

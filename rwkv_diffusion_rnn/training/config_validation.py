@@ -145,21 +145,34 @@ EVAL_OPTIONS = {
 }
 
 
-def _check_values(cfg: DictConfig) -> None:
-    """Every number and flag of every group: its type and range (each group's table lives with
-    the module that reads it)."""
+def value_tables() -> dict:
+    """Each config group's table of typed options (each lives with the module that reads it)."""
     from ..data.sources import OPTIONS as DATA
     from ..diffusion.continuous_diffusion import OPTIONS as LATENT_NOISE
     from ..diffusion.diffusion_process import OPTIONS as TEXT_NOISE
     from ..models.rwkv_denoiser import OPTIONS as MODEL
     from .optimizer import OPTIONS as OPTIMIZER
-    model = dict(MODEL)
-    if cfg.model.vocab_size is None or cfg.model.mask_id is None:   # null: the tokenizer gives them
-        model = {k: v for k, v in model.items() if k not in ("vocab_size", "mask_id")}
-    for group, options in (("training", TRAINING_OPTIONS), ("logging", LOGGING_OPTIONS), ("eval", EVAL_OPTIONS),
-                           ("optimizer", OPTIMIZER), ("text_noise", TEXT_NOISE), ("latent_noise", LATENT_NOISE),
-                           ("model", model), ("data", DATA)):
+    return {"training": TRAINING_OPTIONS, "logging": LOGGING_OPTIONS, "eval": EVAL_OPTIONS, "optimizer": OPTIMIZER,
+            "text_noise": TEXT_NOISE, "latent_noise": LATENT_NOISE, "model": MODEL, "data": DATA}
+
+
+def _check_values(cfg: DictConfig) -> None:
+    """Every number and flag of every group: its type and range."""
+    for group, options in value_tables().items():
+        if group == "model" and (cfg.model.vocab_size is None or cfg.model.mask_id is None):
+            options = {k: v for k, v in options.items() if k not in ("vocab_size", "mask_id")}  # the tokenizer's
         check_options(group, cfg[group], options)
+
+
+def check_overrides(cfg: DictConfig, keys) -> None:
+    """The typed options among ``keys`` (dotted, e.g. ``eval.mc_samples``), as ``cfg`` holds them:
+    what a command changes in a checkpoint's saved config is checked like a training config."""
+    tables = value_tables()
+    for key in keys:
+        group, _, name = key.partition(".")
+        spec = tables.get(group, {}).get(name)
+        if spec is not None:
+            spec.check(key, OmegaConf.select(cfg, key))
 
 
 def _check_model(cfg: DictConfig, arch) -> None:

@@ -73,6 +73,8 @@ def saved_config(path: Path, overrides: Sequence[str] = ()) -> DictConfig:
             OmegaConf.update(cfg, key, OmegaConf.select(OmegaConf.from_dotlist([item]), key), merge=False)
         except OmegaConfBaseException:
             raise ConfigError(f"{key}: no such key in {file} (the saved config of this checkpoint)") from None
+    from .config_validation import check_overrides
+    check_overrides(cfg, [item.partition("=")[0] for item in overrides])
     if asked and OmegaConf.select(cfg, "tokenizer.trust_remote_code") is not True:
         raise ckpt.CheckpointError(
             f"{file} sets tokenizer.trust_remote_code: true, which would run Python code that comes with the "
