@@ -55,6 +55,7 @@ SHORTEN = {   # entry point -> arguments appended
     "rwkv_diffusion_rnn.generate": "steps=2 num_samples=1",
     "rwkv_diffusion_rnn.evaluate": "eval.max_batches=1",
     "rwkv_diffusion_rnn.chat": "steps=2",
+    "rwkv_diffusion_rnn.export": "",                     # a tiny checkpoint exports in a second
     "rwkv_diffusion_rnn.prepare_latents": "",           # the test's corpus is 48 lines
     "rwkv_diffusion_rnn/preprocess_tokenize_text.py": "",
     "dev.sh demo": ("--data_dir preprocessed_data/demo logging.save_dir=checkpoints/demo --n_train 64 "
