@@ -255,7 +255,7 @@ def test_bad_configuration_is_named():
 def test_a_mixer_refuses_options_it_does_not_take():
     from rwkv_diffusion_rnn.models.mixers import build_mixer, mixer_options
     assert mixer_options("causal") == ()
-    assert mixer_options("bi") == ("n_embd", "bi_fusion", "bi_share_weights")
+    assert mixer_options("bi") == ("n_embd", "bi_fusion", "bi_share_weights", "bi_anneal_steps")
     backbone = RWKV7(RWKV7Config(vocab_size=V, n_layer=1, n_embd=64, head_size=32))
     with pytest.raises(TypeError, match="model.mixer=causal takes \\[\\], not \\['block_size'\\]"):
         build_mixer("causal", backbone.blocks, block_size=4)

@@ -47,7 +47,7 @@ TIME_CONDITIONINGS = ("film", "adaln_zero", "none")
 OPTIONS = {
     "vocab_size": Num(lo=2, integer=True), "mask_id": Num(lo=0, integer=True),
     "latent_dim": Num(lo=1, integer=True), "latent_prefix_len": Num(lo=0, integer=True),
-    "adaln_identity_init": Flag(), "bi_share_weights": Flag(), "dw_jrt_scale": Num(),
+    "adaln_identity_init": Flag(), "bi_share_weights": Flag(), "bi_anneal_steps": Num(lo=0, integer=True), "dw_jrt_scale": Num(),
     "dw_jrt_learnable_alpha": Flag(), "dw_jrt_alpha_init": Num(), "dw_jrt_layer_start": Num(lo=0, integer=True),
     "block_size": Num(lo=1, integer=True), "block_attention": Flag(), "use_rwkv_lm_head": Flag(),
     "freeze_backbone": Flag(), "pos_emb_len": Num(lo=0, integer=True), "pos_emb_init_std": Num(lo=0),
@@ -69,6 +69,7 @@ class DenoiserConfig:
     mixer: str = "bi"
     bi_fusion: str = "sum"
     bi_share_weights: bool = True
+    bi_anneal_steps: int = 0            # bi: the right-to-left share grows 0 -> 1 over this many steps
     dw_jrt_scale: float = 1.0
     dw_jrt_learnable_alpha: bool = False
     dw_jrt_alpha_init: float = 0.0
@@ -189,6 +190,12 @@ class MultimodalRWKVDenoiser(nn.Module):
         """Freezes or unfreezes the pretrained weights (embedding, blocks, ln_out, head)."""
         for p in self.backbone.parameters():
             p.requires_grad_(trainable)
+
+    def set_training_step(self, step: int) -> None:
+        """Tells every mixer the training step (for readings that change over training)."""
+        for m in self.modules():
+            if isinstance(m, Mixer):
+                m.set_step(step)
 
     def set_grad_checkpointing(self, enabled: bool) -> None:
         """Recompute each block in the backward instead of keeping its activations (every mixer,

@@ -127,6 +127,7 @@ class Trainer:
         self._bad = ""                    # what made the last skipped step non-finite
         if tr.resume:
             self._resume(tr.resume)
+        self._set_step()
         self.config_dict = OmegaConf.to_container(cfg, resolve=True)
 
     def _check_parallel(self):
@@ -289,6 +290,12 @@ class Trainer:
         step_sums["loss"] += float(loss.detach()) / accum
         step_sums["tokens"] += st["tokens"]
 
+    def _set_step(self) -> None:
+        """The models follow the training step (an annealed reading: models/mixers/bi.py)."""
+        for model in (self.model, self.ema.module if self.ema else None):
+            if model is not None:
+                model.set_training_step(self.global_step)
+
     def _optimizer_step(self, step_sums: Dict[str, float]):
         """Clip, step the optimizer, LR schedule and EMA. Returns (grad norm, LR of the step).
 
@@ -312,6 +319,7 @@ class Trainer:
         if finite and self.ema:
             self.ema.update(self.model)
         self.global_step += 1
+        self._set_step()
         if finite:
             self.bad_steps = 0
             for key in ("loss", "text_loss", "latent_loss", "tokens"):

@@ -109,6 +109,10 @@ class Mixer(nn.Module):
     def cache_unit(self) -> Optional[int]:
         return None
 
+    def set_step(self, step: int) -> None:
+        """The training step about to run (a mixer whose reading changes over training, e.g. an
+        annealing, follows it here; the trainer calls this after every step)."""
+
     def run(self, fn, *args, **kwargs):
         """``fn(*args, **kwargs)``, one block's computation, checkpointed when enabled and training."""
         if self.grad_checkpointing and torch.is_grad_enabled():

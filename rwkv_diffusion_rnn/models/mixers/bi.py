@@ -13,6 +13,12 @@ doubled temporaries cross glibc's 32 MB mmap threshold and every one of them cos
 zeroed pages (measured 8-13% slower at 4096 and 8192 tokens, neutral at 2048; see
 eval/notes/denoiser_speed.md).
 
+Bidirectional annealing (``bi_anneal_steps=N``, for a backbone pretrained left to right): each
+layer's output is ``y_f + a * (fuse(x, y_f, y_b) - y_f)`` with ``a`` growing from 0 at step 0 to 1
+at step N (what attention-mask annealing is for a scan), so at the first step the model is the
+forward scan alone, exactly the pretrained causal model. ``a`` is a buffer (saved with the
+weights, so a checkpoint decodes at its step's value) that :meth:`set_step` sets.
+
 With shared weights and ``sum`` fusion (and no position embedding or latent prefix) the mixer
 is exactly the same function of a text and of its reversal: the model cannot tell reading
 order, so about half of its unconditional samples come out written right to left (measured in
@@ -38,17 +44,33 @@ BATCH_BOTH_MAX_TOKENS = 1024
 class BiMixer(Mixer):
     name = "bi"
 
-    def __init__(self, blocks, n_embd: int, bi_fusion: str = "sum", bi_share_weights: bool = True):
+    def __init__(self, blocks, n_embd: int, bi_fusion: str = "sum", bi_share_weights: bool = True,
+                 bi_anneal_steps: int = 0):
         super().__init__()
-        self.check_options(bi_fusion=bi_fusion)
+        self.check_options(bi_fusion=bi_fusion, bi_anneal_steps=bi_anneal_steps)
         self.share = bi_share_weights
+        self.anneal_steps = int(bi_anneal_steps)
+        if self.anneal_steps:
+            self.register_buffer("anneal", torch.zeros(()))
         if not bi_share_weights:
             self.backward_blocks = copy.deepcopy(blocks)
         self.fusion = nn.ModuleList(Fusion(bi_fusion, n_embd) for _ in blocks)
 
     @classmethod
-    def check_options(cls, bi_fusion: str = "sum", **_):
+    def check_options(cls, bi_fusion: str = "sum", bi_anneal_steps: int = 0, **_):
         Fusion.check(bi_fusion)
+        if isinstance(bi_anneal_steps, bool) or not isinstance(bi_anneal_steps, int) or bi_anneal_steps < 0:
+            raise ValueError(f"model.bi_anneal_steps={bi_anneal_steps!r} must be an integer >= 0 (0: no annealing)")
+
+    def set_step(self, step: int) -> None:
+        if self.anneal_steps:
+            self.anneal.fill_(min(1.0, step / self.anneal_steps))
+
+    def _fuse(self, i: int, x, y_f, y_b):
+        out = self.fusion[i](x, y_f, y_b)
+        if self.anneal_steps:
+            out = y_f + self.anneal.to(out.dtype) * (out - y_f)
+        return out
 
     def forward(self, blocks, x, mods=None, state=None, return_state=False, prefix_len=0):
         if state is not None or return_state:
@@ -73,11 +95,11 @@ class BiMixer(Mixer):
                 v_first = torch.cat(v_first)
             mod2 = mod.tile(2) if isinstance(mod, Modulation) else None
             y, v_first, _ = self.run(run_block, block, torch.cat([x, x.flip(1)]), v_first, mod2)
-            return self.fusion[i](x, y[:B], y[B:].flip(1)), v_first
+            return self._fuse(i, x, y[:B], y[B:].flip(1)), v_first
         if isinstance(v_first, torch.Tensor):
             v_first = (v_first[:B], v_first[B:])
         back = block if self.share else self.backward_blocks[i]
         vf_f, vf_b = v_first if v_first is not None else (None, None)
         y_f, vf_f, _ = self.run(run_block, block, x, vf_f, mod)
         y_b, vf_b, _ = self.run(run_block, back, x.flip(1), vf_b, mod)
-        return self.fusion[i](x, y_f, y_b.flip(1)), (vf_f, vf_b)
+        return self._fuse(i, x, y_f, y_b.flip(1)), (vf_f, vf_b)

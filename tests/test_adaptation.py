@@ -1,0 +1,93 @@
+"""Adapting a pretrained left-to-right RWKV-7 into a bidirectional denoiser: with bidirectional
+annealing the bi model starts as exactly the pretrained causal LM and reads right to left more as
+training goes; the backbone unfreezes at the epoch asked."""
+import pytest
+import torch
+
+from rwkv_diffusion_rnn.common.errors import ConfigError
+from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserConfig, MultimodalRWKVDenoiser
+from rwkv_diffusion_rnn.train_rwkv import compose_config, run
+from rwkv_diffusion_rnn.training import checkpoints as ckpt
+from rwkv_diffusion_rnn.training.improved_trainer import read_train_log
+from rwkv_diffusion_rnn.weights.pretrained_rwkv import load_rwkv7, save_random_blinkdl_checkpoint
+
+V = 80
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    return save_random_blinkdl_checkpoint(tmp_path_factory.mktemp("pre") / "lm.pth", n_layer=2, n_embd=32,
+                                          head_size=16, vocab_size=V, seed=4)
+
+
+@pytest.mark.parametrize("fusion, share", [("sum", True), ("gated", True), ("sum", False)])
+def test_at_step_0_the_annealed_bi_model_is_the_pretrained_causal_lm(pretrained, fusion, share):
+    lm = load_rwkv7(pretrained)
+    cfg = DenoiserConfig(vocab_size=V, mask_id=V - 1, latent_prefix_len=0, mixer="bi", bi_fusion=fusion,
+                         bi_share_weights=share, bi_anneal_steps=10, use_rwkv_lm_head=True,
+                         time_conditioning="film")
+    model = MultimodalRWKVDenoiser(load_rwkv7(pretrained), cfg).eval()
+    ids = torch.randint(0, V - 1, (2, 24), generator=torch.Generator().manual_seed(0))
+    t = torch.rand(2)
+    with torch.no_grad():
+        want = lm(ids)
+        model.set_training_step(0)
+        assert torch.allclose(model(ids, t).logits, want, atol=1e-5, rtol=1e-5)
+        model.set_training_step(5)
+        half = model(ids, t).logits
+        model.set_training_step(10)
+        full = model(ids, t).logits
+    assert not torch.allclose(full, want, atol=1e-3)          # the right-to-left reading now counts
+    assert not torch.allclose(half, full, atol=1e-4)
+
+
+def test_annealing_follows_the_step_through_training_resume_and_checkpoints(tmp_path, pretrained):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat.\n" * 200)
+    base = ["experiment=shakespeare_char", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+            "data.seq_len=16", "tokenizer.name=bytes", f"model.rwkv_name={pretrained}", "model.use_rwkv_lm_head=true",
+            "model.bi_anneal_steps=4", "training.train_batch_size=4", "training.max_steps=6", "optimizer.warmup_steps=1",
+            "logging.eval_freq=0", "logging.log_freq=1", "eval.max_batches=1", "logging.progress_bar=false",
+            "logging.save_every=2", "logging.keep_last=null"]
+    with pytest.raises(ConfigError, match="the vocabulary .* does not fit the embedding of model.rwkv_name"):
+        run(compose_config([*base, f"logging.save_dir={tmp_path / 'x'}"]))     # bytes: 258 ids, the file 80
+    big = save_random_blinkdl_checkpoint(tmp_path / "lm258.pth", n_layer=1, n_embd=32, head_size=16, vocab_size=258)
+    base = [*base, f"model.rwkv_name={big}"]
+    run(compose_config([*base, f"logging.save_dir={tmp_path / 'full'}"]))
+    from safetensors import safe_open
+    for step in (2, 4, 6):
+        with safe_open(str(tmp_path / "full" / f"step_{step:07d}" / ckpt.MODEL_FILE), "pt") as f:
+            assert float(f.get_tensor("mixer.anneal")) == pytest.approx(min(1.0, step / 4))
+    run(compose_config([*base, "training.stop_at_step=2", f"logging.save_dir={tmp_path / 'part'}"]))
+    run(compose_config([*base, "training.resume=latest", f"logging.save_dir={tmp_path / 'part'}"]))
+    assert [r["loss"] for r in read_train_log(tmp_path / "part")] == [r["loss"] for r in read_train_log(tmp_path / "full")]
+
+
+def test_the_backbone_unfreezes_at_the_epoch_asked(tmp_path, pretrained):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat.\n" * 30)
+    big = save_random_blinkdl_checkpoint(tmp_path / "lm258.pth", n_layer=1, n_embd=32, head_size=16, vocab_size=258)
+    cfg = compose_config(["experiment=shakespeare_char", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+                          "data.seq_len=16", "tokenizer.name=bytes", f"model.rwkv_name={big}",
+                          "model.freeze_backbone=true", "training.unfreeze_backbone_at_epoch=1",
+                          "training.train_batch_size=4", "training.max_steps=null", "training.num_epochs=2",
+                          "optimizer.warmup_steps=1", "logging.eval_freq=0", "logging.log_freq=1",
+                          "eval.max_batches=1", "logging.progress_bar=false", f"logging.save_dir={tmp_path / 'run'}"])
+    from rwkv_diffusion_rnn.training.improved_trainer import Trainer
+    trainer = Trainer(cfg)
+    emb0 = trainer.model.backbone.emb.weight.detach().clone()
+    seen = []
+
+    class Watch:
+        def on_record(self, tr, record):
+            seen.append((record["epoch"], bool(tr.model.backbone.emb.weight.requires_grad),
+                         not torch.equal(tr.model.backbone.emb.weight, emb0)))
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+    trainer.callbacks.append(Watch())
+    trainer.train()
+    epochs = {e for e, _, _ in seen}
+    assert epochs == {0, 1}
+    assert all(not trainable and not moved for e, trainable, moved in seen if e == 0)
+    assert all(trainable and moved for e, trainable, moved in seen if e == 1)
