@@ -111,3 +111,28 @@ def test_default_hub_file_is_the_smallest_newest_model():
     assert pick_default_file(files) == "rwkv7-g1a-0.1b-20250728-ctx4096.pth"
     assert pick_default_file(["only.pth"]) == "only.pth"
     assert pick_default_file(["a.pth", "b.pth"]) is None
+
+
+def test_an_offline_hub_load_without_a_filename_finds_the_file_in_the_cache(tmp_path):
+    """load_rwkv7("BlinkDL/rwkv7-g1", local_files_only=True) chooses among the repo's files already
+    in a Hugging Face cache (here one laid out by hand in the Hub's layout), instead of listing the
+    Hub; it picks the smallest, newest model as with network access."""
+    cache = tmp_path / "hf"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--BlinkDL--rwkv7-g1"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
+    for name, seed in (("rwkv7-g1a-0.1b-20250728-ctx4096.pth", 1), ("rwkv7-g1-0.4b-20250324-ctx4096.pth", 2)):
+        blob = repo / "blobs" / f"blob{seed}"
+        save_random_blinkdl_checkpoint(blob, seed=seed, **SHAPE)
+        (snap / name).symlink_to(blob)
+    m = load_rwkv7("BlinkDL/rwkv7-g1", cache_dir=str(cache), local_files_only=True)
+    ref = load_rwkv7(repo / "blobs" / "blob1")          # the 0.1b file
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 12))
+    with torch.no_grad():
+        assert torch.equal(m(ids), ref(ids))
+    with pytest.raises(ValueError, match="holds 0 weight files"):
+        load_rwkv7("BlinkDL/other-repo", cache_dir=str(cache), local_files_only=True)

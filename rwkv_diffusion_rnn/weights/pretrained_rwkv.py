@@ -219,6 +219,26 @@ def pick_default_file(files) -> Optional[str]:
     return min(scored)[2] if scored else None
 
 
+def _cached_files(repo_id: str, revision: Optional[str], cache_dir: Optional[str]) -> list:
+    """The file names of ``repo_id`` (at ``revision``, default ``main``) already in the Hugging Face
+    cache: what an offline load can choose from without listing the Hub."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+    try:
+        info = scan_cache_dir(cache_dir)
+    except CacheNotFound:
+        return []
+    want = revision or "main"
+    names = set()
+    for repo in info.repos:
+        if repo.repo_id != repo_id or repo.repo_type != "model":
+            continue
+        for rev in repo.revisions:
+            if want in rev.refs or rev.commit_hash.startswith(want):
+                names |= {str(f.file_path.relative_to(rev.snapshot_path)) for f in rev.files}
+    return sorted(names)
+
+
 def _hub_file(repo_id: str, filename: Optional[str], revision, cache_dir, local_files_only) -> Path:
     from huggingface_hub import hf_hub_download, list_repo_files
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -228,7 +248,8 @@ def _hub_file(repo_id: str, filename: Optional[str], revision, cache_dir, local_
            "at a cache that holds it.")
     if filename is None:
         try:
-            files = list_repo_files(repo_id, revision=revision) if not local_files_only else []
+            files = (list_repo_files(repo_id, revision=revision) if not local_files_only
+                     else _cached_files(repo_id, revision, cache_dir))
         except Exception as e:
             raise OSError(f"Cannot list the files of Hub repo '{repo_id}' ({type(e).__name__}). "
                           "Pass filename=... (e.g. the .pth to use). " + how) from None
