@@ -91,3 +91,26 @@ def test_the_backbone_unfreezes_at_the_epoch_asked(tmp_path, pretrained):
     assert epochs == {0, 1}
     assert all(not trainable and not moved for e, trainable, moved in seen if e == 0)
     assert all(trainable and moved for e, trainable, moved in seen if e == 1)
+
+
+def test_a_checkpoint_saved_before_a_model_key_existed_still_loads(tmp_path):
+    """A saved config without a model key added later (here bi_anneal_steps) builds its model with
+    that key's default: the model it was trained as."""
+    import yaml
+    from rwkv_diffusion_rnn.training.trained import load_trained
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat.\n" * 100)
+    run(compose_config(["experiment=shakespeare_char", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+                        "data.seq_len=16", "model.n_layer=1", "model.n_embd=32", "model.head_size=16",
+                        "training.train_batch_size=4", "training.max_steps=1", "logging.eval_freq=0",
+                        "eval.max_batches=1", "logging.progress_bar=false", f"logging.save_dir={tmp_path / 'run'}"]))
+    last = ckpt.latest_checkpoint(tmp_path / "run")
+    cfg = yaml.safe_load((last / ckpt.CONFIG_FILE).read_text())
+    del cfg["model"]["bi_anneal_steps"]
+    import hashlib, json
+    (last / ckpt.CONFIG_FILE).write_text(yaml.safe_dump(cfg))
+    man = json.loads((last / ckpt.MANIFEST).read_text())
+    data = (last / ckpt.CONFIG_FILE).read_bytes()
+    man["files"][ckpt.CONFIG_FILE] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (last / ckpt.MANIFEST).write_text(json.dumps(man, indent=2))
+    assert load_trained(last).model.config.bi_anneal_steps == 0

@@ -49,11 +49,14 @@ def resolve_device(name: str) -> torch.device:
 
 def denoiser_config(m: DictConfig, **replace) -> DenoiserConfig:
     """``DenoiserConfig`` from the ``model`` group: each dataclass field from the key of its name
-    (or from ``replace``); the options of the chosen mixer that are no field (a mixer added beside
-    the built-in ones) from ``model.<option>`` when set."""
+    (or from ``replace``; a key a checkpoint's saved config predates takes the field's default, the
+    value its model was built with); the options of the chosen mixer that are no field (a mixer
+    added beside the built-in ones) from ``model.<option>`` when set."""
     values = {}
     for f in dataclasses.fields(DenoiserConfig):
         if f.name == "mixer_options":
+            continue
+        if f.name not in replace and f.name not in m:
             continue
         v = replace[f.name] if f.name in replace else m[f.name]
         if isinstance(f.default, float) and v is not None:
