@@ -857,8 +857,8 @@ def check_config_compatible(saved_config: dict, config: dict, keys=("model",), *
     saved, current = _plain(saved_config), _plain(config)
     diffs = []
     for prefix in keys:
-        a = _flatten(_get_dotted(saved, prefix), prefix)
-        b = _flatten(_get_dotted(current, prefix), prefix)
+        a = flatten_keys(_get_dotted(saved, prefix), prefix)
+        b = flatten_keys(_get_dotted(current, prefix), prefix)
         for key in sorted(set(a) | set(b)):
             if any(key == p or key.startswith(p + ".") for p in ignore):
                 continue
@@ -1210,13 +1210,14 @@ def _get_dotted(config: dict, dotted: str):
     return node
 
 
-def _flatten(node, prefix: str) -> dict:
+def flatten_keys(node, prefix: str) -> dict:
+    """``{"group.key.sub": value}`` of a nested config mapping under ``prefix``."""
     if node is _ABSENT:
         return {}
     if isinstance(node, dict):
         out = {}
         for k, v in node.items():
-            out.update(_flatten(v, f"{prefix}.{k}"))
+            out.update(flatten_keys(v, f"{prefix}.{k}"))
         return out
     return {prefix: node}
 

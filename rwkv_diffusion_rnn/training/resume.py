@@ -176,7 +176,7 @@ def changed_settings(path: Path, config: Dict[str, Any]) -> list:
     saved = ckpt.read_saved_config(path) or {}
     out = []
     for group in CHANGEABLE:
-        a, b = ckpt._flatten(saved.get(group) or {}, group), ckpt._flatten(config.get(group) or {}, group)
+        a, b = ckpt.flatten_keys(saved.get(group) or {}, group), ckpt.flatten_keys(config.get(group) or {}, group)
         for key in sorted(set(a) | set(b)):
             if any(key == k or key.startswith(k + ".") for k in RESUME_KEYS) or key in _NOT_SETTINGS:
                 continue
