@@ -49,19 +49,20 @@ class Arch:
         return mixer in (self.mixers if self.mixers is not None else MIXERS)
 
     def length_key(self, keys: Mapping) -> Optional[str]:
-        """The ``model.*`` key :meth:`length_multiple` reads (None when any length goes)."""
+        """The ``model.*`` key whose value the text length must be a multiple of: the mixer's
+        block option, or ``block_size`` for an attention bias in blocks; None when any length goes."""
         option = MIXERS[keys["mixer"]].length_option if self.mixers is None else None
         if option is not None:
             return option
         return "block_size" if self.attention_bias and keys.get("block_attention") else None
 
     def length_multiple(self, keys: Mapping) -> int:
-        """The multiple the text length must be of, from the ``model.*`` keys: the mixer's block
-        option, or the blocks of an attention bias (``block_attention``)."""
-        option = MIXERS[keys["mixer"]].length_option if self.mixers is None else None
-        if option is not None:
-            return int(keys.get(option, option_defaults(keys["mixer"])[option]))
-        return int(keys["block_size"]) if self.attention_bias and keys.get("block_attention") else 1
+        """The value of :meth:`length_key` in the ``model.*`` keys (the mixer's default where the
+        keys lack it); 1 when any length goes."""
+        key = self.length_key(keys)
+        if key is None:
+            return 1
+        return int(keys[key] if key in keys else option_defaults(keys["mixer"])[key])
 
 
 # model.arch -> its entry; filled by register_arch where each arch is defined
