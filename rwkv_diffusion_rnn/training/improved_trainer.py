@@ -192,9 +192,10 @@ class Trainer:
 
     def _resume(self, source: str):
         path = ckpt.resolve_resume(str(source), self.save_dir)
-        resume.check_resumable(path, config=OmegaConf.to_container(self.cfg, resolve=True),
-                               tokenizer=self._tokenizer_spec(), world=self.dist.world, parallel=self.dist.mode,
-                               any_world_size=bool(self.cfg.training.resume_any_world_size))
+        changes = resume.check_resumable(path, config=OmegaConf.to_container(self.cfg, resolve=True),
+                                         tokenizer=self._tokenizer_spec(), world=self.dist.world,
+                                         parallel=self.dist.mode,
+                                         any_world_size=bool(self.cfg.training.resume_any_world_size))
         state = resume.restore(source, path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                ema=self.ema.module if self.ema else None, data=self.data,
                                noise_gen=self.noise_gen, rank=self.dist.rank, world=self.dist.world)
@@ -208,7 +209,6 @@ class Trainer:
         self.resumed_from = path
         self._print(f"resumed from {path} at step {self.global_step}")
         # a setting changed on resume takes effect from here; the record says what ran before it
-        changes = resume.changed_settings(path, OmegaConf.to_container(self.cfg, resolve=True))
         self.config_changes = list(state.get("config_changes", [])) + [
             {"from_step": self.global_step, "key": k, "was": was, "now": now} for k, was, now in changes]
         for k, was, now in changes:

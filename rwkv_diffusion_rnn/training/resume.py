@@ -132,11 +132,12 @@ def init_weights(path: Path, *, model: torch.nn.Module, ema: Optional[torch.nn.M
 # ------------------------------------------------------------------ training.resume
 
 def check_resumable(path: Path, *, config: Dict[str, Any], tokenizer: Optional[Dict[str, Any]], world: int,
-                    parallel: str, any_world_size: bool) -> None:
+                    parallel: str, any_world_size: bool) -> list:
     """Refuses a checkpoint this run cannot continue exactly: other :data:`RESUME_KEYS` in
     ``config`` (this run's resolved config), another ``tokenizer`` spec, another world size
     (unless ``any_world_size``: ``training.resume_any_world_size``), or whole weights for an
-    FSDP run (``parallel``)."""
+    FSDP run (``parallel``). Returns the settings that may change and did
+    (:func:`changed_settings`)."""
     saved = ckpt.read_saved_config(path)     # verified before it is parsed
     if saved is not None:
         ckpt.check_config_compatible(saved, config, keys=RESUME_KEYS, checkpoint=path, ignore=RESUME_FREE,
@@ -150,6 +151,7 @@ def check_resumable(path: Path, *, config: Dict[str, Any], tokenizer: Optional[D
             f"{tokenizer and tokenizer.get('vocab_size')} ids; a chars vocabulary follows the corpus): resume with "
             "the data and tokenizer the checkpoint was trained on, or start a new run in another logging.save_dir")
     check_world(path, world=world, parallel=parallel, any_world_size=any_world_size)
+    return changed_settings(saved or {}, config)
 
 
 def check_world(path: Path, *, world: int, parallel: str, any_world_size: bool) -> None:
@@ -170,10 +172,10 @@ def check_world(path: Path, *, world: int, parallel: str, any_world_size: bool) 
             "run shards them (training.parallel=fsdp): resume it with training.parallel=ddp or none")
 
 
-def changed_settings(path: Path, config: Dict[str, Any]) -> list:
+def changed_settings(saved: Dict[str, Any], config: Dict[str, Any]) -> list:
     """``[(key, checkpoint's value, this run's value)]`` for the keys of :data:`CHANGEABLE` groups
-    (outside :data:`RESUME_KEYS`) that this run (``config``, resolved) sets otherwise."""
-    saved = ckpt.read_saved_config(path) or {}
+    (outside :data:`RESUME_KEYS`) that this run (``config``, resolved) sets otherwise than the
+    checkpoint's saved config ``saved``."""
     out = []
     for group in CHANGEABLE:
         a, b = ckpt.flatten_keys(saved.get(group) or {}, group), ckpt.flatten_keys(config.get(group) or {}, group)
