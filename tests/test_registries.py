@@ -10,7 +10,7 @@ import torch
 
 from rwkv_diffusion_rnn.common.errors import ConfigError
 from rwkv_diffusion_rnn.data.epochs import EpochBatches
-from rwkv_diffusion_rnn.data.sources import DATA_SOURCES, DataSource, register_data_source
+from rwkv_diffusion_rnn.data.sources import DATA_SOURCES, DataSource, EpochData, register_data_source
 from rwkv_diffusion_rnn.diffusion import sampling
 from rwkv_diffusion_rnn.evaluate import evaluate
 from rwkv_diffusion_rnn.models.mixers import MIXERS, Mixer, register_mixer, run_block
@@ -183,26 +183,15 @@ def counting_rows(starts, seq_len):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool)}
 
 
-class CountingData:
-    """``data.kind=toy_counting``: a loader as every data source builds one."""
+class CountingData(EpochData):
+    """``data.kind=toy_counting``: a loader as every data source builds one (epochs, position and
+    resume from :class:`EpochData`, over its ``train`` batches)."""
     tokenizer = None
 
     def __init__(self, cfg, batch_size, eval_batch_size, seed, tokenizer=None, length_multiple=1):
         seq_len = int(cfg.data.seq_len)
         self.train = CountingBatches(32, seq_len, batch_size, seed)
         self.val = [counting_rows(torch.arange(i, i + eval_batch_size) % 10, seq_len) for i in (0, 3)]
-
-    epoch = property(lambda self: self.train.epoch)
-    at_epoch_end = property(lambda self: self.train.at_epoch_end)
-
-    def epoch_batches(self):
-        return iter(self.train)
-
-    def state(self):
-        return {"loader": self.train.state_dict()}, {}
-
-    def load(self, state, tensors):
-        self.train.load_state_dict(state["loader"])
 
 
 def _check_counting(cfg):

@@ -50,7 +50,7 @@ class SyntheticData:
         self.gen.set_state(tensors["data_rng"])
 
 
-class _EpochData:
+class EpochData:
     """A resumable training loader ``self.train`` (epochs, position) and a validation set ``self.val``."""
 
     @property
@@ -72,7 +72,7 @@ class _EpochData:
         self.train.load_state_dict(state["loader"])
 
 
-class TextLatentData(_EpochData):
+class TextLatentData(EpochData):
     """Tokenized text (+ latents) from disk: a resumable training loader and a validation loader."""
 
     def __init__(self, cfg: DictConfig, batch_size: int, eval_batch_size: int, seed: int, tokenizer,
@@ -106,7 +106,7 @@ class TextLatentData(_EpochData):
             base.check_token_ids(indices, desc="checking validation token ids")
 
 
-class CorpusData(_EpochData):
+class CorpusData(EpochData):
     """A text corpus (``data.kind=text``): random training windows and fixed validation windows
     over the token cache of :func:`~rwkv_diffusion_rnn.data.corpus.prepare_corpus`."""
 
@@ -122,7 +122,7 @@ class CorpusData(_EpochData):
         self.val = corpus_val_windows(d, corpus, eval_batch_size)
 
 
-class SFTData(_EpochData):
+class SFTData(EpochData):
     """Conversations (``data=sft``): every assistant turn an example (:mod:`~rwkv_diffusion_rnn.data.sft`);
     answers are padded to a multiple of ``length_multiple`` tokens (the model's blocks)."""
 
