@@ -45,15 +45,51 @@ BASE = ["experiment=shakespeare_char", "tokenizer.name=bytes"]
 RETENTION_BATCHES = 20
 
 
-def runs(pth: Path, anneal: int) -> dict:
+LADDER = (1, 2, 4, 8, 16, 32, 64)
+
+
+def runs(pth: Path, anneal: int, steps: int, pretrain_steps: int) -> dict:
+    """name -> (overrides, training steps)."""
     backbone = [f"model.rwkv_name={pth}", "model.use_rwkv_lm_head=true"]
-    return {
+    shift, annealed = "model.shift_logits=true", f"model.bi_anneal_steps={anneal}"
+    table = {
         "ar_ft": ["training.objective=ar", "model.mixer=causal", *backbone],
         "diff_scratch": [],
         "diff_adapt": backbone,
-        "diff_anneal": [*backbone, f"model.bi_anneal_steps={anneal}"],
+        "diff_anneal": [*backbone, annealed],
         "diff_frozen": [*backbone, "model.freeze_backbone=true", "training.unfreeze_backbone_at_epoch=1"],
+        "diff_shift": [*backbone, shift],
+        "diff_shift_anneal": [*backbone, shift, annealed],
+        **{f"block_{n}": [*backbone, "model.mixer=block_causal", f"model.block_size={n}", shift, annealed]
+           for n in LADDER},
     }
+    table = {k: (v, steps) for k, v in table.items()}
+    table["diff_scratch_long"] = ([], steps + pretrain_steps)      # equal total steps
+    return table
+
+
+# The data-constrained regime: the first eighth of tinyshakespeare's training split, repeated for
+# about 24 epochs (4000 steps of 12 x 64 bytes over 125,478 bytes), validated on the usual split.
+CONSTRAINED_FRACTION = 8
+CONSTRAINED_STEPS = 4000
+CONSTRAINED_EVAL_FREQ = 250
+
+
+def constrained_runs(pth: Path) -> dict:
+    backbone = [f"model.rwkv_name={pth}", "model.use_rwkv_lm_head=true"]
+    ar = ["training.objective=ar", "model.mixer=causal"]
+    return {"dc_ar_scratch": ar, "dc_ar_adapt": [*ar, *backbone], "dc_diff_scratch": [], "dc_diff_adapt": backbone}
+
+
+def constrained_data(out: Path):
+    """(train, val) files: the first eighth of tinyshakespeare's first 90%, and its last 10%."""
+    text = TINY.read_bytes()
+    cut = int(len(text) * 0.9)
+    train, val = out / "tiny_train_eighth.txt", out / "tiny_val.txt"
+    if not train.is_file():
+        train.write_bytes(text[:cut // CONSTRAINED_FRACTION])
+        val.write_bytes(text[cut:])
+    return train, val
 
 
 def sh(cmd, log: Path, threads: int) -> int:
@@ -62,12 +98,12 @@ def sh(cmd, log: Path, threads: int) -> int:
         return subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
 
 
-def train(name: str, overrides, out: Path, steps: int, threads: int) -> None:
+def train(name: str, overrides, out: Path, steps: int, threads: int, data=(f"data.path={TINY}",)) -> None:
     save = out / name
     if (save / "metrics.json").is_file():
         return
     resume = ["training.resume=latest"] if any(save.glob("step_*")) else []
-    cmd = [sys.executable, "-m", "rwkv_diffusion_rnn.train_rwkv", *BASE, *overrides, f"data.path={TINY}",
+    cmd = [sys.executable, "-m", "rwkv_diffusion_rnn.train_rwkv", *BASE, *overrides, *data,
            f"data.cache_dir={out / 'cache'}", f"training.max_steps={steps}", f"logging.save_dir={save}",
            f"hydra.run.dir={save / 'hydra'}", "logging.progress_bar=false", *resume]
     save.mkdir(parents=True, exist_ok=True)
@@ -93,13 +129,19 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "eval" / "out" / "adapt")
     p.add_argument("--runs", nargs="+", default=None, help="the rows to train (default: all)")
+    p.add_argument("--constrained", action="store_true",
+                   help="the data-constrained runs instead (AR and diffusion, scratch and adapted, ~24 epochs)")
+    p.add_argument("--threads", type=int, default=None, help="threads per run (default: 2 / --jobs)")
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args(argv)
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, 2 // a.jobs)
+    threads = a.threads or max(1, 2 // a.jobs)
+    if a.constrained:
+        return constrained(a, out, threads)
     pretrain, pth = out / "pretrain", out / "pretrained.pth"
-    table = {k: v for k, v in runs(pth, a.anneal_steps).items() if a.runs is None or k in a.runs}
+    table = {k: v for k, v in runs(pth, a.anneal_steps, a.steps, a.pretrain_steps).items()
+             if a.runs is None or k in a.runs}
     if not a.report_only:
         if not (pretrain / "metrics.json").is_file():
             cmd = [sys.executable, "-m", "rwkv_diffusion_rnn.train_rwkv", *BASE, "training.objective=ar",
@@ -114,7 +156,7 @@ def main(argv=None) -> None:
                    f"out={pth}"], out / "export.log", 2) != 0:
                 raise SystemExit(f"export failed: see {out / 'export.log'}")
         with ThreadPoolExecutor(a.jobs) as pool:
-            list(pool.map(lambda kv: train(kv[0], kv[1], out, a.steps, threads), table.items()))
+            list(pool.map(lambda kv: train(kv[0], kv[1][0], out, kv[1][1], threads), table.items()))
     rows = [("ar_zero_shot", pretrain)] + [(name, out / name) for name in table]
     results = {}
     for name, ckpt in rows:
@@ -135,6 +177,39 @@ def main(argv=None) -> None:
     text = "\n".join(lines) + "\n"
     (out / "adapt_table.md").write_text(text)
     print(text)
+
+
+def constrained(a, out: Path, threads: int) -> None:
+    """The data-constrained runs and their validation curves (``<out>/constrained.md``)."""
+    pth = out / "pretrained.pth"
+    dc = out / "constrained"
+    dc.mkdir(exist_ok=True)
+    train_file, val_file = constrained_data(dc)
+    table = {k: v for k, v in constrained_runs(pth).items() if a.runs is None or k in a.runs}
+    data = (f"data.path={train_file}", f"data.val_path={val_file}", f"logging.eval_freq={CONSTRAINED_EVAL_FREQ}")
+    if not a.report_only:
+        if not pth.is_file():
+            raise SystemExit(f"{pth} is missing: run this script without --constrained first (it pretrains)")
+        with ThreadPoolExecutor(a.jobs) as pool:
+            list(pool.map(lambda kv: train(kv[0], kv[1], dc, CONSTRAINED_STEPS, threads, data), table.items()))
+    curves = {}
+    for name in table:
+        recs = [r for r in read_log(dc / name) if "val_nll" in r or "val_nelbo" in r]
+        curves[name] = {r["step"]: r.get("val_nll", r.get("val_nelbo")) for r in recs}
+    steps = sorted({s for c in curves.values() for s in c})
+    lines = ["| step | epochs | " + " | ".join(curves) + " |", "|---:|---:|" + "---:|" * len(curves)]
+    epoch_steps = len(train_file.read_bytes()) / (12 * 64)
+    for s in steps:
+        lines.append(f"| {s} | {s / epoch_steps:.1f} | " +
+                     " | ".join(f"{c[s]:.4f}" if s in c else "-" for c in curves.values()) + " |")
+    text = "\n".join(lines) + "\n"
+    (out / "constrained.md").write_text(text)
+    print(text)
+
+
+def read_log(save: Path) -> list:
+    log = save / "train_log.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
 
 
 if __name__ == "__main__":

@@ -203,11 +203,13 @@ class _TextDenoiser:
             self.drop = None
 
     def __call__(self, ids: torch.Tensor, t: torch.Tensor, state=None, return_state: bool = False,
-                 pos_offset: int = 0):
+                 pos_offset: int = 0, prev_ids: Optional[torch.Tensor] = None):
         if self.guided:
             ids, t = torch.cat([ids, ids]), torch.cat([t, t])
+            prev_ids = None if prev_ids is None else torch.cat([prev_ids, prev_ids])
         out = self.model(ids, t, latent=self.latent_in, s=self.s, latent_drop=self.drop,
-                         state=state, return_state=return_state, pos_offset=pos_offset)
+                         state=state, return_state=return_state, pos_offset=pos_offset,
+                         prev_ids=prev_ids)
         logits = out.logits.float()
         if self.guided:
             cond, uncond = logits.chunk(2)
@@ -217,30 +219,40 @@ class _TextDenoiser:
 
 @torch.inference_mode()
 def guided_logits(model, input_ids: torch.Tensor, t: torch.Tensor, latent: Optional[torch.Tensor] = None,
-                  cfg_scale: float = 0.0, state=None, return_state: bool = False):
+                  cfg_scale: float = 0.0, state=None, return_state: bool = False,
+                  prev_ids: Optional[torch.Tensor] = None):
     """Text logits [B, T, V] (float32) as the text samplers see them, and the state (or None).
 
     ``latent`` is a clean latent [B, latent_dim] (``s = 0``) or None (the null latent, ``s = 1``);
     ``cfg_scale != 0`` returns ``cond + cfg_scale * (cond - uncond)`` with ``uncond`` the null-latent
-    pass; its state then covers 2B rows (cond rows first).
+    pass; its state then covers 2B rows (cond rows first). ``prev_ids``: the token before
+    ``input_ids`` for a ``shift_logits`` model continuing a state.
     """
     fn = _TextDenoiser(model, latent, cfg_scale, input_ids.shape[0])
-    return fn(input_ids.to(_device(model)), t.to(_device(model)), state=state, return_state=return_state)
+    return fn(input_ids.to(_device(model)), t.to(_device(model)), state=state, return_state=return_state,
+              prev_ids=None if prev_ids is None else prev_ids.to(_device(model)))
 
 
 class _StateCache:
-    """Forward-scan state of the text before ``self.pos`` (a model-block boundary)."""
+    """Forward-scan state of the text before ``self.pos`` (a model-block boundary).
+
+    With ``shift_logits`` position i reads token i - 1, so a call from ``pos`` passes the token
+    before it (``x[:, pos - 1]``) as ``prev_ids``."""
 
     def __init__(self, fn: _TextDenoiser, granularity: int):
         self.fn = fn
         self.g = granularity
         self.pos = 0
         self.state = None
+        self.shift = fn.model.config.shift_logits
+
+    def _prev(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        return x[:, self.pos - 1] if self.shift and self.pos > 0 else None
 
     def logits(self, x: torch.Tensor, a: int, b: int, t: torch.Tensor) -> torch.Tensor:
         """Logits of positions [a, b), feeding x[pos : end of b's model block]."""
         end = min(-(-b // self.g) * self.g, x.shape[1])
-        logits, _ = self.fn(x[:, self.pos:end], t, state=self.state, pos_offset=self.pos)
+        logits, _ = self.fn(x[:, self.pos:end], t, state=self.state, pos_offset=self.pos, prev_ids=self._prev(x))
         return logits[:, a - self.pos:b - self.pos]
 
     def advance(self, x: torch.Tensor, b: int, t: torch.Tensor) -> None:
@@ -248,7 +260,7 @@ class _StateCache:
         new = (b // self.g) * self.g
         if new > self.pos:
             _, self.state = self.fn(x[:, self.pos:new], t, state=self.state, return_state=True,
-                                    pos_offset=self.pos)
+                                    pos_offset=self.pos, prev_ids=self._prev(x))
             self.pos = new
 
 

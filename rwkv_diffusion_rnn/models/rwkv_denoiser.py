@@ -51,7 +51,8 @@ OPTIONS = {
     "dw_jrt_learnable_alpha": Flag(), "dw_jrt_alpha_init": Num(), "dw_jrt_layer_start": Num(lo=0, integer=True),
     "block_size": Num(lo=1, integer=True), "block_attention": Flag(), "use_rwkv_lm_head": Flag(),
     "freeze_backbone": Flag(), "pos_emb_len": Num(lo=0, integer=True), "pos_emb_init_std": Num(lo=0),
-    "latent_in_cond": Flag(),
+    "latent_in_cond": Flag(), "shift_logits": Flag(),
+    "bos_id": Num(lo=0, integer=True, optional=True, null_means="the tokenizer's end of text"),
 }
 
 
@@ -69,7 +70,7 @@ class DenoiserConfig:
     mixer: str = "bi"
     bi_fusion: str = "sum"
     bi_share_weights: bool = True
-    bi_anneal_steps: int = 0            # bi: the right-to-left share grows 0 -> 1 over this many steps
+    bi_anneal_steps: int = 0            # bi, block_causal: the right-to-left share grows 0 -> 1 over this many steps
     dw_jrt_scale: float = 1.0
     dw_jrt_learnable_alpha: bool = False
     dw_jrt_alpha_init: float = 0.0
@@ -81,6 +82,9 @@ class DenoiserConfig:
     pos_emb_len: int = 0                # learned position embedding for this many text positions
     pos_emb_init_std: float = 0.0       # its initial values: N(0, std^2); 0 = zeros
     latent_in_cond: bool = False        # also add the latent's embedding to the conditioning vector
+    shift_logits: bool = False          # the logits of token i come from the position before it
+    bos_id: Optional[int] = None        # shift_logits: the token read before the first one
+
 
     mixer_options: Dict[str, Any] = field(default_factory=dict)   # options of a mixer that are no field here
 
@@ -108,6 +112,18 @@ class DenoiserConfig:
             mixer_class(self.mixer).check_options(**{k: self.mixer_option(k) for k in option_defaults(self.mixer)})
         if not 0 <= self.mask_id < self.vocab_size:
             raise ValueError(f"model.mask_id={self.mask_id} must be a token id below model.vocab_size={self.vocab_size}")
+        if self.shift_logits:
+            if mixer_class(self.mixer).autoregressive:
+                raise ValueError(f"model.shift_logits=true moves each prediction to the position before it, so "
+                                 f"that a left-to-right head keeps its meaning; model.mixer={self.mixer} already "
+                                 "predicts the next token at each position: set model.shift_logits=false")
+            if self.block_attention:
+                raise ValueError("model.shift_logits=true reads one more position than the text, which "
+                                 "model.block_attention's blocks do not cover yet: set one of them to false")
+            if self.bos_id is None or not 0 <= self.bos_id < self.vocab_size:
+                raise ValueError(f"model.shift_logits=true reads model.bos_id before the first token; it is "
+                                 f"{self.bos_id!r}: give a token id below model.vocab_size={self.vocab_size} "
+                                 "(null takes the tokenizer's end of text)")
         if self.latent_in_cond and (self.time_conditioning == "none" or not self.latent_prefix_len):
             raise ValueError("model.latent_in_cond=true adds the latent to the time conditioning: it needs "
                              "model.latent_prefix_len >= 1 and model.time_conditioning=film or adaln_zero")
@@ -234,7 +250,8 @@ class MultimodalRWKVDenoiser(nn.Module):
     def forward(self, input_ids: torch.Tensor, t: torch.Tensor, latent: Optional[torch.Tensor] = None,
                 s: Optional[torch.Tensor] = None, latent_drop: Optional[torch.Tensor] = None,
                 state: Optional[List[LayerState]] = None, return_state: bool = False,
-                pos_offset: int = 0, attention_bias: Optional[torch.Tensor] = None) -> DenoiserOutput:
+                pos_offset: int = 0, attention_bias: Optional[torch.Tensor] = None,
+                prev_ids: Optional[torch.Tensor] = None) -> DenoiserOutput:
         """Denoise.
 
         Args:
@@ -251,6 +268,15 @@ class MultimodalRWKVDenoiser(nn.Module):
                 number of text tokens its state has read); used by the position embedding.
             attention_bias: [B, 1, L, L] additive bias over [prefix | text] (0 visible, -inf
                 hidden); model.arch=qwen3 only.
+            prev_ids: [B] with ``shift_logits``, the token before ``input_ids[:, 0]`` (default
+                ``bos_id`` for a call without ``state``; a continuation call must pass it).
+
+        With ``shift_logits`` the text position i reads token i - 1 (``bos_id`` before the first)
+        and its output is the logits of token i: each prediction comes from the position before
+        its token, as a left-to-right LM head predicts the next token (Dream's and DiffuLLaMA's
+        shift). One more position, reading the last token, follows the text and is not scored,
+        so a whole-sequence mixer sees every token; a call with ``return_state`` leaves it out,
+        so that its state ends at the position before the next call's first.
         """
         cfg = self.config
         B, T = input_ids.shape
@@ -259,13 +285,25 @@ class MultimodalRWKVDenoiser(nn.Module):
             raise ValueError(f"t must be [B] = [{B}], got {tuple(t.shape)}")
         if s is None and cfg.latent_prefix_len:
             s = torch.full((B,), 1.0 if latent is None else 0.0, device=t.device)
-        x = self.backbone.embed(input_ids) + self.type_emb.weight[1]
+        read = input_ids
+        if cfg.shift_logits:
+            if prev_ids is None:
+                if state is not None:
+                    raise ValueError("model.shift_logits=true: a call that continues a state reads the token "
+                                     "before input_ids first; pass prev_ids=[B]")
+                prev_ids = input_ids.new_full((B,), cfg.bos_id)
+            read = torch.cat([prev_ids.view(B, 1).to(input_ids), input_ids[:, :T - 1] if return_state else input_ids], 1)
+        elif prev_ids is not None:
+            raise ValueError("prev_ids is read by a model.shift_logits=true model only")
+        n = read.shape[1]
+        x = self.backbone.embed(read) + self.type_emb.weight[1]
         if cfg.pos_emb_len:
-            if pos_offset + T > cfg.pos_emb_len:
-                raise ValueError(f"text positions {pos_offset}..{pos_offset + T - 1} exceed "
+            if pos_offset + n > cfg.pos_emb_len:
+                raise ValueError(f"text positions {pos_offset}..{pos_offset + n - 1} exceed "
                                  f"model.pos_emb_len={cfg.pos_emb_len}; train with "
-                                 f"model.pos_emb_len >= the longest text (data.seq_len)")
-            x = x + self.pos_emb[pos_offset:pos_offset + T].to(x.dtype)
+                                 f"model.pos_emb_len >= the longest text (data.seq_len"
+                                 f"{', + 1 with model.shift_logits' if cfg.shift_logits else ''})")
+            x = x + self.pos_emb[pos_offset:pos_offset + n].to(x.dtype)
         prefix = None
         if P or cfg.latent_in_cond:  # a continuation call reads no prefix, but may condition on it
             prefix = self.embed_prefix(latent, B)
@@ -288,7 +326,7 @@ class MultimodalRWKVDenoiser(nn.Module):
         x, new_state = self.mixer(self.backbone.blocks, x, self._modulations(c), state=state,
                                   return_state=return_state, prefix_len=P, **extra)
 
-        h_text = self.backbone.ln_out(x[:, P:])
+        h_text = self.backbone.ln_out(x[:, P:P + T])
         head = self.backbone.head if cfg.use_rwkv_lm_head else self.text_head
         logits = head(h_text)
         latent_out = None

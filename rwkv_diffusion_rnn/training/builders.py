@@ -171,7 +171,8 @@ def build_data(cfg: DictConfig, tokenizer=None):
 
 def resolve_vocab(cfg: DictConfig, data) -> None:
     """Fills ``model.vocab_size`` / ``model.mask_id`` left null from the data's vocabulary (the
-    tokenizer's, or the data source's own) and refuses values that contradict it."""
+    tokenizer's, or the data source's own) and refuses values that contradict it; with
+    ``model.shift_logits`` a null ``model.bos_id`` becomes the tokenizer's end of text."""
     m = cfg.model
     source = data_source(cfg.data.kind)
     if source.vocabulary is not None:
@@ -191,6 +192,9 @@ def resolve_vocab(cfg: DictConfig, data) -> None:
             elif m[key] != value:
                 raise ConfigError(f"model.{key}={m[key]} contradicts {source}, whose {key} is {value}: "
                                   f"set model.{key}={value} or leave it null to follow the tokenizer")
+    tok = getattr(data, "tokenizer", None)
+    if m.get("bos_id") is None and m.get("shift_logits") and tok is not None:
+        m.bos_id = int(tok.eos_id)        # the document separator: what an AR model reads first
     try:
         denoiser_config(m)
     except ValueError as e:

@@ -259,12 +259,17 @@ def _check_dataclasses(cfg: DictConfig) -> None:
     if m.vocab_size is None or m.mask_id is None:
         stand_in = {"vocab_size": m.vocab_size or (m.mask_id or 0) + 2,
                     "mask_id": m.mask_id if m.mask_id is not None else 0}
+    from ..data.sources import DATA_SOURCES
+    if m.get("shift_logits") and m.get("bos_id") is None and DATA_SOURCES[d.kind].needs_tokenizer:
+        stand_in["bos_id"] = 0
     try:
         objective_config(cfg.training)
         denoiser_config(m, **stand_in)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if m.pos_emb_len and m.pos_emb_len < d.seq_len:
-        raise ConfigError(f"model.pos_emb_len={m.pos_emb_len} is shorter than data.seq_len={d.seq_len}: the "
-                          f"position embedding must cover every text position; set "
-                          f"model.pos_emb_len={d.seq_len} (or 0 for none)")
+    positions = d.seq_len + bool(m.get("shift_logits"))     # shift_logits reads one more
+    if m.pos_emb_len and m.pos_emb_len < positions:
+        plus = " + 1 (model.shift_logits reads one more position)" if positions > d.seq_len else ""
+        raise ConfigError(f"model.pos_emb_len={m.pos_emb_len} is shorter than data.seq_len={d.seq_len}{plus}: the "
+                          f"position embedding must cover every text position; set model.pos_emb_len={positions} "
+                          "(or 0 for none)")

@@ -173,3 +173,36 @@ class Fusion(nn.Module):
             return x + self.proj(torch.cat([y_f - x, y_b - x], dim=-1))
         g = torch.sigmoid(self.gate(torch.cat([y_f, y_b], dim=-1)))
         return g * y_f + (1 - g) * y_b
+
+
+class TwoWay(Mixer):
+    """A mixer whose layers read left to right and right to left and fuse the two (``bi``,
+    ``block_causal``): one :class:`Fusion` per layer, and bidirectional annealing.
+
+    Annealing (``bi_anneal_steps=N``, for a backbone pretrained left to right): each layer's output
+    is ``y_f + a * (fuse(x, y_f, y_b) - y_f)`` with ``a`` growing from 0 at step 0 to 1 at step N
+    (what attention-mask annealing is for a scan), so at the first step the model is the forward
+    scan alone, exactly the pretrained causal model. ``a`` is a buffer (saved with the weights, so
+    a checkpoint decodes at its step's value) that :meth:`set_step` sets."""
+
+    def __init__(self, blocks, n_embd: int, bi_fusion: str, bi_anneal_steps: int):
+        super().__init__()
+        self.anneal_steps = int(bi_anneal_steps)
+        if self.anneal_steps:
+            self.register_buffer("anneal", torch.zeros(()))
+        self.fusion = nn.ModuleList(Fusion(bi_fusion, n_embd) for _ in blocks)
+
+    @staticmethod
+    def check_anneal(bi_anneal_steps) -> None:
+        if isinstance(bi_anneal_steps, bool) or not isinstance(bi_anneal_steps, int) or bi_anneal_steps < 0:
+            raise ValueError(f"model.bi_anneal_steps={bi_anneal_steps!r} must be an integer >= 0 (0: no annealing)")
+
+    def set_step(self, step: int) -> None:
+        if self.anneal_steps:
+            self.anneal.fill_(min(1.0, step / self.anneal_steps))
+
+    def _fuse(self, i: int, x, y_f, y_b):
+        out = self.fusion[i](x, y_f, y_b)
+        if self.anneal_steps:
+            out = y_f + self.anneal.to(out.dtype) * (out - y_f)
+        return out

@@ -13,11 +13,8 @@ doubled temporaries cross glibc's 32 MB mmap threshold and every one of them cos
 zeroed pages (measured 8-13% slower at 4096 and 8192 tokens, neutral at 2048; see
 eval/notes/denoiser_speed.md).
 
-Bidirectional annealing (``bi_anneal_steps=N``, for a backbone pretrained left to right): each
-layer's output is ``y_f + a * (fuse(x, y_f, y_b) - y_f)`` with ``a`` growing from 0 at step 0 to 1
-at step N (what attention-mask annealing is for a scan), so at the first step the model is the
-forward scan alone, exactly the pretrained causal model. ``a`` is a buffer (saved with the
-weights, so a checkpoint decodes at its step's value) that :meth:`set_step` sets.
+Bidirectional annealing (``bi_anneal_steps``) phases the right-to-left reading in over training
+(:class:`~rwkv_diffusion_rnn.models.mixers.base.TwoWay`).
 
 With shared weights and ``sum`` fusion (and no position embedding or latent prefix) the mixer
 is exactly the same function of a text and of its reversal: the model cannot tell reading
@@ -31,9 +28,8 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn as nn
 
-from .base import Fusion, Mixer, Modulation, layer_mods, register_mixer, run_block
+from .base import Fusion, Modulation, TwoWay, layer_mods, register_mixer, run_block
 
 
 # Largest B * T (tokens of one direction) read as one batch of both directions.
@@ -41,36 +37,21 @@ BATCH_BOTH_MAX_TOKENS = 1024
 
 
 @register_mixer
-class BiMixer(Mixer):
+class BiMixer(TwoWay):
     name = "bi"
 
     def __init__(self, blocks, n_embd: int, bi_fusion: str = "sum", bi_share_weights: bool = True,
                  bi_anneal_steps: int = 0):
-        super().__init__()
         self.check_options(bi_fusion=bi_fusion, bi_anneal_steps=bi_anneal_steps)
+        super().__init__(blocks, n_embd, bi_fusion, bi_anneal_steps)
         self.share = bi_share_weights
-        self.anneal_steps = int(bi_anneal_steps)
-        if self.anneal_steps:
-            self.register_buffer("anneal", torch.zeros(()))
         if not bi_share_weights:
             self.backward_blocks = copy.deepcopy(blocks)
-        self.fusion = nn.ModuleList(Fusion(bi_fusion, n_embd) for _ in blocks)
 
     @classmethod
     def check_options(cls, bi_fusion: str = "sum", bi_anneal_steps: int = 0, **_):
         Fusion.check(bi_fusion)
-        if isinstance(bi_anneal_steps, bool) or not isinstance(bi_anneal_steps, int) or bi_anneal_steps < 0:
-            raise ValueError(f"model.bi_anneal_steps={bi_anneal_steps!r} must be an integer >= 0 (0: no annealing)")
-
-    def set_step(self, step: int) -> None:
-        if self.anneal_steps:
-            self.anneal.fill_(min(1.0, step / self.anneal_steps))
-
-    def _fuse(self, i: int, x, y_f, y_b):
-        out = self.fusion[i](x, y_f, y_b)
-        if self.anneal_steps:
-            out = y_f + self.anneal.to(out.dtype) * (out - y_f)
-        return out
+        cls.check_anneal(bi_anneal_steps)
 
     def forward(self, blocks, x, mods=None, state=None, return_state=False, prefix_len=0):
         if state is not None or return_state:

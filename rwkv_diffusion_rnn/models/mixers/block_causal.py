@@ -5,6 +5,10 @@ backward scan inside each block only (zero state at each block's right edge), th
 as ``bi`` does. A position sees everything to its left and its own block to its right. The
 latent prefix (``prefix_len`` tokens) is a block of its own, before the text.
 
+Bidirectional annealing (``bi_anneal_steps``) phases the right-to-left reading inside blocks in
+over training (:class:`~rwkv_diffusion_rnn.models.mixers.base.TwoWay`): at its first step the
+model is the forward scan alone, a pretrained causal model exactly.
+
 Because nothing flows right to left across blocks, the forward-scan state after the committed
 blocks is all a later block needs: ``forward(..., state=cache, return_state=True)`` on the next
 blocks gives the same result as running everything again.
@@ -15,32 +19,31 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn as nn
 
-from .base import Fusion, Mixer, layer_mods, register_mixer, run_block
+from .base import Fusion, TwoWay, layer_mods, register_mixer, run_block
 
 
 @register_mixer
-class BlockCausalMixer(Mixer):
+class BlockCausalMixer(TwoWay):
     name = "block_causal"
     carries_state = True
     length_option = "block_size"
 
     def __init__(self, blocks, n_embd: int, block_size: int = 16, bi_fusion: str = "sum",
-                 bi_share_weights: bool = True):
-        super().__init__()
-        self.check_options(block_size=block_size, bi_fusion=bi_fusion)
+                 bi_share_weights: bool = True, bi_anneal_steps: int = 0):
+        self.check_options(block_size=block_size, bi_fusion=bi_fusion, bi_anneal_steps=bi_anneal_steps)
+        super().__init__(blocks, n_embd, bi_fusion, bi_anneal_steps)
         self.block_size = block_size
         self.share = bi_share_weights
         if not bi_share_weights:
             self.backward_blocks = copy.deepcopy(blocks)
-        self.fusion = nn.ModuleList(Fusion(bi_fusion, n_embd) for _ in blocks)
 
     @classmethod
-    def check_options(cls, block_size: int = 16, bi_fusion: str = "sum", **_):
+    def check_options(cls, block_size: int = 16, bi_fusion: str = "sum", bi_anneal_steps: int = 0, **_):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"model.block_size={block_size!r} must be an integer >= 1")
         Fusion.check(bi_fusion)
+        cls.check_anneal(bi_anneal_steps)
 
     def cache_unit(self):
         return self.block_size     # nothing flows right to left across blocks
@@ -79,6 +82,6 @@ class BlockCausalMixer(Mixer):
             y_f, vf_f, st = self.run(run_block, block, x, vf_f, mods[i],
                                       state[i] if state is not None else None, return_state)
             y_b, vf_b = self._backward(back[i], x, mods[i], vf_b, segs)
-            x = self.fusion[i](x, y_f, y_b)
+            x = self._fuse(i, x, y_f, y_b)
             new_state.append(st)
         return x, (new_state if return_state else None)
