@@ -19,6 +19,17 @@ byte = per character: tinyshakespeare is ASCII), one thread per run, ``--jobs`` 
     diff_adapt      diffusion from the backbone, its own head (model.use_rwkv_lm_head=true)
     diff_anneal     the same with model.bi_anneal_steps (the right-to-left reading phased in)
     diff_frozen     the same with the backbone frozen for the first epoch, then unfrozen
+    diff_shift      diff_adapt with model.shift_logits (the head keeps predicting the next token)
+    diff_shift_anneal   both: at step 0 exactly the pretrained AR model
+    block_<n>       block_causal in blocks of n (1 ... 64) with shift, annealing and clean context
+                    (BD3-LM's training); at block 1 an AR model; decoded with the state cache
+    block_4_noisy   block 4 trained on noised earlier blocks (model.block_context=noisy)
+    diff_scratch_long   diff_scratch for --steps + --pretrain_steps steps (equal total steps)
+
+Each row also gets the generative perplexity of 32 samples of 64 characters (64 steps, temperature
+1, random remasking; AR rows token by token) under ar_ft, and the ladder and ar_ft the decoding
+time per character (256 characters one per step, batch 1, one thread, the state cache).
+``--constrained`` runs the data-constrained regime instead (see :func:`constrained`).
 
 Retention: each checkpoint's bound (diffusion) or NLL (AR) on the held-out last 10% of the
 pretraining corpus (``evaluate data.path=<pretraining corpus>``, its first 20 validation batches:
@@ -60,8 +71,9 @@ def runs(pth: Path, anneal: int, steps: int, pretrain_steps: int) -> dict:
         "diff_frozen": [*backbone, "model.freeze_backbone=true", "training.unfreeze_backbone_at_epoch=1"],
         "diff_shift": [*backbone, shift],
         "diff_shift_anneal": [*backbone, shift, annealed],
-        **{f"block_{n}": [*backbone, "model.mixer=block_causal", f"model.block_size={n}", shift, annealed]
-           for n in LADDER},
+        **{f"block_{n}": [*backbone, "model.mixer=block_causal", f"model.block_size={n}", shift, annealed,
+                          "model.block_context=clean"] for n in LADDER},
+        "block_4_noisy": [*backbone, "model.mixer=block_causal", "model.block_size=4", shift, annealed],
     }
     table = {k: (v, steps) for k, v in table.items()}
     table["diff_scratch_long"] = ([], steps + pretrain_steps)      # equal total steps
@@ -132,6 +144,8 @@ def main(argv=None) -> None:
     p.add_argument("--constrained", action="store_true",
                    help="the data-constrained runs instead (AR and diffusion, scratch and adapted, ~24 epochs)")
     p.add_argument("--threads", type=int, default=None, help="threads per run (default: 2 / --jobs)")
+    p.add_argument("--plot", type=lambda v: Path(v) if v else None, default=ROOT / "eval" / "adapt_bound_vs_steps.png",
+                   help='where the PNG goes ("" for none; needs matplotlib: pip install -e ".[eval]")')
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args(argv)
     out = a.out
@@ -162,21 +176,113 @@ def main(argv=None) -> None:
     for name, ckpt in rows:
         if not (ckpt / "metrics.json").is_file():
             continue
-        tiny = evaluate(ckpt, TINY, out / f"{name}.tiny.eval.json", out / "cache", 2, "null")
-        other = evaluate(ckpt, OTHER, out / f"{name}.other.eval.json", out / "cache", 2, RETENTION_BATCHES)
-        results[name] = (tiny, other)
+        tiny = evaluate(ckpt, TINY, out / f"{name}.tiny.eval.json", out / "cache", threads, "null")
+        other = evaluate(ckpt, OTHER, out / f"{name}.other.eval.json", out / "cache", threads, RETENTION_BATCHES)
+        gen = gen_ppl(name, ckpt, out, threads) if (out / "ar_ft" / "metrics.json").is_file() else None
+        results[name] = (tiny, other, gen, decode_ms(name, ckpt, out, threads))
     ref = results.get("ar_ft", (None,))[0]
     pre_other = results.get("ar_zero_shot", (None, None))[1]
     lines = ["| run | tinyshakespeare nats/char | s.e. | ratio to ar_ft | pretraining corpus (held out) nats/char | "
-             "retention (pretrained / this) |", "|---|---:|---:|---:|---:|---:|"]
-    for name, (tiny, other) in results.items():
+             "retention (pretrained / this) | gen-PPL (64 steps) | entropy | decode ms/char |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, (tiny, other, gen, ms) in results.items():
         ratio = f"{tiny['nats_per_token'] / ref['nats_per_token']:.3f}" if ref else "-"
         keep = f"{pre_other['nats_per_token'] / other['nats_per_token']:.3f}" if pre_other else "-"
         lines.append(f"| {name} | {tiny['nats_per_token']:.4f} | {tiny.get('stderr', 0):.4f} | {ratio} | "
-                     f"{other['nats_per_token']:.4f} | {keep} |")
+                     f"{other['nats_per_token']:.4f} | {keep} | "
+                     + (f"{gen['gen_ppl']:.2f} | {gen['entropy']:.3f} | " if gen else "- | - | ")
+                     + (f"{ms:.2f} |" if ms is not None else "- |"))
     text = "\n".join(lines) + "\n"
     (out / "adapt_table.md").write_text(text)
     print(text)
+    if a.plot:
+        plot_curves(out, [n for n in PLOTTED if n in results], a.plot)
+
+
+# rows drawn in the PNG of bound against adaptation steps
+PLOTTED = ("ar_ft", "diff_scratch", "diff_adapt", "diff_anneal", "diff_shift", "diff_shift_anneal", "block_1",
+           "block_4", "block_16")
+GEN_SAMPLES, GEN_LENGTH, GEN_STEPS = 32, 64, 64
+DECODE_LENGTH = 256
+
+
+def gen_ppl(name: str, ckpt: Path, out: Path, threads: int):
+    """Generative perplexity of GEN_SAMPLES samples of GEN_LENGTH characters (GEN_STEPS steps,
+    temperature 1, random remasking; a block_causal run decodes in its own blocks with the state
+    cache, an AR run token by token) under the AR reference ``ar_ft``."""
+    samples, scores = out / f"{name}.gen.jsonl", out / f"{name}.gen.eval.json"
+    if not scores.is_file():
+        if not samples.is_file():
+            cmd = [sys.executable, "-m", "rwkv_diffusion_rnn.generate", f"checkpoint={ckpt}",
+                   f"num_samples={GEN_SAMPLES}", f"length={GEN_LENGTH}", f"steps={GEN_STEPS}", "temperature=1.0",
+                   "remasking=random", "eos=false", "batch_size=16", "progress_bar=false", "print_texts=false",
+                   f"out={samples}"]
+            block = _block(name)
+            if block:
+                cmd.append(f"block_length={block}")
+            if sh(cmd, out / f"{name}.gen.log", threads) != 0:
+                raise SystemExit(f"generate {name} failed: see {out / f'{name}.gen.log'}")
+        cmd = [sys.executable, "-m", "rwkv_diffusion_rnn.evaluate", f"eval.samples={samples}",
+               f"eval.scorer={out / 'ar_ft'}", f"out={scores}", "logging.progress_bar=false"]
+        if sh(cmd, out / f"{name}.gen.log", threads) != 0:
+            raise SystemExit(f"scoring {name}'s samples failed: see {out / f'{name}.gen.log'}")
+    return json.loads(scores.read_text())
+
+
+def _block(name: str):
+    return int(name.split("_")[1]) if name.startswith("block_") else None     # block_<size>[_noisy]
+
+
+def decode_ms(name: str, ckpt: Path, out: Path, threads: int):
+    """Milliseconds per character to decode DECODE_LENGTH characters one per step, batch 1 (the
+    block ladder with its state cache, AR token by token through its state; median of 3)."""
+    if not (name.startswith("block_") or name == "ar_ft"):
+        return None
+    f = out / f"{name}.decode.json"
+    if not f.is_file():
+        code = (
+            "import json, statistics, sys, time, torch\n"
+            "from rwkv_diffusion_rnn.training.trained import load_trained\n"
+            "from rwkv_diffusion_rnn.diffusion import sampling\n"
+            f"torch.set_num_threads({threads})\n"
+            f"m = load_trained({str(ckpt)!r}).model.eval()\n"
+            f"n, block = {DECODE_LENGTH}, {_block(name)!r}\n"
+            "def once():\n"
+            "    g = torch.Generator().manual_seed(0)\n"
+            "    t0 = time.perf_counter()\n"
+            "    if block is None:\n"
+            "        sampling.generate_autoregressive(m, bos_id=256, length=n, batch_size=1, temperature=1.0, generator=g)\n"
+            "    else:\n"
+            "        sampling.generate_text(m, length=n, batch_size=1, steps=n, block_length=block, temperature=1.0,\n"
+            "                               remasking='random', generator=g, use_cache=True)\n"
+            "    return time.perf_counter() - t0\n"
+            "once()\n"
+            "times = [once() for _ in range(3)]\n"
+            f"json.dump({{'ms_per_char': 1000 * statistics.median(times) / n, 'times_s': times}}, open({str(f)!r}, 'w'))\n")
+        if sh([sys.executable, "-c", code], out / f"{name}.decode.log", threads) != 0:
+            raise SystemExit(f"decode timing of {name} failed: see {out / f'{name}.decode.log'}")
+    return json.loads(f.read_text())["ms_per_char"]
+
+
+def plot_curves(out: Path, names, plot: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, name in enumerate(names):
+        recs = [r for r in read_log(out / name) if "val_nll" in r or "val_nelbo" in r]
+        xs = [r["step"] for r in recs]
+        ys = [r.get("val_nll", r.get("val_nelbo")) for r in recs]
+        ax.plot(xs, ys, "-" if name != "ar_ft" else "--", marker=".", color=f"C{i}",
+                label=name + (" (NLL)" if name == "ar_ft" else " (bound)"))
+    ax.set_xlabel("steps on tinyshakespeare (12 x 64 bytes each)")
+    ax.set_ylabel("validation nats per character")
+    ax.set_title("from a pretrained RWKV-7 (4x128, AR on other plays) to a diffusion LM")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(plot, dpi=120)
+    print(f"wrote {plot}")
 
 
 def constrained(a, out: Path, threads: int) -> None:

@@ -129,3 +129,29 @@ def test_strong_decays_stay_finite_and_exact():
     o2, S2 = wkv7(*xs, initial_state=s0, output_final_state=True, backend="torch")
     assert torch.isfinite(o2).all()
     assert (o1 - o2).abs().max() <= 1e-4 * o1.abs().max()
+
+
+@pytest.mark.parametrize("T, offset, every", [(20, 0, 4), (21, 3, 4), (17, 1, 1), (30, 2, 7), (9, 0, 16)])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_the_states_at_block_starts_match_the_recurrence_run_piece_by_piece(T, offset, every, with_state):
+    """``state_starts``: the torch backend reads them off its chunk boundaries; the reference runs
+    the plain recurrence one piece at a time. Outputs, states and every gradient agree."""
+    xs, s0 = make_inputs(2, T, 3, 8, V=6, seed=T + every, with_state=with_state)
+    results = {}
+    for backend in ("recurrent", "torch"):
+        inp = [x.clone().requires_grad_(True) for x in xs]
+        st = s0.clone().requires_grad_(True) if with_state else None
+        o, starts = wkv7(*inp, scale=0.8, initial_state=st, backend=backend, state_starts=(offset, every))
+        gen = torch.Generator().manual_seed(1)
+        ((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
+         + (starts * torch.randn(starts.shape, generator=gen, dtype=starts.dtype)).sum()).backward()
+        results[backend] = (o, starts, [x.grad for x in inp] + ([st.grad] if with_state else []))
+    (o1, s1, g1), (o2, s2, g2) = results["recurrent"], results["torch"]
+    assert s2.shape == (len(range(offset, T, every)), 2, 3, 8, 6)
+    assert torch.allclose(o1, o2, atol=1e-10) and torch.allclose(s1, s2, atol=1e-10)
+    if not with_state and offset == 0:
+        assert s2[0].abs().max() == 0                      # before the first token: the zero state
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-9)
+    plain, _ = wkv7(*xs, scale=0.8, initial_state=s0, backend="torch")
+    assert torch.allclose(plain, o2, atol=1e-10)

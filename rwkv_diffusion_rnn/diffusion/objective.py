@@ -175,7 +175,7 @@ class DiffusionObjective:
         with autocast():
             out = model(nb.xt.to(device), nb.t.to(device), nb.zs.to(device) if has_latent else None,
                         nb.s.to(device) if has_latent else None,
-                        latent_drop=nb.drop.to(device) if has_latent else None)
+                        latent_drop=nb.drop.to(device) if has_latent else None, context_ids=nb.x0.to(device))
         loss, stats = self.loss(out, nb, norm)
         return loss, {**stats, **(whole or {})}
 

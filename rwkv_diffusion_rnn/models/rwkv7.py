@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -170,8 +170,10 @@ class RWKV7TimeMix(nn.Module):
 
     def forward(self, x: torch.Tensor, v_first: Optional[torch.Tensor],
                 shift: Optional[torch.Tensor] = None, wkv_state: Optional[torch.Tensor] = None,
-                return_state: bool = False):
-        """x: normalised input [B, T, C]. Returns (out, v_first, last_x, final wkv state)."""
+                return_state: bool = False, state_starts: Optional[Tuple[int, int]] = None):
+        """x: normalised input [B, T, C]. Returns (out, v_first, last_x, final wkv state); with
+        ``state_starts=(offset, every)`` the wkv states before positions offset, offset + every, ...
+        ([n, B, H, K, V], see :func:`~rwkv_diffusion_rnn.ops.wkv7.wkv7`) instead of the final one."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         xr, xw, xk, xv, xa, xg = shift_mix(x, shift, self.x_r, self.x_w, self.x_k,
@@ -195,7 +197,7 @@ class RWKV7TimeMix(nn.Module):
         a4 = a.view(B, T, H, N)
         o, S = wkv7(r.view(B, T, H, N), log_w.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N), -kk, kk * a4,
                     initial_state=wkv_state, output_final_state=return_state,
-                    backend=self.wkv_backend)
+                    backend=self.wkv_backend, state_starts=state_starts)
         o = o.to(x.dtype)
         o = F.group_norm(o.reshape(B * T, C), H, self.ln_x.weight, self.ln_x.bias,
                          eps=LN_X_EPS).view(B, T, C)

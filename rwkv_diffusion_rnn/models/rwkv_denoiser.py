@@ -76,6 +76,7 @@ class DenoiserConfig:
     dw_jrt_alpha_init: float = 0.0
     dw_jrt_layer_start: int = 1
     block_size: int = 16
+    block_context: str = "noisy"        # block_causal: training reads blocks < b noised, or clean (BD3-LM)
     block_attention: bool = False       # qwen3: training-time block attention (blocks of block_size)
     use_rwkv_lm_head: bool = False
     freeze_backbone: bool = False
@@ -194,6 +195,10 @@ class MultimodalRWKVDenoiser(nn.Module):
                                           for _ in range(bc.n_layer))
 
         self.mixer = arch.make_mixer(backbone, cfg)
+        if cfg.block_context == "clean" and not self.mixer.reads_context:
+            raise ValueError(f"model.block_context=clean is read by model.mixer=block_causal on RWKV-7 blocks; "
+                             f"model.mixer={cfg.mixer} (model.arch={cfg.arch}) reads no clean context: set "
+                             "model.block_context=noisy")
         if not cfg.use_rwkv_lm_head:
             self.text_head = nn.Linear(C, cfg.vocab_size, bias=False)
             nn.init.normal_(self.text_head.weight, std=C ** -0.5)
@@ -236,6 +241,26 @@ class MultimodalRWKVDenoiser(nn.Module):
                                        p.shift_ffn, p.scale_ffn, p.gate_ffn))
         return mods
 
+    def _embed_text(self, ids: torch.Tensor, prev_ids: Optional[torch.Tensor], return_state: bool,
+                    pos_offset: int) -> torch.Tensor:
+        """The text's input vectors: with ``shift_logits`` position i reads token i - 1
+        (``prev_ids`` first) and one more position reads the last token, except in a call that
+        returns a state (see :meth:`forward`)."""
+        cfg = self.config
+        if cfg.shift_logits:
+            B, T = ids.shape
+            ids = torch.cat([prev_ids.view(B, 1).to(ids), ids[:, :T - 1] if return_state else ids], 1)
+        n = ids.shape[1]
+        x = self.backbone.embed(ids) + self.type_emb.weight[1]
+        if cfg.pos_emb_len:
+            if pos_offset + n > cfg.pos_emb_len:
+                raise ValueError(f"text positions {pos_offset}..{pos_offset + n - 1} exceed "
+                                 f"model.pos_emb_len={cfg.pos_emb_len}; train with "
+                                 f"model.pos_emb_len >= the longest text (data.seq_len"
+                                 f"{', + 1 with model.shift_logits' if cfg.shift_logits else ''})")
+            x = x + self.pos_emb[pos_offset:pos_offset + n].to(x.dtype)
+        return x
+
     def embed_prefix(self, latent: Optional[torch.Tensor], batch: int) -> torch.Tensor:
         cfg = self.config
         if latent is None:
@@ -251,7 +276,8 @@ class MultimodalRWKVDenoiser(nn.Module):
                 s: Optional[torch.Tensor] = None, latent_drop: Optional[torch.Tensor] = None,
                 state: Optional[List[LayerState]] = None, return_state: bool = False,
                 pos_offset: int = 0, attention_bias: Optional[torch.Tensor] = None,
-                prev_ids: Optional[torch.Tensor] = None) -> DenoiserOutput:
+                prev_ids: Optional[torch.Tensor] = None,
+                context_ids: Optional[torch.Tensor] = None) -> DenoiserOutput:
         """Denoise.
 
         Args:
@@ -270,6 +296,9 @@ class MultimodalRWKVDenoiser(nn.Module):
                 hidden); model.arch=qwen3 only.
             prev_ids: [B] with ``shift_logits``, the token before ``input_ids[:, 0]`` (default
                 ``bos_id`` for a call without ``state``; a continuation call must pass it).
+            context_ids: [B, T] the clean text of a noised ``input_ids`` (training and scoring pass
+                it). A mixer that conditions on clean context (``block_causal`` with
+                ``block_context=clean``) reads it; the others have no use for it and do not.
 
         With ``shift_logits`` the text position i reads token i - 1 (``bos_id`` before the first)
         and its output is the logits of token i: each prediction comes from the position before
@@ -285,25 +314,24 @@ class MultimodalRWKVDenoiser(nn.Module):
             raise ValueError(f"t must be [B] = [{B}], got {tuple(t.shape)}")
         if s is None and cfg.latent_prefix_len:
             s = torch.full((B,), 1.0 if latent is None else 0.0, device=t.device)
-        read = input_ids
-        if cfg.shift_logits:
-            if prev_ids is None:
-                if state is not None:
-                    raise ValueError("model.shift_logits=true: a call that continues a state reads the token "
-                                     "before input_ids first; pass prev_ids=[B]")
-                prev_ids = input_ids.new_full((B,), cfg.bos_id)
-            read = torch.cat([prev_ids.view(B, 1).to(input_ids), input_ids[:, :T - 1] if return_state else input_ids], 1)
-        elif prev_ids is not None:
+        if prev_ids is None and cfg.shift_logits:
+            if state is not None:
+                raise ValueError("model.shift_logits=true: a call that continues a state reads the token "
+                                 "before input_ids first; pass prev_ids=[B]")
+            prev_ids = input_ids.new_full((B,), cfg.bos_id)
+        elif prev_ids is not None and not cfg.shift_logits:
             raise ValueError("prev_ids is read by a model.shift_logits=true model only")
-        n = read.shape[1]
-        x = self.backbone.embed(read) + self.type_emb.weight[1]
-        if cfg.pos_emb_len:
-            if pos_offset + n > cfg.pos_emb_len:
-                raise ValueError(f"text positions {pos_offset}..{pos_offset + n - 1} exceed "
-                                 f"model.pos_emb_len={cfg.pos_emb_len}; train with "
-                                 f"model.pos_emb_len >= the longest text (data.seq_len"
-                                 f"{', + 1 with model.shift_logits' if cfg.shift_logits else ''})")
-            x = x + self.pos_emb[pos_offset:pos_offset + n].to(x.dtype)
+        x = self._embed_text(input_ids, prev_ids, return_state, pos_offset)
+        context = None
+        if context_ids is not None and self.mixer.reads_context:
+            if context_ids.shape != input_ids.shape:
+                raise ValueError(f"context_ids must be the clean text of input_ids, {tuple(input_ids.shape)}, "
+                                 f"got {tuple(context_ids.shape)}")
+            context = self._embed_text(context_ids, prev_ids, return_state, pos_offset)
+            if cfg.shift_logits:
+                # a block's first position reads the token before the block: clean, as in decoding
+                starts = torch.arange(0, x.shape[1], self.mixer.cache_unit(), device=x.device)
+                x = x.index_copy(1, starts, context.index_select(1, starts))
         prefix = None
         if P or cfg.latent_in_cond:  # a continuation call reads no prefix, but may condition on it
             prefix = self.embed_prefix(latent, B)
@@ -312,6 +340,8 @@ class MultimodalRWKVDenoiser(nn.Module):
                 prefix = torch.where(latent_drop.view(B, 1, 1), null, prefix)
         if P:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
+            if context is not None:
+                context = torch.cat([prefix.to(x.dtype), context], dim=1)
 
         c = None
         if cfg.time_conditioning != "none":
@@ -323,6 +353,8 @@ class MultimodalRWKVDenoiser(nn.Module):
             if not arch_of(cfg.arch).attention_bias:
                 raise ValueError(f"attention_bias is read by an attention arch, not model.arch={cfg.arch}")
             extra["attention_bias"] = attention_bias
+        if context is not None:
+            extra["context"] = context
         x, new_state = self.mixer(self.backbone.blocks, x, self._modulations(c), state=state,
                                   return_state=return_state, prefix_len=P, **extra)
 

@@ -124,7 +124,8 @@ class _ChunkedWKV7(torch.autograd.Function):
 
     Inputs in chunk-major layout: ``r, w, k, a, b`` ``[N, G, L, K]`` and ``v`` ``[N, G, L, V]``
     (N chunks of length L, G = batch * heads), ``s`` the initial state ``[G, K, V]``.
-    Returns ``o`` ``[N, G, L, V]`` and the final state ``[G, K, V]``.
+    Returns ``o`` ``[N, G, L, V]``, the final state ``[G, K, V]`` and, with ``want_starts``, the
+    state before each chunk ``[N, G, K, V]`` (else None).
 
     The decayed queries and keys are stacked, Xq = [a'; r'] and Xk = [b'; k'], so the four
     intra-chunk matrices come from one product M = Xq Xk^T = [[A_ab, A_ak], [A_rb, A_rk]]
@@ -137,7 +138,7 @@ class _ChunkedWKV7(torch.autograd.Function):
     @staticmethod
     @torch.autocast("cpu", enabled=False)
     @torch.autocast("cuda", enabled=False)
-    def forward(ctx, r, w, k, v, a, b, s):
+    def forward(ctx, r, w, k, v, a, b, s, want_starts=False):
         N, G, L, K = r.shape
         V = v.shape[-1]
         NG = N * G
@@ -171,7 +172,10 @@ class _ChunkedWKV7(torch.autograd.Function):
         Z = torch.empty(N, G, K, V, dtype=dt, device=dev)  # e^{ref} * chunk start state
         P = torch.empty(N, G, K, V, dtype=dt, device=dev)  # chunk end state / e^{g_L - ref}
         S = s
+        starts = torch.empty(N, G, K, V, dtype=dt, device=dev) if want_starts else None
         for n in range(N):
+            if starts is not None:
+                starts[n] = S
             z = torch.mul(S, e_in[n], out=Z[n])
             u = U[n].baddbmm_(W4[n], z)                   # u_t = S_{t-1}^T a_t
             p = torch.add(kv[n], z, out=P[n]).baddbmm_(_t(Xk4[n, :, :L]), u)
@@ -179,13 +183,13 @@ class _ChunkedWKV7(torch.autograd.Function):
         UV[:, :L].copy_(U.view(NG, L, V))
         o = torch.bmm(r_, Z.view(NG, K, V)).baddbmm_(M[:, L:], UV)  # r'Z + A_rb U + A_rk v
         ctx.save_for_backward(w, s, Xq, Xk, T_inv, UV, P, e_in, e_out)
-        return o.view(N, G, L, V), S
+        return o.view(N, G, L, V), S, starts
 
     @staticmethod
     @once_differentiable
     @torch.autocast("cpu", enabled=False)
     @torch.autocast("cuda", enabled=False)
-    def backward(ctx, do, dS_final):
+    def backward(ctx, do, dS_final, dstarts=None):
         w, s, Xq, Xk, T_inv, UV, P, e_in, e_out = ctx.saved_tensors
         N, G, L, K = w.shape
         V = UV.shape[-1]
@@ -216,6 +220,8 @@ class _ChunkedWKV7(torch.autograd.Function):
             dp = torch.mul(dS, e_out[n], out=dP[n])
             du = dU[n].baddbmm_(Xk4[n, :, :L], dp)
             dS = dZ[n].add_(dp).baddbmm_(_t(W4[n]), du).mul(e_in[n])
+            if dstarts is not None:                     # the start state is an output too
+                dS += dstarts[n]
         dP_, dU_ = dP.view(NG, K, V), dU.view(NG, L, V)
         DY[:, :L].copy_(torch.bmm(_t(T_inv), dU_))      # (not out=: a strided out is slow)
         # Gradient of M = [[A_ab, A_ak], [A_rb, A_rk]]: [dY; dO] [U; v]^T, masked like M.
@@ -237,11 +243,12 @@ class _ChunkedWKV7(torch.autograd.Function):
         dg[:, :, L // 2] += dref
         dg[:, :, L - 1] += dlog_out
         dw = dg.flip(2).cumsum(2).flip(2).sub_(dgp)       # g = cumsum(w), g_{t-1} = g_t - w_t
-        return dr, dw, dk, dv.view(N, G, L, V), da, db, dS
+        return dr, dw, dk, dv.view(N, G, L, V), da, db, dS, None
 
 
 def wkv7_torch(r, w, k, v, a, b, scale: float = 1.0, initial_state=None,
-               output_final_state: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE):
+               output_final_state: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
+               state_starts: Optional[Tuple[int, int]] = None):
     """Chunked WKV-7 in plain PyTorch, with a hand-written backward.
 
     Within a chunk of length L starting from state S0, write g_t for the cumulative log
@@ -276,16 +283,23 @@ def wkv7_torch(r, w, k, v, a, b, scale: float = 1.0, initial_state=None,
     # Shrink the chunk if the decays are strong enough for exp(g) to leave float range
     # (never for RWKV-7's |w| <= 0.61 at the default chunk size).
     max_w = float(w.detach().abs().max()) if w.numel() else 0.0
+    front = 0
+    if state_starts is not None:
+        # chunks of `every` tokens (1 if its decays are too strong), the sequence padded in front
+        # so that a chunk starts at offset, offset + every, ...
+        offset, every = state_starts
+        chunk_size = every if every / 2 * max_w <= _MAX_HALF_CHUNK_DECAY else 1
+        front = -offset % every
     while chunk_size > 1 and chunk_size / 2 * max_w > _MAX_HALF_CHUNK_DECAY:
         chunk_size //= 2
-    L = max(1, min(chunk_size, T))
-    N = (T + L - 1) // L
-    pad = N * L - T
+    L = max(1, min(chunk_size, T + front)) if state_starts is None else chunk_size
+    N = (T + front + L - 1) // L
+    pad = N * L - T - front
 
-    def prep(x):  # [B, T, H, D] -> [N, B*H, L, D] in compute dtype, zero-padded at the end
+    def prep(x):  # [B, T, H, D] -> [N, B*H, L, D] in compute dtype, zero-padded at both ends
         x = x.to(dt)
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+        if pad or front:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, front, pad))
         return x.view(B, N, L, H, -1).permute(1, 0, 3, 2, 4).reshape(N, B * H, L, -1)
 
     # Padding with w = 0, k = v = a = b = 0 leaves the state untouched.
@@ -294,8 +308,12 @@ def wkv7_torch(r, w, k, v, a, b, scale: float = 1.0, initial_state=None,
         r_ = r_ * scale
     s = (torch.zeros(B * H, K, V, dtype=dt, device=r.device) if initial_state is None
          else initial_state.to(dt).reshape(B * H, K, V))
-    o, S = _ChunkedWKV7.apply(r_, w_, k_, v_, a_, b_, s)
-    o = o.view(N, B, H, L, V).permute(1, 0, 3, 2, 4).reshape(B, N * L, H, V)[:, :T]
+    o, S, starts = _ChunkedWKV7.apply(r_, w_, k_, v_, a_, b_, s, state_starts is not None)
+    o = o.view(N, B, H, L, V).permute(1, 0, 3, 2, 4).reshape(B, N * L, H, V)[:, front:front + T]
+    if state_starts is not None:
+        offset, every = state_starts
+        stride = every // L
+        return o.to(out_dtype), starts[(offset + front) // L::stride].view(-1, B, H, K, V)
     return o.to(out_dtype), (S.view(B, H, K, V) if output_final_state else None)
 
 
@@ -346,15 +364,46 @@ def wkv7_fla(r, w, k, v, a, b, scale: float = 1.0, initial_state=None,
 def wkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
          a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
          initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
-         backend: str = "auto") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """WKV-7 over a sequence. Returns ``(o [B,T,H,V], final_state [B,H,K,V] or None)``."""
+         backend: str = "auto", state_starts: Optional[Tuple[int, int]] = None
+         ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """WKV-7 over a sequence. Returns ``(o [B,T,H,V], final_state [B,H,K,V] or None)``.
+
+    ``state_starts=(offset, every)`` returns instead of the final state the states *before*
+    positions offset, offset + every, ... (those below T), ``[n, B, H, K, V]``, differentiable:
+    the torch backend takes them from its chunk boundaries (chunks of ``every`` tokens), the
+    others run the sequence piece by piece."""
     if backend not in BACKENDS:
         raise ValueError(f"wkv7: unknown backend {backend!r}; choose one of {BACKENDS}")
     _check_inputs(r, w, k, v, a, b, initial_state)
     if backend == "auto":
         backend = "fla" if r.is_cuda else "torch"
+    if state_starts is not None:
+        offset, every = state_starts
+        if offset < 0 or every < 1:
+            raise ValueError(f"wkv7: state_starts=(offset, every) needs offset >= 0 and every >= 1, got {state_starts}")
+        if backend == "torch":
+            return wkv7_torch(r, w, k, v, a, b, scale, initial_state, state_starts=state_starts)
+        return _states_piecewise(r, w, k, v, a, b, scale, initial_state, offset, every, backend)
     if backend == "fla":
         return wkv7_fla(r, w, k, v, a, b, scale, initial_state, output_final_state)
     if backend == "torch":
         return wkv7_torch(r, w, k, v, a, b, scale, initial_state, output_final_state)
     return wkv7_recurrent(r, w, k, v, a, b, scale, initial_state, output_final_state)
+
+
+def _states_piecewise(r, w, k, v, a, b, scale, initial_state, offset, every, backend):
+    """``wkv7(..., state_starts=(offset, every))`` by one call per piece, each from the state the
+    one before left."""
+    T = r.shape[1]
+    cuts = [0] + list(range(offset, T, every)) + [T]
+    outs, starts, S = [], [], initial_state
+    for i, (p, q) in enumerate(zip(cuts[:-1], cuts[1:])):
+        if i > 0:
+            starts.append(S if S is not None else torch.zeros(
+                r.shape[0], r.shape[2], r.shape[3], v.shape[-1], dtype=_compute_dtype(r), device=r.device))
+        if q > p:
+            o, S = wkv7(*(x[:, p:q] for x in (r, w, k, v, a, b)), scale=scale, initial_state=S,
+                        output_final_state=True, backend=backend)
+            outs.append(o)
+    o = torch.cat(outs, 1) if outs else v.new_zeros(v.shape)
+    return o, torch.stack(starts)

@@ -76,9 +76,11 @@ def score(model, batches: Iterable[dict], *, objective: str, schedule=None, mask
                 valid = valid & answer_positions(batch)
             z = batch["latent"][rows].float().to(device) if latent == "clean" and "latent" in batch else None
 
+            clean = targets[rows].to(device)
+
             def denoise(xt, t):
                 with autocast():
-                    return model(xt, t, z, None if z is None else torch.zeros_like(t)).logits
+                    return model(xt, t, z, None if z is None else torch.zeros_like(t), context_ids=clean).logits
 
             nats = masked_nelbo(denoise, targets.to(device), schedule, mask_id, generator,
                                 valid=valid.to(device), mc_samples=mc_samples, rows=rows)

@@ -8,7 +8,7 @@ backbone keeps its BlinkDL parameter names and a pretrained checkpoint loads unc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Type
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -55,22 +55,35 @@ def _modulate(x, shift, scale):
 
 def run_block(block: RWKV7Block, x: torch.Tensor, v_first: Optional[torch.Tensor],
               mod: Optional[Modulation] = None, state: Optional[LayerState] = None,
-              return_state: bool = False, wkv_init: Optional[torch.Tensor] = None):
+              return_state: bool = False, wkv_init: Optional[torch.Tensor] = None,
+              state_starts: Optional[Tuple[int, int]] = None):
     """One RWKV-7 block with optional modulation. ``wkv_init`` overrides the initial WKV state.
 
     Returns (x, v_first, LayerState or None). Without ``mod`` this is exactly ``block(x, ...)``.
+    With ``state_starts=(offset, every)`` the LayerState holds, stacked on a first dimension, the
+    states before positions offset, offset + every, ...: what a run from each of them starts from.
     """
     att_shift, wkv_state, ffn_shift = state if state is not None else (None, None, None)
     if wkv_init is not None:
         wkv_state = wkv_init
     mod = mod or Modulation()
-    h = _modulate(block.ln1(x), mod.shift1, mod.scale1)
-    h, v_first, att_last, S = block.att(h, v_first, att_shift, wkv_state, return_state)
+    h1 = _modulate(block.ln1(x), mod.shift1, mod.scale1)
+    h, v_first, att_last, S = block.att(h1, v_first, att_shift, wkv_state, return_state, state_starts)
     x = x + (h if mod.gate1 is None else mod.gate1 * h)
-    h = _modulate(block.ln2(x), mod.shift2, mod.scale2)
-    h, ffn_last = block.ffn(h, ffn_shift)
+    h2 = _modulate(block.ln2(x), mod.shift2, mod.scale2)
+    h, ffn_last = block.ffn(h2, ffn_shift)
     x = x + (h if mod.gate2 is None else mod.gate2 * h)
+    if state_starts is not None:
+        offset, every = state_starts
+        return x, v_first, LayerState(_before(h1, att_shift, offset, every), S, _before(h2, ffn_shift, offset, every))
     return x, v_first, (LayerState(att_last, S, ffn_last) if return_state else None)
+
+
+def _before(h: torch.Tensor, first: Optional[torch.Tensor], offset: int, every: int) -> torch.Tensor:
+    """[n, B, C]: the token-shift input before positions offset, offset + every, ... of ``h``
+    [B, T, C] (``first``, or zeros, before position 0)."""
+    prev = torch.cat([(torch.zeros_like(h[:, 0]) if first is None else first.to(h.dtype)).unsqueeze(1), h[:, :-1]], 1)
+    return prev[:, offset::every].transpose(0, 1)
 
 
 class Mixer(nn.Module):
@@ -85,6 +98,8 @@ class Mixer(nn.Module):
     * ``autoregressive``: position i sees no j > i, so it can train and decode next-token
       (``training.objective=ar``) and score samples as an AR model.
     * ``length_option``: the option whose value the text length must be a multiple of (None: any).
+    * ``reads_context``: in training and scoring it is also given the clean sequence
+      (``forward(..., context=...)``) and conditions on it (``block_causal`` with clean context).
     * :meth:`cache_unit`: how many tokens a generation cache commits at once (None: no cache).
     * :meth:`check_options`: its options' checks (ValueError naming the ``model.*`` key), run by
       the constructor and by config validation before anything is built.
@@ -100,6 +115,7 @@ class Mixer(nn.Module):
     carries_state = False
     autoregressive = False
     length_option: Optional[str] = None
+    reads_context = False
     grad_checkpointing = False
 
     @classmethod
