@@ -11,7 +11,7 @@ from rwkv_diffusion_rnn.models.transformer import Transformer, TransformerConfig
 
 V = 20
 CASES = [("rwkv7", "causal"), ("rwkv7", "bi"), ("rwkv7", "dw_jrt"), ("rwkv7", "block_causal"),
-         ("transformer", "bi"), ("hybrid", "bi"), ("qwen3", "bi")]
+         ("rwkv7", "block_causal/clean"), ("transformer", "bi"), ("hybrid", "bi"), ("qwen3", "bi")]
 
 
 def build(arch, mixer, tmp_path, seed=0):
@@ -27,8 +27,9 @@ def build(arch, mixer, tmp_path, seed=0):
     else:
         backbone = Hybrid(HybridConfig(vocab_size=V, n_layer=3, n_embd=32, head_size=8, attn_layers=(1,),
                                        wkv_backend="torch"))
+    mixer, _, context = mixer.partition("/")       # block_causal/clean: with the clean text as context
     cfg = DenoiserConfig(arch=arch, vocab_size=V, mask_id=V - 1, latent_dim=4, latent_prefix_len=1, mixer=mixer,
-                         block_size=4, time_conditioning="adaln_zero")
+                         block_size=4, time_conditioning="adaln_zero", block_context=context or "noisy")
     model = MultimodalRWKVDenoiser(backbone, cfg).double()
     with torch.no_grad():  # AdaLN-Zero starts with identity gates: make every part matter
         for p in model.parameters():
@@ -38,7 +39,7 @@ def build(arch, mixer, tmp_path, seed=0):
 
 def loss_and_grads(model, ids, t, z):
     model.zero_grad(set_to_none=True)
-    out = model(ids, t, latent=z)
+    out = model(ids, t, latent=z, context_ids=(ids + 1) % (V - 1))
     loss = out.logits.logsumexp(-1).mean() + out.latent.square().mean()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -64,7 +65,7 @@ def test_checkpointed_blocks_give_the_same_loss_and_gradients(arch, mixer, tmp_p
         torch.testing.assert_close(grads_ck[n], grads[n], rtol=1e-6, atol=1e-12, msg=n)
     calls.clear()
     with torch.no_grad():                        # no recomputation without a backward
-        model(ids, t, latent=z)
+        model(ids, t, latent=z, context_ids=(ids + 1) % (V - 1))
     assert len(calls) == runs // 2
 
 
