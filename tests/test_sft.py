@@ -227,7 +227,7 @@ def test_instruction_sets_have_checkable_answers_and_held_out_prompts_unseen_in_
                                    "model.block_size=8"], ["model.arch=transformer"], ["model.arch=hybrid", "model.n_layer=2"],
                                    ["model.arch=qwen3", "model.block_attention=true", "model.block_size=8"],
                                    ["model.shift_logits=true"], ["model.mixer=block_causal", "model.block_size=8",
-                                                                 "model.shift_logits=true"]])
+                                                                 "model.shift_logits=true", "model.block_context=clean"]])
 def test_every_mixer_and_architecture_trains_on_conversations(tmp_path, model):
     path = write_jsonl(tmp_path / "c.jsonl", reverse_conversations(40))
     if "model.arch=qwen3" in model:
