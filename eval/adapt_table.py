@@ -16,7 +16,7 @@ byte = per character: tinyshakespeare is ASCII), one thread per run, ``--jobs`` 
     ar_zero_shot    the pretrained AR model on tinyshakespeare's validation split, untrained there
     ar_ft           the AR model fine-tuned from it (the reference of every ratio)
     diff_scratch    diffusion (bi, gated fusion: the preset) from scratch
-    diff_adapt      diffusion from the backbone, its own head (model.use_rwkv_lm_head=true)
+    diff_adapt      diffusion from the backbone, its own head (model.use_pretrained_head=true)
     diff_anneal     the same with model.bi_anneal_steps (the right-to-left reading phased in)
     diff_frozen     the same with the backbone frozen for the first epoch, then unfrozen
     diff_shift      diff_adapt with model.shift_logits (the head keeps predicting the next token)
@@ -61,7 +61,7 @@ LADDER = (1, 2, 4, 8, 16, 32, 64)
 
 def runs(pth: Path, anneal: int, steps: int, pretrain_steps: int) -> dict:
     """name -> (overrides, training steps)."""
-    backbone = [f"model.rwkv_name={pth}", "model.use_rwkv_lm_head=true"]
+    backbone = [f"model.rwkv_name={pth}", "model.use_pretrained_head=true"]
     shift, annealed = "model.shift_logits=true", f"model.bi_anneal_steps={anneal}"
     table = {
         "ar_ft": ["training.objective=ar", "model.mixer=causal", *backbone],
@@ -88,7 +88,7 @@ CONSTRAINED_EVAL_FREQ = 250
 
 
 def constrained_runs(pth: Path) -> dict:
-    backbone = [f"model.rwkv_name={pth}", "model.use_rwkv_lm_head=true"]
+    backbone = [f"model.rwkv_name={pth}", "model.use_pretrained_head=true"]
     ar = ["training.objective=ar", "model.mixer=causal"]
     return {"dc_ar_scratch": ar, "dc_ar_adapt": [*ar, *backbone], "dc_diff_scratch": [], "dc_diff_adapt": backbone}
 

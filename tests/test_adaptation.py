@@ -26,7 +26,7 @@ def pretrained(tmp_path_factory):
 def test_at_step_0_the_annealed_bi_model_is_the_pretrained_causal_lm(pretrained, fusion, share):
     lm = load_rwkv7(pretrained)
     cfg = DenoiserConfig(vocab_size=V, mask_id=V - 1, latent_prefix_len=0, mixer="bi", bi_fusion=fusion,
-                         bi_share_weights=share, bi_anneal_steps=10, use_rwkv_lm_head=True,
+                         bi_share_weights=share, bi_anneal_steps=10, use_pretrained_head=True,
                          time_conditioning="film")
     model = MultimodalRWKVDenoiser(load_rwkv7(pretrained), cfg).eval()
     ids = torch.randint(0, V - 1, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -61,7 +61,7 @@ def test_at_step_0_a_shifted_annealed_model_on_the_exported_backbone_is_the_pret
     pth = export(tmp_path / "ar", "blinkdl", tmp_path / "lm.pth")
     bos = 256                                                    # bytes: end of text
     cfg = DenoiserConfig(vocab_size=258, mask_id=257, latent_prefix_len=0, mixer=mixer, bi_fusion="gated",
-                         bi_anneal_steps=10, shift_logits=True, bos_id=bos, use_rwkv_lm_head=True, block_size=4)
+                         bi_anneal_steps=10, shift_logits=True, bos_id=bos, use_pretrained_head=True, block_size=4)
     model = MultimodalRWKVDenoiser(load_rwkv7(pth), cfg).eval()
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     t = torch.rand(2)
@@ -77,7 +77,7 @@ def test_at_step_0_a_shifted_annealed_model_on_the_exported_backbone_is_the_pret
 @pytest.mark.parametrize("block", [1, 4])
 def test_the_state_cache_of_a_shifted_block_model_decodes_as_the_whole_canvas_does(pretrained, block):
     cfg = DenoiserConfig(vocab_size=V, mask_id=V - 1, latent_dim=4, latent_prefix_len=1, mixer="block_causal",
-                         block_size=block, bi_fusion="gated", shift_logits=True, bos_id=0, use_rwkv_lm_head=True,
+                         block_size=block, bi_fusion="gated", shift_logits=True, bos_id=0, use_pretrained_head=True,
                          time_conditioning="none")
     torch.manual_seed(1)
     model = MultimodalRWKVDenoiser(load_rwkv7(pretrained), cfg).eval()
@@ -95,7 +95,7 @@ def test_the_state_cache_of_a_shifted_block_model_decodes_as_the_whole_canvas_do
 
 def test_a_shifted_model_reads_the_token_before_and_says_what_a_call_lacks(pretrained):
     cfg = DenoiserConfig(vocab_size=V, mask_id=V - 1, latent_prefix_len=0, mixer="block_causal", block_size=1,
-                         bi_anneal_steps=5, shift_logits=True, bos_id=0, use_rwkv_lm_head=True)
+                         bi_anneal_steps=5, shift_logits=True, bos_id=0, use_pretrained_head=True)
     model = MultimodalRWKVDenoiser(load_rwkv7(pretrained), cfg).eval()
     ids = torch.randint(0, V - 1, (2, 12), generator=torch.Generator().manual_seed(2))
     t = torch.zeros(2)
@@ -150,7 +150,7 @@ def test_annealing_follows_the_step_through_training_resume_and_checkpoints(tmp_
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the cat sat on the mat.\n" * 200)
     base = ["experiment=shakespeare_char", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
-            "data.seq_len=16", "tokenizer.name=bytes", f"model.rwkv_name={pretrained}", "model.use_rwkv_lm_head=true",
+            "data.seq_len=16", "tokenizer.name=bytes", f"model.rwkv_name={pretrained}", "model.use_pretrained_head=true",
             "model.bi_anneal_steps=4", "training.train_batch_size=4", "training.max_steps=6", "optimizer.warmup_steps=1",
             "logging.eval_freq=0", "logging.log_freq=1", "eval.max_batches=1", "logging.progress_bar=false",
             "logging.save_every=2", "logging.keep_last=null"]

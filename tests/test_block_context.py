@@ -17,7 +17,7 @@ def model(block, prefix=1, fusion="gated", share=True, shift=False, anneal=0, dt
     backbone = RWKV7(RWKV7Config(vocab_size=V, n_layer=2, n_embd=32, head_size=16))
     cfg = DenoiserConfig(vocab_size=V, mask_id=V - 1, latent_dim=4, latent_prefix_len=prefix, mixer="block_causal",
                          block_size=block, block_context="clean", bi_fusion=fusion, bi_share_weights=share,
-                         shift_logits=shift, bos_id=0, bi_anneal_steps=anneal, use_rwkv_lm_head=shift,
+                         shift_logits=shift, bos_id=0, bi_anneal_steps=anneal, use_pretrained_head=shift,
                          time_conditioning="film")
     m = MultimodalRWKVDenoiser(backbone, cfg).to(dtype)
     if perturb:                            # a non-trivial fusion and conditioning, not their zero init

@@ -51,7 +51,7 @@ def test_primary_config_keeps_the_keys_users_know():
     assert cfg.model.rwkv_name == "BlinkDL/rwkv7-g1"
     assert cfg.model.latent_dim == 32 and cfg.model.latent_prefix_len == 1
     assert cfg.model.time_conditioning == "film" and cfg.model.freeze_backbone is True
-    assert cfg.model.use_rwkv_lm_head is False
+    assert cfg.model.use_pretrained_head is False
     assert cfg.model.vocab_size is None and cfg.model.mask_id is None   # follow the tokenizer ...
     from types import SimpleNamespace
     from rwkv_diffusion_rnn.data.sources import named_tokenizer

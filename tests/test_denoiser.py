@@ -40,7 +40,7 @@ def test_conditioning_at_init_leaves_the_pretrained_backbone_unchanged(tmp_path,
     backbone = load_rwkv7(save_random_blinkdl_checkpoint(tmp_path / "m.pth", n_layer=2, n_embd=64,
                                                          head_size=32, vocab_size=V))
     cfg = DenoiserConfig(vocab_size=V, mask_id=MASK, latent_prefix_len=0, mixer="causal",
-                         time_conditioning=tc, adaln_identity_init=True, use_rwkv_lm_head=True)
+                         time_conditioning=tc, adaln_identity_init=True, use_pretrained_head=True)
     model = MultimodalRWKVDenoiser(backbone, cfg)
     ids = torch.randint(0, V, (2, 20))
     with torch.no_grad():
@@ -120,7 +120,7 @@ def test_position_embedding_starts_at_zero_and_marks_each_position(tmp_path):
     path = save_random_blinkdl_checkpoint(tmp_path / "m.pth", n_layer=2, n_embd=64, head_size=32,
                                           vocab_size=V)
     cfg = DenoiserConfig(vocab_size=V, mask_id=MASK, latent_prefix_len=0, mixer="causal",
-                         time_conditioning="none", use_rwkv_lm_head=True, pos_emb_len=12)
+                         time_conditioning="none", use_pretrained_head=True, pos_emb_len=12)
     backbone = load_rwkv7(path)
     model = MultimodalRWKVDenoiser(backbone, cfg)
     assert model.pos_emb.shape == (12, 64) and not model.pos_emb.any()
@@ -248,8 +248,8 @@ def test_bad_configuration_is_named():
     with pytest.raises(ValueError, match="model.latent_dim"):
         model(ids, t, torch.randn(2, D + 1), s)
     backbone = RWKV7(RWKV7Config(vocab_size=V, n_layer=1, n_embd=64, head_size=32))
-    with pytest.raises(ValueError, match="use_rwkv_lm_head"):
-        MultimodalRWKVDenoiser(backbone, DenoiserConfig(vocab_size=V - 1, mask_id=3, use_rwkv_lm_head=True))
+    with pytest.raises(ValueError, match="use_pretrained_head"):
+        MultimodalRWKVDenoiser(backbone, DenoiserConfig(vocab_size=V - 1, mask_id=3, use_pretrained_head=True))
 
 
 def test_a_mixer_refuses_options_it_does_not_take():

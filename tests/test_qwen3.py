@@ -21,7 +21,8 @@ V = 64
 def save_tiny_qwen3(path, vocab_size=V, seed=0):
     torch.manual_seed(seed)
     cfg = Qwen3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                      tie_word_embeddings=True)      # as Qwen3-0.6B: its LM head is the embedding
     model = Qwen3Model(cfg)
     with torch.no_grad():   # post_init's N(0, 0.02) leaves attention nearly uniform: make it matter
         for p in model.parameters():
@@ -56,6 +57,45 @@ def test_with_no_bias_the_mixer_equals_qwen3model_called_with_an_all_visible_mas
     rx, rw = torch.autograd.grad((theirs * g).sum(), (x, ref.layers[0].self_attn.q_proj.weight))
     torch.testing.assert_close(gx, rx)
     torch.testing.assert_close(gw, rw)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_with_its_own_head_the_qwen3_denoiser_at_t0_is_qwen3forcausallm_with_an_all_visible_mask(tmp_path, tied):
+    """model.use_pretrained_head: the checkpoint's LM head (tied to the embedding or its own) is the
+    text head, so at t = 0 with identity conditioning the logits on clean text are Qwen3ForCausalLM's."""
+    from transformers import Qwen3ForCausalLM
+    torch.manual_seed(1)
+    cfg = Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=tied)
+    lm = Qwen3ForCausalLM(cfg)
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    lm.save_pretrained(tmp_path / "lm")
+    ref = Qwen3ForCausalLM.from_pretrained(tmp_path / "lm", dtype=torch.float64, attn_implementation="sdpa")
+    backbone = load_qwen3(str(tmp_path / "lm"), head=True)
+    model = MultimodalRWKVDenoiser(backbone, DenoiserConfig(arch="qwen3", vocab_size=V, mask_id=V - 1,
+                                                            latent_prefix_len=0, use_pretrained_head=True,
+                                                            time_conditioning="film")).double()
+    assert not hasattr(model, "text_head")
+    assert (len([k for k in model.state_dict() if k.startswith("backbone.head")]) == 0) == tied
+    ids = torch.randint(0, V - 1, (2, 10), generator=torch.Generator().manual_seed(2))
+    ours = model(ids, torch.zeros(2, dtype=torch.float64)).logits
+    theirs = ref(input_ids=ids, attention_mask=torch.zeros(2, 1, 10, 10, dtype=torch.float64)).logits
+    torch.testing.assert_close(ours, theirs)
+    # a checkpoint with neither an lm_head nor tied embeddings has no head to keep
+    Qwen3Model(Qwen3Config(**{**cfg.to_dict(), "tie_word_embeddings": False})).save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match="holds no LM head .* set model.use_pretrained_head=false"):
+        load_qwen3(str(tmp_path / "base"), head=True)
+
+
+def test_the_former_head_key_still_sets_it_and_a_contradiction_is_refused():
+    assert DenoiserConfig(vocab_size=V, mask_id=V - 1, use_rwkv_lm_head=True).use_pretrained_head is True
+    with pytest.raises(ValueError, match="contradict"):
+        DenoiserConfig(vocab_size=V, mask_id=V - 1, use_pretrained_head=True, use_rwkv_lm_head=False)
+    with pytest.raises(ValueError, match="model.arch=transformer has none"):
+        DenoiserConfig(arch="transformer", vocab_size=V, mask_id=V - 1, use_pretrained_head=True)
 
 
 def test_the_block_attention_bias_shows_the_prompt_to_all_and_each_block_only_itself():

@@ -33,7 +33,7 @@ class Arch:
     build: Callable[[Mapping, Optional[Callable]], nn.Module]    # (model.* keys, the loader) -> backbone
     make_mixer: Callable[[nn.Module, Any], Mixer]   # (backbone, DenoiserConfig) -> how its blocks read
     mixers: Optional[Tuple[str, ...]] = None           # model.mixer values it implements (None: every one)
-    rwkv_head: bool = False                            # has an RWKV-7 LM head model.use_rwkv_lm_head can reuse
+    pretrained_head: bool = False                      # its pretrained weights hold an LM head (use_pretrained_head)
     attention_bias: bool = False                       # reads an additive attention bias (model.block_attention)
     recurrent_decoding: bool = False                   # decodes token by token through a state (objective=ar)
     pretrained_key: Optional[str] = None               # the model.* key naming pretrained weights
@@ -80,6 +80,12 @@ def arch_of(name: str) -> Arch:
     return ARCHS[name]
 
 
+def pretrained_head_wanted(m: Mapping) -> bool:
+    """``model.use_pretrained_head``, or its former name ``model.use_rwkv_lm_head`` where that is set."""
+    alias = m.get("use_rwkv_lm_head")
+    return bool(alias) if alias is not None else bool(m.get("use_pretrained_head"))
+
+
 def check_sizes(m: Mapping) -> None:
     """The sizes of a network built from scratch: positive, and n_embd a multiple of head_size."""
     for key in ("n_layer", "n_embd", "head_size"):
@@ -117,7 +123,7 @@ def _check_rwkv7(m: Mapping) -> None:
 
 
 RWKV7_ARCH = register_arch(Arch(
-    name="rwkv7", backbone=RWKV7, build=_build_rwkv7, make_mixer=_rwkv7_mixer, rwkv_head=True,
+    name="rwkv7", backbone=RWKV7, build=_build_rwkv7, make_mixer=_rwkv7_mixer, pretrained_head=True,
     recurrent_decoding=True, pretrained_key="rwkv_name", keys=("rwkv_name",), check=_check_rwkv7,
     loader="rwkv_diffusion_rnn.weights.pretrained_rwkv:load_rwkv7",
     from_shapes="rwkv_diffusion_rnn.weights.pretrained_rwkv:backbone_from_shapes"))

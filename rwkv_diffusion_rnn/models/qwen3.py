@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .archs import Arch, register_arch
+from .archs import Arch, pretrained_head_wanted, register_arch
 from .mixers.base import Mixer, Modulation, _modulate, layer_mods
 
 
@@ -33,18 +33,31 @@ class Qwen3Sizes:
     n_head: int
 
 
+class TiedHead(nn.Module):
+    """An LM head that is the transpose of an embedding (``tie_word_embeddings``): no weights of
+    its own, so a checkpoint holds the matrix once."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self._embedding = [embedding]         # a list: not registered a second time
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(h, self._embedding[0].weight)
+
+
 class Qwen3Backbone(nn.Module):
     """A ``transformers`` ``Qwen3Model`` with the parts the denoiser uses (``embed``, ``blocks``,
-    ``ln_out``, ``config``). Qwen3Model has no LM head: the denoiser's text head reads ``ln_out``."""
+    ``ln_out``, ``config``) and, when loaded with it, the checkpoint's LM head (``head``: its
+    ``lm_head``, or the embedding transposed where the config ties them), which
+    ``model.use_pretrained_head`` makes the text head, as Qwen3-LLaDA keeps it."""
 
-    head = None
-
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, head: Optional[nn.Module] = None):
         super().__init__()
         if getattr(model.config, "model_type", None) != "qwen3":
             raise ValueError(f"model.arch=qwen3 needs a Qwen3 model, got model_type="
                              f"{getattr(model.config, 'model_type', None)!r}")
         self.model = model
+        self.head = head
         for layer in model.layers:   # read both sides, whatever attention implementation runs
             layer.self_attn.is_causal = False
         c = model.config
@@ -63,10 +76,11 @@ class Qwen3Backbone(nn.Module):
 
 
 def load_qwen3(name_or_path: str, *, revision: Optional[str] = None, cache_dir: Optional[str] = None,
-               local_files_only: bool = False) -> Qwen3Backbone:
+               local_files_only: bool = False, head: bool = False) -> Qwen3Backbone:
     """``Qwen3Model.from_pretrained`` (a local directory or a Hub name) in float32 with PyTorch's
-    SDPA attention, wrapped as a backbone. Never runs code from the checkpoint."""
-    from transformers import AutoConfig, Qwen3Model
+    SDPA attention, wrapped as a backbone; with ``head`` ``Qwen3ForCausalLM``'s, keeping its LM
+    head. Never runs code from the checkpoint."""
+    from transformers import AutoConfig, Qwen3ForCausalLM, Qwen3Model
     where = f"model.qwen3_name={name_or_path!r}"
     try:
         config = AutoConfig.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir,
@@ -78,10 +92,17 @@ def load_qwen3(name_or_path: str, *, revision: Optional[str] = None, cache_dir: 
     if config.model_type != "qwen3":
         raise ValueError(f"{where} holds a {config.model_type!r} model; model.arch=qwen3 loads Qwen3 "
                          "checkpoints (model_type 'qwen3')")
-    model = Qwen3Model.from_pretrained(name_or_path, config=config, revision=revision, cache_dir=cache_dir,
-                                       local_files_only=local_files_only, dtype=torch.float32,
-                                       attn_implementation="sdpa")
-    return Qwen3Backbone(model)
+    opts = dict(config=config, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                dtype=torch.float32, attn_implementation="sdpa")
+    if not head:
+        return Qwen3Backbone(Qwen3Model.from_pretrained(name_or_path, **opts))
+    lm, info = Qwen3ForCausalLM.from_pretrained(name_or_path, output_loading_info=True, **opts)
+    if config.tie_word_embeddings:
+        return Qwen3Backbone(lm.model, TiedHead(lm.model.embed_tokens))
+    if any(k.startswith("lm_head") for k in info.get("missing_keys", ())):
+        raise ValueError(f"{where} holds no LM head (lm_head.weight) and its config does not tie it to the "
+                         "embedding: set model.use_pretrained_head=false (a new text head is trained)")
+    return Qwen3Backbone(lm.model, lm.lm_head)
 
 
 def block_attention_bias(prompt_lens: torch.Tensor, length: int, block_size: int,
@@ -151,13 +172,14 @@ def _check(m) -> None:
 
 
 def _build(m, load=load_qwen3) -> Qwen3Backbone:
-    return load(m["qwen3_name"], cache_dir=m.get("cache_dir"), local_files_only=bool(m.get("local_files_only")))
+    return load(m["qwen3_name"], cache_dir=m.get("cache_dir"), local_files_only=bool(m.get("local_files_only")),
+                head=pretrained_head_wanted(m))
 
 
 # model.arch=qwen3: transformers' Qwen3Model, its attention both ways (so of the scan orders only
 # bi), with an optional training-time block attention bias
 register_arch(Arch(
-    name="qwen3", backbone=Qwen3Backbone, build=_build, mixers=("bi",), attention_bias=True,
+    name="qwen3", backbone=Qwen3Backbone, build=_build, mixers=("bi",), attention_bias=True, pretrained_head=True,
     pretrained_key="qwen3_name", keys=("qwen3_name",), check=_check,
     loader="rwkv_diffusion_rnn.models.qwen3:load_qwen3",
     make_mixer=lambda backbone, cfg: Qwen3Mixer(backbone.model.rotary_emb, cfg.block_attention, cfg.block_size)))

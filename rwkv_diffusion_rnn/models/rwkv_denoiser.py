@@ -49,7 +49,7 @@ OPTIONS = {
     "latent_dim": Num(lo=1, integer=True), "latent_prefix_len": Num(lo=0, integer=True),
     "adaln_identity_init": Flag(), "bi_share_weights": Flag(), "bi_anneal_steps": Num(lo=0, integer=True), "dw_jrt_scale": Num(),
     "dw_jrt_learnable_alpha": Flag(), "dw_jrt_alpha_init": Num(), "dw_jrt_layer_start": Num(lo=0, integer=True),
-    "block_size": Num(lo=1, integer=True), "block_attention": Flag(), "use_rwkv_lm_head": Flag(),
+    "block_size": Num(lo=1, integer=True), "block_attention": Flag(), "use_pretrained_head": Flag(),
     "freeze_backbone": Flag(), "pos_emb_len": Num(lo=0, integer=True), "pos_emb_init_std": Num(lo=0),
     "latent_in_cond": Flag(), "shift_logits": Flag(),
     "bos_id": Num(lo=0, integer=True, optional=True, null_means="the tokenizer's end of text"),
@@ -78,7 +78,8 @@ class DenoiserConfig:
     block_size: int = 16
     block_context: str = "noisy"        # block_causal: training reads blocks < b noised, or clean (BD3-LM)
     block_attention: bool = False       # qwen3: training-time block attention (blocks of block_size)
-    use_rwkv_lm_head: bool = False
+    use_pretrained_head: bool = False   # the text head is the pretrained backbone's own LM head
+    use_rwkv_lm_head: Optional[bool] = None   # the former name of use_pretrained_head (set: sets it)
     freeze_backbone: bool = False
     pos_emb_len: int = 0                # learned position embedding for this many text positions
     pos_emb_init_std: float = 0.0       # its initial values: N(0, std^2); 0 = zeros
@@ -98,9 +99,15 @@ class DenoiserConfig:
             raise ValueError(f"model.mixer={self.mixer!r} is an RWKV-7 scan order that model.arch={self.arch} "
                              f"does not implement (its attention sees both sides at once): set "
                              f"model.mixer={arch.mixers[0]}")
-        if self.use_rwkv_lm_head and not arch.rwkv_head:
-            raise ValueError("model.use_rwkv_lm_head=true reuses a pretrained RWKV-7 head; "
-                             f"model.arch={self.arch} has its own text head: set it to false")
+        if self.use_rwkv_lm_head is not None:
+            if self.use_pretrained_head and not self.use_rwkv_lm_head:
+                raise ValueError("model.use_pretrained_head=true and model.use_rwkv_lm_head=false (its former "
+                                 "name) contradict each other: set model.use_pretrained_head alone")
+            self.use_pretrained_head = bool(self.use_rwkv_lm_head)
+            self.use_rwkv_lm_head = None
+        if self.use_pretrained_head and not arch.pretrained_head:
+            raise ValueError(f"model.use_pretrained_head=true reuses the LM head of pretrained weights; "
+                             f"model.arch={self.arch} has none (it is built from scratch): set it to false")
         if self.block_attention and not arch.attention_bias:
             readers = ", ".join(a.name for a in ARCHS.values() if a.attention_bias)
             raise ValueError(f"model.block_attention=true is an attention bias of model.arch={readers}; "
@@ -158,8 +165,8 @@ class MultimodalRWKVDenoiser(nn.Module):
         self.config = cfg
         bc = backbone.config               # RWKV7Config or TransformerConfig: the sizes read below
         C = bc.n_embd
-        if cfg.use_rwkv_lm_head and bc.vocab_size != cfg.vocab_size:
-            raise ValueError(f"model.use_rwkv_lm_head needs vocab_size == the backbone's "
+        if cfg.use_pretrained_head and bc.vocab_size != cfg.vocab_size:
+            raise ValueError(f"model.use_pretrained_head needs vocab_size == the backbone's "
                              f"({bc.vocab_size}), got {cfg.vocab_size}")
         if cfg.vocab_size > bc.vocab_size:
             raise ValueError(f"vocab_size={cfg.vocab_size} exceeds the backbone's embedding "
@@ -199,7 +206,7 @@ class MultimodalRWKVDenoiser(nn.Module):
             raise ValueError(f"model.block_context=clean is read by model.mixer=block_causal on RWKV-7 blocks; "
                              f"model.mixer={cfg.mixer} (model.arch={cfg.arch}) reads no clean context: set "
                              "model.block_context=noisy")
-        if not cfg.use_rwkv_lm_head:
+        if not cfg.use_pretrained_head:
             self.text_head = nn.Linear(C, cfg.vocab_size, bias=False)
             nn.init.normal_(self.text_head.weight, std=C ** -0.5)
         if cfg.freeze_backbone:
@@ -359,7 +366,7 @@ class MultimodalRWKVDenoiser(nn.Module):
                                   return_state=return_state, prefix_len=P, **extra)
 
         h_text = self.backbone.ln_out(x[:, P:P + T])
-        head = self.backbone.head if cfg.use_rwkv_lm_head else self.text_head
+        head = self.backbone.head if cfg.use_pretrained_head else self.text_head
         logits = head(h_text)
         latent_out = None
         if P:

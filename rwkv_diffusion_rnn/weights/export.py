@@ -42,7 +42,7 @@ def lm_state_dict(model, fold_time: Optional[float] = None) -> StateDict:
         raise CheckpointError("this model reads a latent prefix or a learned position embedding "
                               "(model.latent_prefix_len / model.pos_emb_len), which an RWKV-7 LM has no place for")
     sd = {k: v.detach().float().clone() for k, v in model.backbone.state_dict().items()}
-    if not cfg.use_rwkv_lm_head:
+    if not cfg.use_pretrained_head:
         sd["head.weight"] = model.text_head.weight.detach().float().clone()
     sd["head.weight"] = sd["head.weight"][:cfg.vocab_size]
     sd["emb.weight"] = sd["emb.weight"][:cfg.vocab_size]
