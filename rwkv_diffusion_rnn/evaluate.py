@@ -66,6 +66,12 @@ def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = Non
 
     trained = load_trained(checkpoint, overrides)
     path, cfg, tokenizer, model, device = trained.path, trained.cfg, trained.tokenizer, trained.model, trained.device
+    if cfg.training.objective != "ar":
+        from rwkv_diffusion_rnn.common.errors import ConfigError
+        from rwkv_diffusion_rnn.diffusion.diffusion_process import undecodable_noise
+        why = undecodable_noise(cfg.text_noise.noise_type)
+        if why:
+            raise ConfigError(f"{path} cannot be scored: {why}")
     batches = _val_batches(cfg, tokenizer)
     objective, ev = cfg.training.objective, cfg.eval
     schedule = build_text_diffusion(cfg).schedule

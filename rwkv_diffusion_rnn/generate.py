@@ -485,6 +485,7 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
     import numpy as np
     import torch
     from rwkv_diffusion_rnn.diffusion import sampling
+    from rwkv_diffusion_rnn.diffusion.diffusion_process import undecodable_noise
     from rwkv_diffusion_rnn.training.builders import build_latent_diffusion
     from rwkv_diffusion_rnn.training.events import PlainProgress, output_is_terminal
     from rwkv_diffusion_rnn.training.trained import load_trained
@@ -503,6 +504,9 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
     mcfg = model.config
     ar = trained.objective == "ar"
     has_latent = bool(mcfg.latent_prefix_len)
+    why = None if ar else undecodable_noise(cfg.text_noise.get("noise_type", "mask"))
+    if why:
+        raise _error(f"{trained.path} cannot be decoded: {why}")
     if tok is None:          # a synthetic-task run: its character vocabulary
         from rwkv_diffusion_rnn.data.tasks import VOCAB as tok
     if ar and (g.mode != "text" or g.latent is not None or g.latent_text is not None):

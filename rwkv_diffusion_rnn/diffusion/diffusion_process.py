@@ -253,6 +253,21 @@ def _composition(total: int, parts: int, generator, device) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 NOISE_TYPES = ("mask", "random_replace")
+
+
+def undecodable_noise(noise_type: str) -> Optional[str]:
+    """Why a model trained with ``text_noise.noise_type=noise_type`` cannot be scored by the bound
+    or decoded by the samplers (None when it can): both are masked diffusion's, they write and
+    decode ``mask_id``, while uniform-state noise (``random_replace``, UDLM / Duo) corrupts tokens
+    into other tokens, a process with its own bound and sampler that this project does not have.
+    (Span masking, ``span_prob``, changes only which positions training masks: the bound with
+    i.i.d. masks is still a bound of the model, measured under i.i.d. masking.)"""
+    if noise_type == "mask":
+        return None
+    return (f"it was trained with text_noise.noise_type={noise_type} (uniform-state noise: tokens replaced by "
+            "random tokens); the likelihood bound and the samplers are masked diffusion's, they write and "
+            "decode mask_id, so they would score and sample another process than the one it learned. There is "
+            "no bound or sampler for uniform noise here: train with text_noise.noise_type=mask")
 LOSS_TYPES = ("mdlm", "llada", "soft_ce")
 # the text_noise.* numbers and flags MaskedDiffusion reads, with their ranges
 OPTIONS = {

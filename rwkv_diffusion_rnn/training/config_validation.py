@@ -229,6 +229,11 @@ def _check_across(cfg: DictConfig, arch, mixer, source) -> None:
                           "BlinkDL/rwkv7-g1 or a Hugging Face tokenizer)")
     if m.latent_prefix_len and not source.latents:
         raise ConfigError(f"data.kind={d.kind} has no sentence latents: set model.latent_prefix_len=0")
+    if not source.likelihood and tr.objective != "ar":
+        from ..diffusion.diffusion_process import undecodable_noise
+        why = undecodable_noise(cfg.text_noise.noise_type)
+        if why:
+            raise ConfigError(f"data.kind={d.kind} is scored by decoding its tasks, and {why}")
     if source.endless and not tr.max_steps:
         raise ConfigError(f"data.kind={d.kind} is an endless stream: set training.max_steps")
     if arch.accepts(m.mixer):

@@ -36,6 +36,7 @@ from . import checkpoints as ckpt
 from . import distributed, resume
 from ..common import rng
 from ..data.sources import data_source
+from ..diffusion.diffusion_process import undecodable_noise
 from .builders import (AUTOCAST_DTYPES, autocast, build_data, build_latent_diffusion, build_model, build_objective,
                        build_optimizer_and_scheduler, build_text_diffusion, resolve_device, resolve_vocab)
 from .config_validation import validate_config
@@ -107,7 +108,8 @@ class Trainer:
             by_task=not self.source.likelihood, objective=tr.objective, loss=self.objective,
             schedule=self.text_diff.schedule, latent_diff=self.latent_diff, mask_id=cfg.model.mask_id,
             vocab_size=cfg.model.vocab_size, tokenizer=self.tokenizer, has_latent=self.has_latent,
-            device=self.device, autocast=self._autocast, dist=self.dist)
+            device=self.device, autocast=self._autocast, dist=self.dist,
+            bound=undecodable_noise(cfg.text_noise.noise_type) is None)
         # a bar cannot redraw in a file or CI log: one plain line per log record there instead
         self.callbacks = ([] if output_is_terminal() else [ProgressLines()]) + list(callbacks)
         if cfg.logging.wandb:
