@@ -35,7 +35,8 @@ Decoding (masked diffusion, ``rwkv_diffusion_rnn.diffusion.sampling``)
     ``steps`` (default: the canvas length, at most one token per step), ``block_length``
     (semi-autoregressive blocks), ``remasking`` (random: the denoiser's own ancestral order, the
     default; low_confidence; random_topk), ``threshold``, ``temperature`` (1; 0 is argmax),
-    ``top_k``, ``top_p``, ``cfg_scale`` (guidance towards the latent), ``use_cache`` (the
+    ``top_k``, ``top_p``, ``cfg_scale`` (guidance towards the latent), ``prompt_cfg_scale``
+    (guidance towards the prompt, LLaDA's: the unconditional pass sees the prompt masked), ``use_cache`` (the
     block_causal state cache), ``latent_steps`` / ``latent_sampler`` / ``eta`` (the latent).
 An AR checkpoint (``training.objective=ar``) writes token by token through its recurrent
 state (``temperature``, ``top_k``, ``top_p``); it continues prompts but does not infill.
@@ -95,6 +96,7 @@ class GenerateConfig:
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     cfg_scale: float = 0.0
+    prompt_cfg_scale: float = 0.0
     use_cache: bool = True
     latent_steps: int = 50
     latent_sampler: str = "ddim"          # sampling.LATENT_SAMPLERS
@@ -169,7 +171,7 @@ OPTIONS = {
     "batch_size": Num(lo=1, integer=True), "latent_steps": Num(lo=1, integer=True),
     "top_k": Num(lo=1, integer=True, optional=True), "temperature": Num(lo=0),
     "top_p": Num(0, 1, lo_open=True, optional=True), "threshold": Num(0, 1, optional=True),
-    "cfg_scale": Num(), "eta": Num(0, 1), "seed": Num(integer=True),
+    "cfg_scale": Num(), "prompt_cfg_scale": Num(), "eta": Num(0, 1), "seed": Num(integer=True),
 }
 
 
@@ -223,7 +225,7 @@ def check_options(g: GenerateConfig) -> None:
         check_output(key, getattr(g, key), inputs, g.overwrite)
     if g.cfg_scale != 0.0 and g.mode == "text" and g.latent is None and g.latent_text is None:
         raise _error("cfg_scale guides towards a latent: give latent=<file>.npy or latent_text=\"...\" "
-                     "(or use mode=joint)")
+                     "(or use mode=joint); prompt_cfg_scale guides towards the prompt (LLaDA's guidance)")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -517,6 +519,9 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
                      "latent= and latent_text= need a text + latent model")
     if g.block_length is not None and ar:
         raise _error("block_length is a diffusion decoding option; an AR model writes one token at a time")
+    if g.prompt_cfg_scale != 0.0 and ar:
+        raise _error("prompt_cfg_scale guides masked-diffusion decoding; an AR model writes from its prompt "
+                     "token by token")
     length = g.length or int(cfg.data.seq_len)
     if mcfg.pos_emb_len and length > mcfg.pos_emb_len:
         raise _error(f"length={length} exceeds the {mcfg.pos_emb_len} positions this model learned "
@@ -536,7 +541,8 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
                 "temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p, "eos": g.eos}
     if not ar:
         settings.update(steps=g.steps, block_length=g.block_length, remasking=g.remasking,
-                        threshold=g.threshold, cfg_scale=g.cfg_scale, mixer=mcfg.mixer,
+                        threshold=g.threshold, cfg_scale=g.cfg_scale, prompt_cfg_scale=g.prompt_cfg_scale,
+                        mixer=mcfg.mixer,
                         use_cache=g.use_cache and sampling.cache_unit(model) is not None)
     if g.mode != "text":
         settings.update(latent_steps=g.latent_steps, latent_sampler=g.latent_sampler, eta=g.eta)
@@ -583,7 +589,8 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
             out = sampling.generate_text(model, latent=z, prompt_ids=x, steps=steps,
                                          block_length=g.block_length, remasking=g.remasking,
                                          threshold=g.threshold, temperature=g.temperature, top_k=g.top_k,
-                                         top_p=g.top_p, cfg_scale=g.cfg_scale, generator=gens,
+                                         top_p=g.top_p, cfg_scale=g.cfg_scale,
+                                         prompt_cfg_scale=g.prompt_cfg_scale, generator=gens,
                                          use_cache=g.use_cache)
         for r, i in enumerate(rows):
             c = canvases[i]

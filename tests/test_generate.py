@@ -13,7 +13,7 @@ import pytest
 from rwkv_diffusion_rnn.generate import generate, parse_options, parse_template
 from rwkv_diffusion_rnn.train_rwkv import compose_config, run
 from rwkv_diffusion_rnn.training import checkpoints as ckpt
-from rwkv_diffusion_rnn.common.errors import ConfigError
+from rwkv_diffusion_rnn.common.errors import ConfigError, ProjectError
 from rwkv_diffusion_rnn.data.tokenizer import CharTokenizer
 
 from test_lm import corpus_file, overrides
@@ -147,6 +147,18 @@ def test_bad_input_is_refused_by_name_and_writes_nothing(runs, tmp_path):
     _refused(cli(f"checkpoint={bi}", "stepz=3", cwd=tmp_path), "stepz", "steps")
     _refused(cli(f"checkpoint={bi}", "steps=many", cwd=tmp_path), "steps='many'", "integer")
     _refused(cli(f"checkpoint={bi}", "remasking=best", cwd=tmp_path), "remasking='best'", "low_confidence")
+
+
+def test_prompt_guidance_keeps_the_prompt_and_changes_the_answer(runs):
+    name = "bi"
+    kw = dict(prompt="the cat", length=24, num_samples=2, block_length=8, eos=False, **FAST)
+    plain = generate(runs[name], **kw)
+    guided = generate(runs[name], prompt_cfg_scale=50.0, **kw)
+    assert all(r["text"].startswith("the cat") for r in guided)
+    assert [r["text"] for r in guided] != [r["text"] for r in plain]
+    assert guided[0]["settings"]["prompt_cfg_scale"] == 50.0
+    with pytest.raises(ProjectError, match="prompt_cfg_scale guides masked-diffusion decoding"):
+        generate(runs["ar"], prompt="the cat", length=24, prompt_cfg_scale=2.0, **FAST)
 
 
 def test_options_parse_strings_as_typed_and_refuse_unknown_keys():

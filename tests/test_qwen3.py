@@ -123,7 +123,8 @@ def test_qwen3model_with_the_same_bias_as_a_4d_mask_agrees(qwen_dir):
 
 
 def denoiser(path, **kw):
-    cfg = DenoiserConfig(arch="qwen3", vocab_size=V, mask_id=V - 1, mixer="bi", latent_prefix_len=0, **kw)
+    cfg = DenoiserConfig(**{"arch": "qwen3", "vocab_size": V, "mask_id": V - 1, "mixer": "bi", "latent_prefix_len": 0,
+                            **kw})
     return MultimodalRWKVDenoiser(load_qwen3(str(path)), cfg).double()
 
 
@@ -180,3 +181,76 @@ def test_a_qwen3_run_on_text_trains_evaluates_the_bound_resumes_exactly_and_gene
     check_trains_bound_resumes_and_generates(tmp_path, "model.arch=qwen3", f"model.qwen3_name={qwen_dir}",
                                              f"model.block_attention={block_attention}", "model.block_size=8",
                                              steps=6)
+
+
+def sees(model, ids, t, **kw):
+    """[B, T, T] bool: whether the logits at position i move when token k is changed."""
+    base = model(ids, t, **kw).logits
+    B, T = ids.shape
+    out = torch.zeros(B, T, T, dtype=torch.bool)
+    for k in range(T):
+        changed = ids.clone()
+        changed[:, k] = (ids[:, k] + 1) % (V - 1)
+        out[:, :, k] = (model(changed, t, **kw).logits - base).abs().amax(-1) > 1e-9
+    return out
+
+
+def test_block_attention_shows_each_rows_prompt_to_every_position_and_counts_blocks_from_its_end(qwen_dir):
+    """Who sees whom, enumerated: with prompts of 0, 3 and 6 tokens and blocks of 4, a position in
+    the prompt sees the prompt, one after it sees the prompt and its own block, counted from the
+    prompt's end (LLaDA's training-time block attention)."""
+    model = denoiser(qwen_dir, block_attention=True, block_size=4, latent_prefix_len=1)
+    ids = torch.randint(0, V - 1, (3, 11), generator=torch.Generator().manual_seed(3))
+    prompts = torch.tensor([0, 3, 6])
+    got = sees(model, ids, torch.full((3,), 0.5, dtype=torch.float64), prompt_lengths=prompts)
+    for b, p in enumerate(prompts.tolist()):
+        for i in range(11):
+            for k in range(11):
+                want = k < p if i < p else (k < p or (k >= p and (i - p) // 4 == (k - p) // 4))
+                assert bool(got[b, i, k]) == want, (b, p, i, k)
+
+
+def test_block_causal_shows_an_earlier_prompt_to_every_answer_position():
+    """RWKV-7's block_causal (blocks of 4 from position 0, the cache's blocks): position i sees k
+    exactly when k's block is not after i's, so a prompt, which comes first, is seen by every answer."""
+    from rwkv_diffusion_rnn.models.rwkv7 import RWKV7, RWKV7Config
+    torch.manual_seed(0)
+    model = MultimodalRWKVDenoiser(RWKV7(RWKV7Config(vocab_size=V, n_layer=2, n_embd=32, head_size=16)),
+                                   DenoiserConfig(vocab_size=V, mask_id=V - 1, mixer="block_causal", block_size=4,
+                                                  latent_prefix_len=1, bi_fusion="gated")).double()
+    with torch.no_grad():           # RWKV-7 starts with zero output projections: make every part matter
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ids = torch.randint(0, V - 1, (2, 10), generator=torch.Generator().manual_seed(4))
+    got = sees(model, ids, torch.full((2,), 0.5, dtype=torch.float64), prompt_lengths=torch.tensor([3, 6]))
+    want = torch.tensor([[k // 4 <= i // 4 for k in range(10)] for i in range(10)])
+    assert torch.equal(got[0], want) and torch.equal(got[1], want)
+
+
+def test_sft_training_and_scoring_give_block_attention_the_prompts(qwen_dir):
+    """The objective and the bound pass each conversation row's prompt length to the model: their
+    values are those of the model called with them, and differ from the model without them."""
+    from rwkv_diffusion_rnn.diffusion.diffusion_process import MaskedDiffusion
+    from rwkv_diffusion_rnn.diffusion.elbo import masked_nelbo
+    from rwkv_diffusion_rnn.diffusion.objective import DiffusionObjective
+    from rwkv_diffusion_rnn.models.rwkv_denoiser import DenoiserOutput
+    from rwkv_diffusion_rnn.training import likelihood
+    model = denoiser(qwen_dir, block_attention=True, block_size=4).float()
+    ids = torch.randint(0, V - 1, (2, 12), generator=torch.Generator().manual_seed(5))
+    prompts = torch.tensor([5, 2])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "prompt_lengths": prompts}
+    obj = DiffusionObjective(MaskedDiffusion(mask_id=V - 1, vocab_size=V, truncate_prob=0.0), None, sft=True)
+    loss, _ = obj(model, batch, torch.Generator().manual_seed(0))
+    nb = obj.noise(batch, torch.Generator().manual_seed(0))
+    want, _ = obj.loss(DenoiserOutput(model(nb.xt, nb.t, prompt_lengths=prompts).logits, None, None), nb)
+    hidden, _ = obj.loss(DenoiserOutput(model(nb.xt, nb.t).logits, None, None), nb)
+    assert torch.allclose(loss, want) and not torch.allclose(loss, hidden)
+    schedule = obj.text.schedule
+    got = likelihood.score(model, [batch], objective="diffusion", schedule=schedule, mask_id=V - 1, vocab_size=V,
+                           generator=torch.Generator().manual_seed(1))
+    answers = torch.arange(12)[None, :] >= prompts[:, None]
+    with torch.no_grad():
+        nats = masked_nelbo(lambda xt, t: model(xt, t, prompt_lengths=prompts).logits, ids, schedule, V - 1,
+                            torch.Generator().manual_seed(1), valid=answers)
+    prior = likelihood.prior_nats(schedule, V - 1) * int(answers.sum())
+    assert got.nats_per_token == pytest.approx((float(nats.sum()) + prior) / int(answers.sum()), rel=1e-5)

@@ -74,6 +74,7 @@ class NoisyBatch(NamedTuple):
     drop: Optional[torch.Tensor] = None  # [B] rows given the null latent
     latent_rows: Optional[torch.Tensor] = None  # [B] rows with a latent loss
     answer_lengths: Optional[torch.Tensor] = None  # [B] SFT: positions after the prompt
+    prompt_lengths: Optional[torch.Tensor] = None  # [B] conversations: positions of the prompt
 
     def take(self, rows: slice) -> "NoisyBatch":
         """These rows of every field."""
@@ -133,7 +134,8 @@ class DiffusionObjective:
         xt, is_masked = self.text.noise(x0, t, maskable=maskable & ~clean_text.view(B, 1), generator=g)
         t = torch.where(clean_text, torch.zeros_like(t), t)
         answer_lengths = (valid & maskable).sum(1) if self.sft else None
-        return NoisyBatch(x0, xt, is_masked, valid, t, ~clean_text, **lat, answer_lengths=answer_lengths)
+        return NoisyBatch(x0, xt, is_masked, valid, t, ~clean_text, **lat, answer_lengths=answer_lengths,
+                          prompt_lengths=batch.get("prompt_lengths"))
 
     def loss(self, out, nb: NoisyBatch, norm: Optional[Normalizers] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         """The loss of the denoiser output ``out`` (``.logits``, ``.latent``) on ``nb``;
@@ -175,7 +177,8 @@ class DiffusionObjective:
         with autocast():
             out = model(nb.xt.to(device), nb.t.to(device), nb.zs.to(device) if has_latent else None,
                         nb.s.to(device) if has_latent else None,
-                        latent_drop=nb.drop.to(device) if has_latent else None, context_ids=nb.x0.to(device))
+                        latent_drop=nb.drop.to(device) if has_latent else None, context_ids=nb.x0.to(device),
+                        prompt_lengths=None if nb.prompt_lengths is None else nb.prompt_lengths.to(device))
         loss, stats = self.loss(out, nb, norm)
         return loss, {**stats, **(whole or {})}
 

@@ -20,7 +20,10 @@ whole canvas is filled:
 * **Blocks.** ``block_length=None`` decodes the whole sequence as one block; otherwise blocks of
   ``block_length`` text positions are decoded left to right (semi-autoregressive), and a block's
   positions are only committed once every block before it is complete. Blocks that hold no mask
-  are skipped.
+  are skipped. A row's blocks count from the end of its prompt (its leading given tokens), as
+  LLaDA's semi-autoregressive decoding does, so an answer's first block starts after its prompt;
+  for a model that reads in blocks of its own (``block_causal``, ``causal``: a cache unit) they
+  start at position 0, cached or not, so that the cache carries whole model blocks.
 * **How many per step.** Each row splits ``steps`` evenly over its blocks that hold masks
   (earlier blocks get the remainder; every such block gets at least one step). Inside a block with ``r``
   masks left and ``n`` steps left, a row commits ``ceil(r / n)`` tokens, which spreads the
@@ -44,6 +47,11 @@ whole canvas is filled:
   where ``uncond`` sees the learned null latent, exactly as ``latent=None`` does (latent time
   ``s = 1``); the conditional pass uses the clean latent (``s = 0``). ``cfg_scale = 0`` runs the
   conditional model alone. Both passes run as one batch of 2B rows.
+* **Guidance on the prompt** (``prompt_cfg_scale``, LLaDA's): the same formula with ``uncond``
+  the canvas with each row's prompt masked (``cond + w (cond - uncond)`` is LLaDA's
+  ``uncond + (w + 1)(cond - uncond)``). With both, each guidance adds its own term:
+  ``cond + cfg_scale (cond - uncond_latent) + prompt_cfg_scale (cond - uncond_prompt)``, the
+  three passes as one batch of 3B rows.
 
 State caching (``use_cache``)
 -----------------------------
@@ -167,15 +175,19 @@ def _eval_mode(model):
 class _TextDenoiser:
     """Calls the model on text with a fixed clean latent (or none), optionally guided.
 
-    With guidance the batch is doubled ([cond rows | uncond rows]) and so is the state it returns.
-    The latent time ``s`` is passed explicitly on every call (0 for the clean latent, 1 for the
-    null latent) so that continuation calls, which carry no prefix, are conditioned the same way.
+    Guidance runs more passes in one batch: [conditional rows | null-latent rows (``cfg_scale``) |
+    prompt-masked rows (``prompt_cfg_scale``)], and so does the state it returns. The conditional
+    logits ``c`` and each unconditional ``u_k`` combine as ``c + sum_k w_k (c - u_k)``. The latent
+    time ``s`` is passed explicitly on every call (0 for the clean latent, 1 for the null latent)
+    so that continuation calls, which carry no prefix, are conditioned the same way.
+    ``prompt_lengths`` [B]: each row's prompt (its leading given tokens), which the prompt-masked
+    pass hides and a block-attention model sees as visible to all.
     """
 
-    def __init__(self, model, latent: Optional[torch.Tensor], cfg_scale: float, batch: int):
+    def __init__(self, model, latent: Optional[torch.Tensor], cfg_scale: float, batch: int,
+                 prompt_cfg_scale: float = 0.0, prompt_lengths: Optional[torch.Tensor] = None):
         cfg = model.config
         self.model = model
-        self.cfg_scale = float(cfg_scale)
         device = _device(model)
         if latent is not None:
             if not cfg.latent_prefix_len:
@@ -185,50 +197,74 @@ class _TextDenoiser:
                 raise ValueError(f"latent must be [B, latent_dim] = [{batch}, {cfg.latent_dim}], "
                                  f"got {tuple(latent.shape)}")
             latent = latent.to(device)
-        if self.cfg_scale != 0.0 and latent is None:
+        if cfg_scale != 0.0 and latent is None:
             raise ValueError("cfg_scale != 0 guides towards a latent: pass latent=[B, latent_dim] "
-                             "(the unconditional pass uses the model's null latent)")
-        self.latent = latent
-        self.guided = self.cfg_scale != 0.0
-        has_prefix = cfg.latent_prefix_len > 0
-        if self.guided:
-            self.latent_in = torch.cat([latent, latent])
-            self.s = torch.cat([torch.zeros(batch, device=device), torch.ones(batch, device=device)])
-            self.drop = torch.cat([torch.zeros(batch, dtype=torch.bool, device=device),
-                                   torch.ones(batch, dtype=torch.bool, device=device)])
-        else:
-            self.latent_in = latent
-            fill = 0.0 if latent is not None else 1.0
-            self.s = torch.full((batch,), fill, device=device) if has_prefix else None
-            self.drop = None
+                             "(the unconditional pass uses the model's null latent); prompt_cfg_scale "
+                             "guides towards the prompt")
+        if prompt_cfg_scale != 0.0 and prompt_lengths is None:
+            raise ValueError("prompt_cfg_scale needs the rows' prompt lengths")
+        self.mask_id = cfg.mask_id
+        self.prompt_lengths = None if prompt_lengths is None else prompt_lengths.to(device)
+        # (kind, scale) of each pass after the conditional one
+        self.passes = ([("latent", float(cfg_scale))] if cfg_scale != 0.0 else []) + \
+                      ([("prompt", float(prompt_cfg_scale))] if prompt_cfg_scale != 0.0 else [])
+        n = 1 + len(self.passes)
+        zeros, ones = torch.zeros(batch, device=device), torch.ones(batch, device=device)
+        fill = zeros if latent is not None else ones
+        self.latent_in = None if latent is None else torch.cat([latent] * n)
+        s_parts = [fill] + [ones if kind == "latent" else fill for kind, _ in self.passes]
+        self.s = torch.cat(s_parts) if cfg.latent_prefix_len else None
+        self.drop = None
+        if any(kind == "latent" for kind, _ in self.passes):
+            self.drop = torch.cat([(ones if kind == "latent" else zeros).bool() for kind in
+                                   ["cond"] + [k for k, _ in self.passes]])
+
+    def _hide_prompt(self, ids: torch.Tensor, pos_offset: int) -> torch.Tensor:
+        pos = pos_offset + torch.arange(ids.shape[1], device=ids.device)
+        return ids.masked_fill(pos[None, :] < self.prompt_lengths[:, None], self.mask_id)
 
     def __call__(self, ids: torch.Tensor, t: torch.Tensor, state=None, return_state: bool = False,
                  pos_offset: int = 0, prev_ids: Optional[torch.Tensor] = None):
-        if self.guided:
-            ids, t = torch.cat([ids, ids]), torch.cat([t, t])
-            prev_ids = None if prev_ids is None else torch.cat([prev_ids, prev_ids])
-        out = self.model(ids, t, latent=self.latent_in, s=self.s, latent_drop=self.drop,
-                         state=state, return_state=return_state, pos_offset=pos_offset,
-                         prev_ids=prev_ids)
+        all_ids, all_prev = [ids], [prev_ids]
+        for kind, _ in self.passes:
+            if kind == "prompt":
+                all_ids.append(self._hide_prompt(ids, pos_offset))
+                all_prev.append(None if prev_ids is None else
+                                prev_ids.masked_fill(pos_offset - 1 < self.prompt_lengths, self.mask_id))
+            else:
+                all_ids.append(ids)
+                all_prev.append(prev_ids)
+        n = len(all_ids)
+        out = self.model(torch.cat(all_ids), torch.cat([t] * n), latent=self.latent_in, s=self.s,
+                         latent_drop=self.drop, state=state, return_state=return_state, pos_offset=pos_offset,
+                         prev_ids=None if prev_ids is None else torch.cat(all_prev),
+                         prompt_lengths=None if self.prompt_lengths is None else torch.cat([self.prompt_lengths] * n))
         logits = out.logits.float()
-        if self.guided:
-            cond, uncond = logits.chunk(2)
-            logits = cfg_combine(cond, uncond, self.cfg_scale)
+        if self.passes:
+            parts = logits.chunk(n)
+            cond = parts[0]
+            logits = cond.clone()
+            for (_, w), uncond in zip(self.passes, parts[1:]):
+                logits += cfg_combine(cond, uncond, w) - cond
         return logits, out.state
 
 
 @torch.inference_mode()
 def guided_logits(model, input_ids: torch.Tensor, t: torch.Tensor, latent: Optional[torch.Tensor] = None,
                   cfg_scale: float = 0.0, state=None, return_state: bool = False,
-                  prev_ids: Optional[torch.Tensor] = None):
+                  prev_ids: Optional[torch.Tensor] = None, prompt_cfg_scale: float = 0.0,
+                  prompt_lengths: Optional[torch.Tensor] = None):
     """Text logits [B, T, V] (float32) as the text samplers see them, and the state (or None).
 
     ``latent`` is a clean latent [B, latent_dim] (``s = 0``) or None (the null latent, ``s = 1``);
     ``cfg_scale != 0`` returns ``cond + cfg_scale * (cond - uncond)`` with ``uncond`` the null-latent
     pass; its state then covers 2B rows (cond rows first). ``prev_ids``: the token before
-    ``input_ids`` for a ``shift_logits`` model continuing a state.
+    ``input_ids`` for a ``shift_logits`` model continuing a state. ``prompt_lengths`` [B]: each
+    row's prompt, which block attention shows to all and ``prompt_cfg_scale`` guides towards
+    (``+ prompt_cfg_scale * (cond - uncond)``, ``uncond`` seeing the prompt masked).
     """
-    fn = _TextDenoiser(model, latent, cfg_scale, input_ids.shape[0])
+    fn = _TextDenoiser(model, latent, cfg_scale, input_ids.shape[0], prompt_cfg_scale,
+                       None if prompt_lengths is None else prompt_lengths.to(_device(model)))
     return fn(input_ids.to(_device(model)), t.to(_device(model)), state=state, return_state=return_state,
               prev_ids=None if prev_ids is None else prev_ids.to(_device(model)))
 
@@ -370,7 +406,7 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
                   steps: Optional[int] = None, block_length: Optional[int] = None,
                   remasking: str = "low_confidence", threshold: Optional[float] = None,
                   temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                  cfg_scale: float = 0.0, generator: Generators = None,
+                  cfg_scale: float = 0.0, prompt_cfg_scale: float = 0.0, generator: Generators = None,
                   use_cache: bool = True, return_history: bool = False
                   ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
     """Decode text by masked diffusion (see the module docstring for every rule).
@@ -389,6 +425,8 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
         threshold: commit every proposal with confidence >= threshold (at least one per row).
         temperature, top_k, top_p: how proposals are drawn (``temperature=0``: argmax).
         cfg_scale: guidance on the latent, ``cond + cfg_scale * (cond - uncond)``.
+        prompt_cfg_scale: guidance on the prompt (the leading given tokens of each row), the
+            unconditional pass seeing them masked.
         generator: randomness of proposals and of random remasking: one generator, or one per
             row (then every row is decoded exactly as it would be alone with its generator).
         use_cache: carry committed blocks as RNN state (``block_causal`` and ``causal`` mixers).
@@ -421,7 +459,9 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
     x = _canvas(cfg, device, latent, length, prompt_ids, batch_size)
     B, T = x.shape
     n_start = (x == mask_id).sum(1).clamp_min(1).float()   # the positions this call fills
-    fn = _TextDenoiser(model, latent, cfg_scale, B)
+    open_ = x == mask_id
+    prompt_lengths = torch.where(open_.any(1), open_.float().argmax(1), torch.full((B,), T, device=device)).long()
+    fn = _TextDenoiser(model, latent, cfg_scale, B, prompt_cfg_scale, prompt_lengths)
     cache = None
     unit = cache_unit(model) if use_cache else None
     if unit is not None:
@@ -429,9 +469,27 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
 
     gens = _row_generators(generator, B)
     L = T if block_length is None else block_length
-    blocks = [(a, min(a + L, T)) for a in range(0, T, L)]
+    # row r's block j: positions start_r + j L ... ; blocks count from each row's prompt end, except
+    # for a model that reads in blocks of its own (a cache unit): those, from position 0, cached or not
+    aligned = block_length is not None and cache_unit(model) is None
+    start = prompt_lengths if aligned else torch.zeros_like(prompt_lengths)
+    first = int(start.min())
+    n_blocks = max(1, -(-(T - first) // L))
+    # the canvas with a scratch column T, where the positions of a block past the end point
+    canvas = torch.cat([x, torch.full((B, 1), mask_id, dtype=x.dtype, device=device)], 1)
+    x = canvas[:, :T]
+
+    def block(j: int):
+        """Positions [B, w] of each row's block j, and which of them exist (a row's width depends
+        on nothing but the block size and T, so a row decodes as it would alone)."""
+        w = L if aligned else min(L, T - j * L)
+        idx = start[:, None] + j * L + torch.arange(w, device=device)
+        inside = idx < T
+        return idx.masked_fill(~inside, T), inside
+
     # each row splits its steps over its own blocks that hold masks, as it would decoded alone
-    holds = torch.stack([(x[:, a:b] == mask_id).any(1) for a, b in blocks], 1).cpu()   # [B, n_blocks]
+    holds = torch.stack([((canvas.gather(1, idx) == mask_id) & inside).any(1)
+                         for idx, inside in map(block, range(n_blocks))], 1).cpu()   # [B, n_blocks]
     budget = torch.zeros(holds.shape, dtype=torch.long)
     if steps is not None:
         for r in range(B):
@@ -439,15 +497,17 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
             if len(idx):
                 budget[r, idx] = torch.tensor(_split_steps(steps, len(idx)))
     budget = budget.to(device)
-    active = [j for j in range(len(blocks)) if bool(holds[:, j].any())]
+    active = [j for j in range(n_blocks) if bool(holds[:, j].any())]
     history = [x.clone()] if return_history else None
 
     with _eval_mode(model):
         for j in active:
-            a, b = blocks[j]
+            idx, inside = block(j)
+            a, b = j * L, min(j * L + L, T)          # the block's span where every row starts at 0
             step = 0
             while True:
-                masked = x[:, a:b] == mask_id
+                current = canvas.gather(1, idx)
+                masked = (current == mask_id) & inside
                 remaining = masked.sum(1)
                 if not bool(remaining.any()):
                     break
@@ -455,9 +515,11 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
                 if cache is not None:
                     logits = cache.logits(x, a, b, t)
                 else:
-                    logits = fn(x, t)[0][:, a:b]
+                    full = fn(x, t)[0]
+                    full = torch.cat([full, full[:, :1]], 1)      # the scratch column
+                    logits = full.gather(1, idx[..., None].expand(-1, -1, full.shape[-1]))
                 # proposals only where they can be used: [n_masked, V] instead of [B, L, V]
-                tokens = x[:, a:b].clone()
+                tokens = current.clone()
                 conf = torch.zeros(masked.shape, device=device)
                 flat = logits[masked]
                 noise = None if temperature == 0.0 else _per_row(_gumbel, remaining, gens, device, flat.shape[-1])
@@ -468,14 +530,14 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
                     left = (budget[:, j] - step).clamp_min(1)
                     n_min = torch.div(remaining + left - 1, left, rounding_mode="floor")
                 commit = _choose(conf, masked, n_min, remasking, threshold, gens)
-                x[:, a:b] = torch.where(commit, tokens, x[:, a:b])
+                canvas.scatter_(1, idx, torch.where(commit, tokens, current))
                 step += 1
                 if history is not None:
                     history.append(x.clone())
             if cache is not None and b < T:
                 cache.advance(x, b, (x == mask_id).float().mean(1))
 
-    return (x, history) if return_history else x
+    return (x.clone(), history) if return_history else x.clone()
 
 
 def fill_masks(model, ids: torch.Tensor, **kwargs):

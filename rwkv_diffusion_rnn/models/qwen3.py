@@ -137,8 +137,11 @@ def run_qwen3_layer(layer: nn.Module, x: torch.Tensor, position_embeddings, atte
 
 class Qwen3Mixer(Mixer):
     """Runs Qwen3 decoder layers over [latent prefix | text] with positions 0..L-1, both sides
-    visible; with ``block_attention`` the latent prefix is the prompt of
-    :func:`block_attention_bias` and the text is cut into blocks of ``block_size``."""
+    visible; with ``block_attention`` the latent prefix and each row's prompt (``prompt_lengths``
+    text positions) are the prompt of :func:`block_attention_bias`, and the rest of the text is cut
+    into blocks of ``block_size`` counted from the prompt's end."""
+
+    reads_prompt = True
 
     def __init__(self, rotary_emb: nn.Module, block_attention: bool = False, block_size: int = 16):
         super().__init__()
@@ -147,13 +150,15 @@ class Qwen3Mixer(Mixer):
 
     def forward(self, blocks: Sequence[nn.Module], x: torch.Tensor, mods=None, state=None,
                 return_state: bool = False, prefix_len: int = 0,
-                attention_bias: Optional[torch.Tensor] = None):
+                attention_bias: Optional[torch.Tensor] = None, prompt_lengths: Optional[torch.Tensor] = None):
         if state is not None or return_state:
             raise ValueError("model.arch=qwen3 keeps no recurrent state: decode without use_cache")
         B, L, _ = x.shape
         if attention_bias is None and self.block_attention:
-            attention_bias = block_attention_bias(torch.full((B,), prefix_len, device=x.device), L,
-                                                  self.block_size, x.dtype)
+            visible = torch.full((B,), prefix_len, device=x.device)
+            if prompt_lengths is not None:
+                visible = visible + prompt_lengths.to(visible)
+            attention_bias = block_attention_bias(visible, L, self.block_size, x.dtype)
         if attention_bias is not None and attention_bias.shape != (B, 1, L, L):
             raise ValueError(f"attention_bias must be [B, 1, L, L] = [{B}, 1, {L}, {L}] (L counts the "
                              f"latent prefix), got {tuple(attention_bias.shape)}")

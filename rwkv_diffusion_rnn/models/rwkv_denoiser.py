@@ -284,7 +284,8 @@ class MultimodalRWKVDenoiser(nn.Module):
                 state: Optional[List[LayerState]] = None, return_state: bool = False,
                 pos_offset: int = 0, attention_bias: Optional[torch.Tensor] = None,
                 prev_ids: Optional[torch.Tensor] = None,
-                context_ids: Optional[torch.Tensor] = None) -> DenoiserOutput:
+                context_ids: Optional[torch.Tensor] = None,
+                prompt_lengths: Optional[torch.Tensor] = None) -> DenoiserOutput:
         """Denoise.
 
         Args:
@@ -306,6 +307,9 @@ class MultimodalRWKVDenoiser(nn.Module):
             context_ids: [B, T] the clean text of a noised ``input_ids`` (training and scoring pass
                 it). A mixer that conditions on clean context (``block_causal`` with
                 ``block_context=clean``) reads it; the others have no use for it and do not.
+            prompt_lengths: [B] each row's prompt (leading text positions; SFT batches and the
+                samplers pass it), visible to every position under Qwen3's block attention; the
+                other mixers see the whole text, or blocks from position 0, and do not read it.
 
         With ``shift_logits`` the text position i reads token i - 1 (``bos_id`` before the first)
         and its output is the logits of token i: each prediction comes from the position before
@@ -362,6 +366,8 @@ class MultimodalRWKVDenoiser(nn.Module):
             extra["attention_bias"] = attention_bias
         if context is not None:
             extra["context"] = context
+        if prompt_lengths is not None and self.mixer.reads_prompt:
+            extra["prompt_lengths"] = prompt_lengths
         x, new_state = self.mixer(self.backbone.blocks, x, self._modulations(c), state=state,
                                   return_state=return_state, prefix_len=P, **extra)
 

@@ -77,10 +77,12 @@ def score(model, batches: Iterable[dict], *, objective: str, schedule=None, mask
             z = batch["latent"][rows].float().to(device) if latent == "clean" and "latent" in batch else None
 
             clean = targets[rows].to(device)
+            prompts = batch["prompt_lengths"][rows].to(device) if "prompt_lengths" in batch else None
 
             def denoise(xt, t):
                 with autocast():
-                    return model(xt, t, z, None if z is None else torch.zeros_like(t), context_ids=clean).logits
+                    return model(xt, t, z, None if z is None else torch.zeros_like(t), context_ids=clean,
+                                 prompt_lengths=prompts).logits
 
             nats = masked_nelbo(denoise, targets.to(device), schedule, mask_id, generator,
                                 valid=valid.to(device), mc_samples=mc_samples, rows=rows)

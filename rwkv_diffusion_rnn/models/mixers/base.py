@@ -100,6 +100,8 @@ class Mixer(nn.Module):
     * ``length_option``: the option whose value the text length must be a multiple of (None: any).
     * ``reads_context``: in training and scoring it is also given the clean sequence
       (``forward(..., context=...)``) and conditions on it (``block_causal`` with clean context).
+    * ``reads_prompt``: it is given each row's prompt length (``forward(..., prompt_lengths=...)``,
+      text positions visible to all: Qwen3's block attention).
     * :meth:`cache_unit`: how many tokens a generation cache commits at once (None: no cache).
     * :meth:`check_options`: its options' checks (ValueError naming the ``model.*`` key), run by
       the constructor and by config validation before anything is built.
@@ -116,6 +118,7 @@ class Mixer(nn.Module):
     autoregressive = False
     length_option: Optional[str] = None
     reads_context = False
+    reads_prompt = False
     grad_checkpointing = False
 
     @classmethod
