@@ -642,7 +642,9 @@ def generate_autoregressive(model, *, bos_id: int, length: Optional[int] = None,
                             temperature: float = 1.0, top_k: Optional[int] = None,
                             top_p: Optional[float] = None, eos_id: Optional[int] = None,
                             generator: Generators = None) -> torch.Tensor:
-    """Next-token sampling from a causal model through its recurrent state (an autoregressive mixer).
+    """Next-token sampling from a causal model (an autoregressive mixer): through its recurrent
+    state, or, for causal attention (no state, no KV cache), by running the whole prefix again for
+    every token.
 
     The canvas is as for :func:`generate_text` (``prompt_ids`` with ``mask_id`` where to write,
     padded with masks to ``length``), but the given tokens of each row must come before the
@@ -653,7 +655,7 @@ def generate_autoregressive(model, *, bos_id: int, length: Optional[int] = None,
     for it. Returns LongTensor [B, T].
     """
     cfg = model.config
-    if not (model.mixer.autoregressive and model.mixer.carries_state):
+    if not model.mixer.autoregressive:
         raise ValueError(f"generate_autoregressive needs a causal model; this one has mixer={cfg.mixer!r} "
                          "(decode it by masked diffusion with generate_text)")
     if temperature < 0:
@@ -671,14 +673,18 @@ def generate_autoregressive(model, *, bos_id: int, length: Optional[int] = None,
     gens = _row_generators(generator, B)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     zeros = torch.zeros(B, device=device)
-    state, prev = None, torch.full((B, 1), bos_id, dtype=torch.long, device=device)
+    bos = torch.full((B, 1), bos_id, dtype=torch.long, device=device)
+    state, prev = None, bos
     with _eval_mode(model):
         for i in range(T):
             if bool((first <= i).all()) and bool(ended.all()):
                 x[:, i:] = eos_id
                 break
-            out = model(prev, zeros, state=state, return_state=True, pos_offset=i)
-            state = out.state
+            if model.mixer.carries_state:
+                out = model(prev, zeros, state=state, return_state=True, pos_offset=i)
+                state = out.state
+            else:
+                out = model(torch.cat([bos, x[:, :i]], 1), zeros)
             write = open_[:, i] & ~ended
             if bool(write.any()):
                 logits = out.logits[:, -1].float()[write]

@@ -35,7 +35,6 @@ class Arch:
     mixers: Optional[Tuple[str, ...]] = None           # model.mixer values it implements (None: every one)
     pretrained_head: bool = False                      # its pretrained weights hold an LM head (use_pretrained_head)
     attention_bias: bool = False                       # reads an additive attention bias (model.block_attention)
-    recurrent_decoding: bool = False                   # decodes token by token through a state (objective=ar)
     pretrained_key: Optional[str] = None               # the model.* key naming pretrained weights
     loader: Optional[str] = None                       # "module:function" loading them
     # "module:function" building the backbone from the tensor shapes of weights saved with it
@@ -124,6 +123,6 @@ def _check_rwkv7(m: Mapping) -> None:
 
 RWKV7_ARCH = register_arch(Arch(
     name="rwkv7", backbone=RWKV7, build=_build_rwkv7, make_mixer=_rwkv7_mixer, pretrained_head=True,
-    recurrent_decoding=True, pretrained_key="rwkv_name", keys=("rwkv_name",), check=_check_rwkv7,
+    pretrained_key="rwkv_name", keys=("rwkv_name",), check=_check_rwkv7,
     loader="rwkv_diffusion_rnn.weights.pretrained_rwkv:load_rwkv7",
     from_shapes="rwkv_diffusion_rnn.weights.pretrained_rwkv:backbone_from_shapes"))

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .archs import Arch, check_sizes, register_arch
-from .mixers.base import Fusion, Mixer, layer_mods
+from .mixers.base import Fusion, Mixer, layer_mods, run_block
 from .mixers.bi import BiMixer
 from .rwkv7 import RWKV7, RWKV7Config
 from .transformer import TransformerBlock, TransformerConfig, init_gpt2, rotary, run_attention_block
@@ -116,11 +116,13 @@ class HybridMixer(Mixer):
     rotary positions 0..L-1 and no mask. Keeps no recurrent state."""
 
     def __init__(self, blocks, n_embd: int, n_head: int, rope_base: float = 10000.0,
-                 bi_fusion: str = "sum", bi_share_weights: bool = True):
+                 bi_fusion: str = "sum", bi_share_weights: bool = True, causal: bool = False):
         super().__init__()
         self.head_dim, self.rope_base = n_embd // n_head, rope_base
-        rwkv = [b for b in blocks if not is_attention(b)]
-        self.bi = BiMixer(nn.ModuleList(rwkv), n_embd, bi_fusion, bi_share_weights)
+        self.autoregressive = causal       # the AR baseline: RWKV left to right, causal attention
+        if not causal:
+            rwkv = [b for b in blocks if not is_attention(b)]
+            self.bi = BiMixer(nn.ModuleList(rwkv), n_embd, bi_fusion, bi_share_weights)
 
     def forward(self, blocks, x, mods=None, state=None, return_state=False, prefix_len=0):
         if state is not None or return_state:
@@ -131,7 +133,9 @@ class HybridMixer(Mixer):
         v_first, j = None, 0
         for i, block in enumerate(blocks):
             if is_attention(block):
-                x = self.run(run_attention_block, block, x, cos, sin, mods[i])
+                x = self.run(run_attention_block, block, x, cos, sin, mods[i], self.autoregressive)
+            elif self.autoregressive:
+                x, v_first, _ = self.run(run_block, block, x, v_first, mods[i])
             else:
                 x, v_first = self.bi.layer(j, block, x, v_first, mods[i])
                 j += 1
@@ -153,11 +157,12 @@ def _build(m, load=None) -> Hybrid:
 
 def _mixer(backbone: Hybrid, cfg) -> HybridMixer:
     c = backbone.config
-    return HybridMixer(backbone.blocks, c.n_embd, c.n_head, c.rope_base, cfg.bi_fusion, cfg.bi_share_weights)
+    return HybridMixer(backbone.blocks, c.n_embd, c.n_head, c.rope_base, cfg.bi_fusion, cfg.bi_share_weights,
+                       causal=cfg.mixer == "causal")
 
 
 # model.arch=hybrid: built from scratch; its attention blocks see both sides at once, so the RWKV
-# layers are read as bi reads them
-register_arch(Arch(name="hybrid", backbone=Hybrid, build=_build, make_mixer=_mixer, mixers=("bi",),
+# layers are read as bi reads them, or (the AR baseline) everything reads left to right
+register_arch(Arch(name="hybrid", backbone=Hybrid, build=_build, make_mixer=_mixer, mixers=("bi", "causal"),
                    keys=("attn_layers", "attn_every"), check=_check))
 

@@ -143,10 +143,12 @@ class Qwen3Mixer(Mixer):
 
     reads_prompt = True
 
-    def __init__(self, rotary_emb: nn.Module, block_attention: bool = False, block_size: int = 16):
+    def __init__(self, rotary_emb: nn.Module, block_attention: bool = False, block_size: int = 16,
+                 causal: bool = False):
         super().__init__()
         self.rotary = rotary_emb      # the backbone's; it holds no parameters or saved buffers
         self.block_attention, self.block_size = block_attention, block_size
+        self.autoregressive = causal  # Qwen3's own causal mask: the AR baseline (decoded by recomputing)
 
     def forward(self, blocks: Sequence[nn.Module], x: torch.Tensor, mods=None, state=None,
                 return_state: bool = False, prefix_len: int = 0,
@@ -154,6 +156,10 @@ class Qwen3Mixer(Mixer):
         if state is not None or return_state:
             raise ValueError("model.arch=qwen3 keeps no recurrent state: decode without use_cache")
         B, L, _ = x.shape
+        if self.autoregressive:
+            if attention_bias is not None or self.block_attention:
+                raise ValueError("model.mixer=causal reads with Qwen3's causal mask: no other attention bias")
+            attention_bias = torch.full((L, L), float("-inf"), device=x.device, dtype=x.dtype).triu(1).expand(B, 1, L, L)
         if attention_bias is None and self.block_attention:
             visible = torch.full((B,), prefix_len, device=x.device)
             if prompt_lengths is not None:
@@ -181,11 +187,12 @@ def _build(m, load=load_qwen3) -> Qwen3Backbone:
                 head=pretrained_head_wanted(m))
 
 
-# model.arch=qwen3: transformers' Qwen3Model, its attention both ways (so of the scan orders only
-# bi), with an optional training-time block attention bias
+# model.arch=qwen3: transformers' Qwen3Model, its attention both ways (bi) or with its own causal
+# mask (causal: the AR baseline), with an optional training-time block attention bias
 register_arch(Arch(
-    name="qwen3", backbone=Qwen3Backbone, build=_build, mixers=("bi",), attention_bias=True, pretrained_head=True,
+    name="qwen3", backbone=Qwen3Backbone, build=_build, mixers=("bi", "causal"), attention_bias=True, pretrained_head=True,
     pretrained_key="qwen3_name", keys=("qwen3_name",), check=_check,
     loader="rwkv_diffusion_rnn.models.qwen3:load_qwen3",
-    make_mixer=lambda backbone, cfg: Qwen3Mixer(backbone.model.rotary_emb, cfg.block_attention, cfg.block_size)))
+    make_mixer=lambda backbone, cfg: Qwen3Mixer(backbone.model.rotary_emb, cfg.block_attention, cfg.block_size,
+                                                causal=cfg.mixer == "causal")))
 

@@ -57,11 +57,12 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, causal: bool = False):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v)  # no mask: every position sees every other
+        # no mask: every position sees every other; causal: the AR baseline's
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -85,11 +86,12 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(cfg)
 
 
-def run_attention_block(block: TransformerBlock, x, cos, sin, mod: Optional[Modulation] = None):
+def run_attention_block(block: TransformerBlock, x, cos, sin, mod: Optional[Modulation] = None,
+                        causal: bool = False):
     """One block, modulated exactly as :func:`~rwkv_diffusion_rnn.models.mixers.run_block`
     modulates an RWKV-7 block: ``norm(x) * (1 + scale) + shift`` in, ``x + gate * branch`` out."""
     mod = mod or Modulation()
-    h = block.attn(_modulate(block.ln1(x), mod.shift1, mod.scale1), cos, sin)
+    h = block.attn(_modulate(block.ln1(x), mod.shift1, mod.scale1), cos, sin, causal)
     x = x + (h if mod.gate1 is None else mod.gate1 * h)
     h = block.mlp(_modulate(block.ln2(x), mod.shift2, mod.scale2))
     return x + (h if mod.gate2 is None else mod.gate2 * h)
@@ -130,11 +132,13 @@ class Transformer(nn.Module):
 
 class AttentionMixer(Mixer):
     """Runs transformer blocks over [latent prefix | text] with rotary positions 0..L-1 and no
-    mask (both sides). Keeps no recurrent state."""
+    mask (both sides), or with the causal mask (``causal``: ``model.mixer=causal``, the AR
+    baseline, decoded by recomputing the prefix at every token). Keeps no recurrent state."""
 
-    def __init__(self, n_embd: int, n_head: int, rope_base: float = 10000.0):
+    def __init__(self, n_embd: int, n_head: int, rope_base: float = 10000.0, causal: bool = False):
         super().__init__()
         self.head_dim, self.rope_base = n_embd // n_head, rope_base
+        self.autoregressive = causal
 
     def forward(self, blocks: Sequence[TransformerBlock], x: torch.Tensor,
                 mods: Optional[Sequence[Modulation]] = None, state=None, return_state: bool = False,
@@ -144,7 +148,8 @@ class AttentionMixer(Mixer):
                              "(the state cache is RWKV-7's, for model.mixer=block_causal)")
         cos, sin = rotary(x.shape[1], self.head_dim, self.rope_base, x.device, x.dtype)
         for i, block in enumerate(blocks):
-            x = self.run(run_attention_block, block, x, cos, sin, None if mods is None else mods[i])
+            x = self.run(run_attention_block, block, x, cos, sin, None if mods is None else mods[i],
+                         self.autoregressive)
         return x, None
 
 
@@ -153,10 +158,10 @@ def _build(m, load=None) -> Transformer:
                                          n_head=m["n_embd"] // m["head_size"]))
 
 
-# model.arch=transformer: a bidirectional baseline built from scratch; its attention sees both
-# sides at once, so of the scan orders it implements only bi
+# model.arch=transformer: a baseline built from scratch; its attention sees both sides at once
+# (bi) or, for the AR baseline, the tokens before (causal)
 register_arch(Arch(
-    name="transformer", backbone=Transformer, build=_build, mixers=("bi",), check=check_sizes,
+    name="transformer", backbone=Transformer, build=_build, mixers=("bi", "causal"), check=check_sizes,
     make_mixer=lambda backbone, cfg: AttentionMixer(backbone.config.n_embd, backbone.config.n_head,
-                                                    backbone.config.rope_base)))
+                                                    backbone.config.rope_base, causal=cfg.mixer == "causal")))
 

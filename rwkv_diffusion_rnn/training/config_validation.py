@@ -201,7 +201,6 @@ def _check_model(cfg: DictConfig, arch) -> None:
 
 def _check_across(cfg: DictConfig, arch, mixer, source) -> None:
     """Rules that join the model, the objective, the tokenizer and the data."""
-    from ..models.rwkv_denoiser import ARCHS
     from ..models.mixers import MIXERS
     from ..data.sources import DATA_SOURCES
     from .builders import model_keys
@@ -213,11 +212,6 @@ def _check_across(cfg: DictConfig, arch, mixer, source) -> None:
                               f"set model.mixer={ar_mixers} (got model.mixer={m.mixer!r}, which reads ahead)")
         if m.latent_prefix_len:
             raise ConfigError("training.objective=ar is a text-only baseline: set model.latent_prefix_len=0")
-        if not arch.recurrent_decoding:
-            archs = ", ".join(a.name for a in ARCHS.values() if a.recurrent_decoding)
-            raise ConfigError(f"training.objective=ar decodes token by token through a recurrent state, which "
-                              f"model.arch={m.arch} has not; the AR baseline is model.arch={archs} "
-                              "model.mixer=causal")
     if cfg.tokenizer.name == "chars" and not source.chars:
         kinds = " or ".join(f"data.kind={k}" for k, s in DATA_SOURCES.items() if s.chars)
         raise ConfigError(f"tokenizer.name=chars builds its vocabulary from a corpus: use it with {kinds}")
