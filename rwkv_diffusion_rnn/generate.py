@@ -128,6 +128,12 @@ def _error(message: str):
 def parse_options(argv: Sequence[str]) -> GenerateConfig:
     """``key=value`` items into a :class:`GenerateConfig` (strings as typed; numbers, booleans
     and ``null`` parsed)."""
+    from rwkv_diffusion_rnn.common.errors import ConfigError
+    from rwkv_diffusion_rnn.training.llada_names import translate_generate
+    try:
+        argv = translate_generate(argv)
+    except ConfigError as e:
+        raise _error(str(e)) from None
     values: Dict[str, Any] = {}
     for item in argv:
         key, sep, raw = item.partition("=")

@@ -28,6 +28,8 @@ def compose_config(overrides=()) -> DictConfig:
     """The config the command line builds from these Hydra overrides (for use from Python)."""
     from hydra import compose, initialize_config_dir
     from rwkv_diffusion_rnn.training.resume import take_init_config
+    from rwkv_diffusion_rnn.training.llada_names import translate_train
+    overrides = translate_train(overrides)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="rwkv_mmdit", overrides=list(overrides))
     take_init_config(cfg, overrides)        # training.init_from: the checkpoint's model and tokenizer
@@ -133,4 +135,11 @@ if __name__ == "__main__":
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         print(usage())
         sys.exit(0)
+    from rwkv_diffusion_rnn.common.errors import ConfigError
+    from rwkv_diffusion_rnn.training.llada_names import translate_train
+    try:
+        sys.argv[1:] = translate_train(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()
