@@ -25,7 +25,7 @@ from .optimizer import build_optimizer, build_scheduler
 
 
 DEVICES = ("auto", "cpu", "cuda")                             # training.device (or cuda:N)
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}        # training.dtype
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}        # training.dtype
 
 
 def autocast(device: torch.device, dtype: str):

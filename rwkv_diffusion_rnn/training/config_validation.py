@@ -240,6 +240,12 @@ def _check_across(cfg: DictConfig, arch, mixer, source) -> None:
 
 def _check_training(cfg: DictConfig) -> None:
     tr = cfg.training
+    if tr.dtype == "fp16":
+        from .builders import resolve_device
+        if resolve_device(tr.device).type != "cuda":
+            raise ConfigError("training.dtype=fp16 trains with a gradient scaler on CUDA; on the CPU float16 "
+                              "autocast is slow and its range needs that scaler: use training.dtype=bf16 (the "
+                              "range of fp32, no scaler) or fp32")
     if cfg.optimizer.schedule == "wsd":
         ds = cfg.optimizer.decay_steps
         if not isinstance(ds, int) or isinstance(ds, bool) or ds < 1:

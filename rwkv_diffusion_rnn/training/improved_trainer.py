@@ -98,6 +98,9 @@ class Trainer:
         if self.ema is not None and self.dist.mode == "fsdp":
             distributed.shard(self.ema.module, AUTOCAST_DTYPES[tr.dtype])
         self.optimizer, self.scheduler = build_optimizer_and_scheduler(cfg, self.model, self.total_steps)
+        # fp16's narrow range: the loss is scaled up for the backward, the gradients down before
+        # clipping, and the scale follows overflows (its state goes into the checkpoint)
+        self.scaler = torch.amp.GradScaler(self.device.type) if tr.dtype == "fp16" else None
         self.noise_gen = rng.generator("noise", cfg.seed)
         ev = cfg.eval
         self.evaluator = Evaluator(
@@ -167,6 +170,8 @@ class Trainer:
             state["pending_record"] = json_safe(self.pending_record)
         if self.config_changes:
             state["config_changes"] = json_safe(self.config_changes)
+        if self.scaler:
+            state["grad_scaler"] = self.scaler.state_dict()
         return state
 
     def save(self, name: str) -> Path:
@@ -207,6 +212,8 @@ class Trainer:
         self.window = dict(_empty_window(), **state.get("window", {}))
         self.metrics = state.get("metrics", {})
         self.bad_steps = int(state.get("bad_steps", 0))
+        if self.scaler and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.pending_record = state.get("pending_record")
         self.resumed_from = path
         self._print(f"resumed from {path} at step {self.global_step}")
@@ -286,7 +293,8 @@ class Trainer:
         accum = self.cfg.training.grad_accum_steps
         with self.dist.no_sync(self.net, last):
             loss, st = self.compute_loss(batch)
-            (loss * self.dist.world / accum).backward()
+            scaled = loss * self.dist.world / accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         step_sums["text_loss"] += st["text_loss"] / accum
         step_sums["latent_loss"] += st["latent_loss"] / accum
         step_sums["loss"] += float(loss.detach()) / accum
@@ -308,11 +316,19 @@ class Trainer:
         if self.dist.active:                # this rank's shares of the batch's losses -> the batch's
             keys = ("loss", "text_loss", "latent_loss", "tokens")
             step_sums.update(zip(keys, self.dist.sum(step_sums[k] for k in keys)))
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.grad is not None], clip if clip else float("inf"))
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # FSDP: a DTensor
         finite = math.isfinite(step_sums["loss"]) and math.isfinite(grad_norm)
-        if finite:
+        if self.scaler:
+            # an fp16 overflow with a finite loss is the scaler's to handle (it skips the update
+            # and lowers the scale), not a step towards divergence
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            finite = finite or math.isfinite(step_sums["loss"])
+        elif finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         g0 = self.optimizer.param_groups[0]
