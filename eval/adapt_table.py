@@ -308,9 +308,38 @@ def constrained(a, out: Path, threads: int) -> None:
     for s in steps:
         lines.append(f"| {s} | {s / epoch_steps:.1f} | " +
                      " | ".join(f"{c[s]:.4f}" if s in c else "-" for c in curves.values()) + " |")
+    # where each curve is lowest, and the first evaluation from which the best diffusion bound is
+    # below the AR NLL of the same step
+    best = {n: min(c.items(), key=lambda kv: kv[1]) for n, c in curves.items() if c}
+    lines += ["", "| run | best step | best nats/char | last |", "|---|---:|---:|---:|"]
+    lines += [f"| {n} | {b[0]} | {b[1]:.4f} | {curves[n][max(curves[n])]:.4f} |" for n, b in best.items()]
+    for ar, diff in (("dc_ar_scratch", "dc_diff_scratch"), ("dc_ar_adapt", "dc_diff_adapt")):
+        if ar in curves and diff in curves:
+            cross = next((s for s in steps if s in curves[ar] and s in curves[diff]
+                          and curves[diff][s] < curves[ar][s]), None)
+            lines.append(f"\n{diff} below {ar}: " + (f"from step {cross} ({cross / epoch_steps:.1f} epochs)"
+                                                      if cross else "never in these steps"))
     text = "\n".join(lines) + "\n"
     (out / "constrained.md").write_text(text)
     print(text)
+    if a.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for i, (name, c) in enumerate(curves.items()):
+            xs = sorted(c)
+            ax.plot([x / epoch_steps for x in xs], [c[x] for x in xs], "--" if "_ar_" in name else "-",
+                    marker=".", color=f"C{i}", label=name + (" (NLL)" if "_ar_" in name else " (bound)"))
+        ax.set_xlabel("epochs over the first eighth of tinyshakespeare (125,478 bytes)")
+        ax.set_ylabel("validation nats per character")
+        ax.set_title("data-constrained: AR and diffusion repeated ~24 epochs")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        plot = a.plot.with_name("adapt_constrained.png")
+        fig.savefig(plot, dpi=120)
+        print(f"wrote {plot}")
 
 
 def read_log(save: Path) -> list:
