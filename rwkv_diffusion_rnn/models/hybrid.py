@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .archs import Arch, check_sizes, register_arch
-from .mixers.base import Fusion, Mixer, layer_mods, run_block
+from .mixers.base import MIXERS, Fusion, Mixer, layer_mods, run_block
 from .mixers.bi import BiMixer
 from .rwkv7 import RWKV7, RWKV7Config
 from .transformer import TransformerBlock, TransformerConfig, init_gpt2, rotary, run_attention_block
@@ -158,7 +158,7 @@ def _build(m, load=None) -> Hybrid:
 def _mixer(backbone: Hybrid, cfg) -> HybridMixer:
     c = backbone.config
     return HybridMixer(backbone.blocks, c.n_embd, c.n_head, c.rope_base, cfg.bi_fusion, cfg.bi_share_weights,
-                       causal=cfg.mixer == "causal")
+                       causal=MIXERS[cfg.mixer].autoregressive)
 
 
 # model.arch=hybrid: built from scratch; its attention blocks see both sides at once, so the RWKV

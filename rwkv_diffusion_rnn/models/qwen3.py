@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .archs import Arch, pretrained_head_wanted, register_arch
-from .mixers.base import Mixer, Modulation, _modulate, layer_mods
+from .mixers.base import MIXERS, Mixer, Modulation, _modulate, layer_mods
 
 
 @dataclass
@@ -194,5 +194,5 @@ register_arch(Arch(
     pretrained_key="qwen3_name", keys=("qwen3_name",), check=_check,
     loader="rwkv_diffusion_rnn.models.qwen3:load_qwen3",
     make_mixer=lambda backbone, cfg: Qwen3Mixer(backbone.model.rotary_emb, cfg.block_attention, cfg.block_size,
-                                                causal=cfg.mixer == "causal")))
+                                                causal=MIXERS[cfg.mixer].autoregressive)))
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .archs import Arch, check_sizes, register_arch
-from .mixers.base import Mixer, Modulation, _modulate
+from .mixers.base import MIXERS, Mixer, Modulation, _modulate
 
 
 @dataclass
@@ -163,5 +163,5 @@ def _build(m, load=None) -> Transformer:
 register_arch(Arch(
     name="transformer", backbone=Transformer, build=_build, mixers=("bi", "causal"), check=check_sizes,
     make_mixer=lambda backbone, cfg: AttentionMixer(backbone.config.n_embd, backbone.config.n_head,
-                                                    backbone.config.rope_base, causal=cfg.mixer == "causal")))
+                                                    backbone.config.rope_base, causal=MIXERS[cfg.mixer].autoregressive)))
 
