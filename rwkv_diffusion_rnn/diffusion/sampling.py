@@ -97,7 +97,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .continuous_diffusion import GaussianDiffusion, cfg_combine
+from .continuous_diffusion import GaussianDiffusion
 
 __all__ = ["REMASKING", "LATENT_SAMPLERS", "cache_unit", "guided_logits", "propose_tokens", "generate_text",
            "fill_masks", "generate_latent", "generate_joint", "generate_autoregressive"]
@@ -242,10 +242,9 @@ class _TextDenoiser:
         logits = out.logits.float()
         if self.passes:
             parts = logits.chunk(n)
-            cond = parts[0]
-            logits = cond.clone()
+            cond = logits = parts[0]
             for (_, w), uncond in zip(self.passes, parts[1:]):
-                logits += cfg_combine(cond, uncond, w) - cond
+                logits = logits + w * (cond - uncond)       # one pass: cond + w (cond - uncond)
         return logits, out.state
 
 
