@@ -449,3 +449,35 @@ def test_latent_and_prompt_guidance_add_their_terms():
     u_prompt, _ = guided_logits(model, hidden, t, latent=z)
     both, _ = guided_logits(model, x, t, latent=z, cfg_scale=1.0, prompt_cfg_scale=0.5, prompt_lengths=lengths)
     torch.testing.assert_close(both, cond + 1.0 * (cond - u_lat) + 0.5 * (cond - u_prompt))
+
+
+@pytest.mark.parametrize("mixer,block", [("block_causal", 4), ("causal", 1)])
+def test_a_long_prompt_read_in_chunks_through_the_state_decodes_as_read_at_once(mixer, block):
+    """prefill_chunk: the committed prompt folded into the state a few blocks per call gives the
+    tokens of one call over the whole prompt, with calls no longer than the chunk."""
+    model = tiny(mixer, tc="none", prefix=1).double()
+    x = _prefix_canvases([27, 30], 40, seed=50)
+    kw = dict(latent=latent(B=2, seed=51).double(), prompt_ids=x, steps=10, block_length=block if block > 1 else 2,
+              temperature=1.0)
+    sizes = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: sizes.append((a[0] if a else k["input_ids"]).shape[1]),
+                                           with_kwargs=True)
+    try:
+        whole = generate_text(model, generator=[gen(60), gen(61)], **kw)
+        longest, sizes[:] = max(sizes), []
+        chunked = generate_text(model, generator=[gen(60), gen(61)], prefill_chunk=8, **kw)
+    finally:
+        hook.remove()
+    assert torch.equal(whole, chunked)
+    assert longest >= 28 and max(sizes) <= 8 + 8     # a chunk, or the last one plus the block decoded
+
+
+def test_an_ar_model_reads_the_shared_prompt_in_chunks_and_writes_the_same_tokens():
+    from rwkv_diffusion_rnn.diffusion.sampling import generate_autoregressive
+    model = tiny("causal", tc="none", prefix=0).double()
+    x = _prefix_canvases([25, 31], 40, seed=52)
+    one = generate_autoregressive(model, bos_id=0, prompt_ids=x, temperature=1.0, generator=[gen(70), gen(71)],
+                                  prefill_chunk=1)
+    chunked = generate_autoregressive(model, bos_id=0, prompt_ids=x, temperature=1.0, generator=[gen(70), gen(71)],
+                                      prefill_chunk=7)
+    assert torch.equal(one, chunked) and torch.equal(one[:, :25], x[:, :25])

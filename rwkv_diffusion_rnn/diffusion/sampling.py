@@ -103,6 +103,8 @@ __all__ = ["REMASKING", "LATENT_SAMPLERS", "cache_unit", "guided_logits", "propo
            "fill_masks", "generate_latent", "generate_joint", "generate_autoregressive"]
 
 REMASKING = ("low_confidence", "random", "random_topk")
+# tokens of committed text (a prompt) read through a recurrent state per call
+PREFILL_CHUNK = 4096
 LATENT_SAMPLERS = ("ddim", "ddpm")
 
 
@@ -272,11 +274,14 @@ class _StateCache:
     """Forward-scan state of the text before ``self.pos`` (a model-block boundary).
 
     With ``shift_logits`` position i reads token i - 1, so a call from ``pos`` passes the token
-    before it (``x[:, pos - 1]``) as ``prev_ids``."""
+    before it (``x[:, pos - 1]``) as ``prev_ids``. Committed text longer than ``chunk`` tokens
+    (a long prompt) is folded into the state a chunk at a time before a block is decoded, so it
+    costs the memory of one chunk."""
 
-    def __init__(self, fn: _TextDenoiser, granularity: int):
+    def __init__(self, fn: _TextDenoiser, granularity: int, chunk: int = None):
         self.fn = fn
         self.g = granularity
+        self.chunk = max(granularity, ((chunk or PREFILL_CHUNK) // granularity) * granularity)
         self.pos = 0
         self.state = None
         self.shift = fn.model.config.shift_logits
@@ -286,6 +291,8 @@ class _StateCache:
 
     def logits(self, x: torch.Tensor, a: int, b: int, t: torch.Tensor) -> torch.Tensor:
         """Logits of positions [a, b), feeding x[pos : end of b's model block]."""
+        while (a // self.g) * self.g - self.pos > self.chunk:
+            self.advance(x, self.pos + self.chunk, t)
         end = min(-(-b // self.g) * self.g, x.shape[1])
         logits, _ = self.fn(x[:, self.pos:end], t, state=self.state, pos_offset=self.pos, prev_ids=self._prev(x))
         return logits[:, a - self.pos:b - self.pos]
@@ -406,7 +413,7 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
                   remasking: str = "low_confidence", threshold: Optional[float] = None,
                   temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                   cfg_scale: float = 0.0, prompt_cfg_scale: float = 0.0, generator: Generators = None,
-                  use_cache: bool = True, return_history: bool = False
+                  use_cache: bool = True, return_history: bool = False, prefill_chunk: int = PREFILL_CHUNK
                   ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
     """Decode text by masked diffusion (see the module docstring for every rule).
 
@@ -429,6 +436,8 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
         generator: randomness of proposals and of random remasking: one generator, or one per
             row (then every row is decoded exactly as it would be alone with its generator).
         use_cache: carry committed blocks as RNN state (``block_causal`` and ``causal`` mixers).
+        prefill_chunk: with the cache, committed text (a prompt) is read into the state in calls of
+            at most this many tokens (rounded down to whole model blocks).
         return_history: also return the canvas before the first step and after every step.
 
     Returns:
@@ -464,7 +473,7 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
     cache = None
     unit = cache_unit(model) if use_cache else None
     if unit is not None:
-        cache = _StateCache(fn, unit)
+        cache = _StateCache(fn, unit, prefill_chunk)
 
     gens = _row_generators(generator, B)
     L = T if block_length is None else block_length
@@ -640,7 +649,7 @@ def generate_autoregressive(model, *, bos_id: int, length: Optional[int] = None,
                             prompt_ids: Optional[torch.Tensor] = None, batch_size: Optional[int] = None,
                             temperature: float = 1.0, top_k: Optional[int] = None,
                             top_p: Optional[float] = None, eos_id: Optional[int] = None,
-                            generator: Generators = None) -> torch.Tensor:
+                            generator: Generators = None, prefill_chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """Next-token sampling from a causal model (an autoregressive mixer): through its recurrent
     state, or, for causal attention (no state, no KV cache), by running the whole prefix again for
     every token.
@@ -651,9 +660,13 @@ def generate_autoregressive(model, *, bos_id: int, length: Optional[int] = None,
     position (the document separator the corpus was joined with). Each call reads one token
     (every row at the same position), so a row's result does not depend on the others. Once a
     row has written ``eos_id`` its later positions are ``eos_id`` and nothing more is drawn
-    for it. Returns LongTensor [B, T].
+    for it. A recurrent model reads the prompt every row shares through its state in calls of
+    ``prefill_chunk`` tokens (memory of one chunk, whatever the prompt's length), then one token
+    per call. Returns LongTensor [B, T].
     """
     cfg = model.config
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     if not model.mixer.autoregressive:
         raise ValueError(f"generate_autoregressive needs a causal model; this one has mixer={cfg.mixer!r} "
                          "(decode it by masked diffusion with generate_text)")
@@ -673,9 +686,16 @@ def generate_autoregressive(model, *, bos_id: int, length: Optional[int] = None,
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     zeros = torch.zeros(B, device=device)
     bos = torch.full((B, 1), bos_id, dtype=torch.long, device=device)
-    state, prev = None, bos
+    state, prev, start = None, bos, 0
     with _eval_mode(model):
-        for i in range(T):
+        shared = int(first.min())               # positions every row is given
+        if model.mixer.carries_state and shared > 1:
+            # what the calls for positions 0 .. shared - 1 read: bos, then the prompt
+            seq = torch.cat([bos, x[:, :shared - 1]], 1)
+            for c in range(0, shared, prefill_chunk):
+                state = model(seq[:, c:c + prefill_chunk], zeros, state=state, return_state=True, pos_offset=c).state
+            start, prev = shared, x[:, shared - 1:shared]
+        for i in range(start, T):
             if bool((first <= i).all()) and bool(ended.all()):
                 x[:, i:] = eos_id
                 break
