@@ -219,3 +219,27 @@ def test_a_checkpoint_saved_before_a_model_key_existed_still_loads(tmp_path):
     man["files"][ckpt.CONFIG_FILE] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (last / ckpt.MANIFEST).write_text(json.dumps(man, indent=2))
     assert load_trained(last).model.config.bi_anneal_steps == 0
+
+
+def test_the_adaptation_preset_starts_as_the_pretrained_ar_model_and_trains(tmp_path):
+    """model=rwkv7_adapt: at step 0 its logits on clean text are the pretrained LM's after BOS; a
+    short run of it trains and is scored."""
+    from rwkv_diffusion_rnn.training.improved_trainer import Trainer
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat.\n" * 100)
+    pth = save_random_blinkdl_checkpoint(tmp_path / "lm258.pth", n_layer=2, n_embd=32, head_size=16, vocab_size=258,
+                                         seed=5)
+    cfg = compose_config(["model=rwkv7_adapt", f"model.rwkv_name={pth}", "model.latent_prefix_len=0",
+                          "data=text", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "data.seq_len=16",
+                          "tokenizer.name=bytes", "training.train_batch_size=4", "training.max_steps=2",
+                          "training.num_epochs=null", "logging.eval_freq=0", "eval.max_batches=1",
+                          "logging.progress_bar=false", f"logging.save_dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg)
+    model = trainer.model.eval()
+    assert (model.config.mixer, model.config.block_context, model.config.shift_logits) == ("block_causal", "clean", True)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = load_rwkv7(pth)(torch.cat([torch.full((2, 1), 256), ids], 1))[:, :16]
+        assert torch.allclose(model(ids, torch.rand(2)).logits, want, atol=1e-5, rtol=1e-5)
+    model.train()
+    assert trainer.train()["val_nelbo"] > 0

@@ -99,7 +99,9 @@ QWEN3_MAKE = ('python -c "from transformers import Qwen3Config, Qwen3Model; Qwen
               'num_attention_heads=4,\n  num_key_value_heads=4, head_dim=32)).save_pretrained(\'/tmp/tiny_qwen3\')"')
 
 # A path a command reads -> the command of the docs that makes it (run first when needed).
-MAKERS = {"runs/shk_bi": LM_BI, "runs/shk_ar": LM_AR, "romeo.jsonl": ROMEO, "runs/sft": SFT,
+EXPORT = "python -m rwkv_diffusion_rnn.export checkpoint=runs/shk_ar format=blinkdl out=runs/shk_ar.pth"
+MAKERS = {"runs/shk_ar.pth": EXPORT, "runs/shk_bi": LM_BI, "runs/shk_ar": LM_AR, "romeo.jsonl": ROMEO,
+          "runs/sft": SFT,
           "runs/pretrained": SFT, "preprocessed_data/qwen_32d": PROJECT, "/tmp/tiny_qwen3": QWEN3_MAKE}
 NEEDS = {DIFFRWKV_TRAIN: [TOKENIZE]}   # reads the data keys' defaults, not a path on its line
 
