@@ -55,6 +55,11 @@ MODELS = {
     # Qwen3's architecture (RMSNorm, SwiGLU, q/k norms) run without its causal mask, from random
     # weights of about the same size (no pretrained Qwen3 is at hand offline): QWEN3_INIT
     "qwen3": ["model.arch=qwen3", "model.qwen3_name={qwen3_init}"],
+    # the AR baseline of each other architecture (causal attention; RWKV left to right with causal
+    # attention; Qwen3's own causal mask), each the reference of its own diffusion row
+    "ar_transformer": ["training.objective=ar", "model.arch=transformer", "model.mixer=causal"],
+    "ar_hybrid": ["training.objective=ar", "model.arch=hybrid", "model.mixer=causal", "model.attn_layers=[1,3]"],
+    "ar_qwen3": ["training.objective=ar", "model.arch=qwen3", "model.mixer=causal", "model.qwen3_name={qwen3_init}"],
 }
 # 4 layers, width 128, 4 heads of 32, SwiGLU width 512, 128 embedding rows (the characters fit)
 QWEN3_INIT = dict(vocab_size=128, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
