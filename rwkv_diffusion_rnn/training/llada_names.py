@@ -40,7 +40,8 @@ TRAIN_REFUSED: Dict[str, str] = {
     "evaluation.eval_every_steps": "logging.eval_freq=N",
 }
 # generate: their inference.py options -> ours
-GENERATE_KEYS: Dict[str, str] = {"gen_length": "length", "model": "checkpoint"}
+GENERATE_KEYS: Dict[str, Tuple[str, Optional[Dict[str, str]]]] = {"gen_length": ("length", None),
+                                                                  "model": ("checkpoint", None)}
 GENERATE_REFUSED: Dict[str, str] = {
     "block_attention": "block attention is part of the checkpoint's model (model.block_attention at training) "
                        "and applies at generation by itself",
@@ -55,42 +56,37 @@ def _note(old: str, new: str) -> None:
         print(f"note: read {old} as {new} (Qwen3-LLaDA's name)", file=sys.stderr)
 
 
-def translate_train(overrides: Sequence[str]) -> List[str]:
-    """Hydra overrides with Qwen3-LLaDA's keys and values rewritten as this trainer's."""
+def _translate(items: Sequence[str], keys: Dict[str, Tuple[str, Optional[Dict[str, str]]]],
+               values: Dict[str, Dict[str, str]], refused: Dict[str, str], what: str) -> List[str]:
+    """``key=value`` items with their keys (``keys``: theirs -> ours and their values -> ours) and
+    their values under our keys (``values``) rewritten; a key of ``refused`` raises, naming ours."""
     out = []
-    for item in overrides:
+    for item in items:
         key, sep, value = item.partition("=")
-        bare = key.lstrip("+~")
+        bare = key.lstrip("+~")            # Hydra's append / delete prefixes
         if not sep or item.startswith("-"):
             out.append(item)
             continue
-        if bare in TRAIN_REFUSED:
-            raise ConfigError(f"{bare} is Qwen3-LLaDA's setting; here {TRAIN_REFUSED[bare]}")
-        if bare in TRAIN_KEYS:
-            ours, values = TRAIN_KEYS[bare]
-            new = f"{ours}={(values or {}).get(value, value)}"
-            _note(item, new)
-            out.append(new)
-        elif bare in VALUES and value in VALUES[bare]:
-            new = f"{key}={VALUES[bare][value]}"
-            _note(item, new)
-            out.append(new)
+        if bare in refused:
+            raise ConfigError(f"{bare} is Qwen3-LLaDA's {what}; here {refused[bare]}")
+        if bare in keys:
+            ours, mapped = keys[bare]
+            new = f"{ours}={(mapped or {}).get(value, value)}"
+        elif bare in values and value in values[bare]:
+            new = f"{key}={values[bare][value]}"
         else:
             out.append(item)
+            continue
+        _note(item, new)
+        out.append(new)
     return out
+
+
+def translate_train(overrides: Sequence[str]) -> List[str]:
+    """Hydra overrides with Qwen3-LLaDA's keys and values rewritten as this trainer's."""
+    return _translate(overrides, TRAIN_KEYS, VALUES, TRAIN_REFUSED, "setting")
 
 
 def translate_generate(argv: Sequence[str]) -> List[str]:
     """``generate``'s key=value items with Qwen3-LLaDA's inference options rewritten."""
-    out = []
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if sep and key in GENERATE_REFUSED:
-            raise ConfigError(f"{key} is Qwen3-LLaDA's option; here {GENERATE_REFUSED[key]}")
-        if sep and key in GENERATE_KEYS:
-            new = f"{GENERATE_KEYS[key]}={value}"
-            _note(item, new)
-            out.append(new)
-        else:
-            out.append(item)
-    return out
+    return _translate(argv, GENERATE_KEYS, {}, GENERATE_REFUSED, "option")
