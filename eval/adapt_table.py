@@ -196,7 +196,9 @@ def main(argv=None) -> None:
     (out / "adapt_table.md").write_text(text)
     print(text)
     if a.plot:
-        plot_curves(out, [n for n in PLOTTED if n in results], a.plot)
+        plot_curves({n: val_curve(out / n) for n in PLOTTED if n in results}, {"ar_ft"},
+                    "steps on tinyshakespeare (12 x 64 bytes each)",
+                    "from a pretrained RWKV-7 (4x128, AR on other plays) to a diffusion LM", a.plot)
 
 
 # rows drawn in the PNG of bound against adaptation steps
@@ -264,21 +266,29 @@ def decode_ms(name: str, ckpt: Path, out: Path, threads: int):
     return json.loads(f.read_text())["ms_per_char"]
 
 
-def plot_curves(out: Path, names, plot: Path) -> None:
+def val_curve(save: Path) -> dict:
+    """{step: validation NLL (AR) or bound (diffusion)} of the run in ``save``."""
+    from rwkv_diffusion_rnn.training.run_folder import read_train_log
+    return {r["step"]: r.get("val_nll", r.get("val_nelbo")) for r in read_train_log(save)
+            if "val_nll" in r or "val_nelbo" in r}
+
+
+def plot_curves(curves: dict, ar, xlabel: str, title: str, plot: Path, x_per_step: float = 1.0) -> None:
+    """Writes ``plot``: each of ``curves`` ({name: {step: value}}) against step * ``x_per_step``,
+    the names in ``ar`` dashed (an NLL), the others solid (a bound)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, name in enumerate(names):
-        recs = [r for r in read_log(out / name) if "val_nll" in r or "val_nelbo" in r]
-        xs = [r["step"] for r in recs]
-        ys = [r.get("val_nll", r.get("val_nelbo")) for r in recs]
-        ax.plot(xs, ys, "-" if name != "ar_ft" else "--", marker=".", color=f"C{i}",
-                label=name + (" (NLL)" if name == "ar_ft" else " (bound)"))
-    ax.set_xlabel("steps on tinyshakespeare (12 x 64 bytes each)")
+    for i, (name, c) in enumerate(curves.items()):
+        xs = sorted(c)
+        ax.plot([x * x_per_step for x in xs], [c[x] for x in xs], "--" if name in ar else "-", marker=".",
+                color=f"C{i}", label=name + (" (NLL)" if name in ar else " (bound)"))
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation nats per character")
-    ax.set_title("from a pretrained RWKV-7 (4x128, AR on other plays) to a diffusion LM")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title)
+    many = len(curves) > 4
+    ax.legend(fontsize=7 if many else 8, ncol=2 if many else 1)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(plot, dpi=120)
@@ -298,10 +308,7 @@ def constrained(a, out: Path, threads: int) -> None:
             raise SystemExit(f"{pth} is missing: run this script without --constrained first (it pretrains)")
         with ThreadPoolExecutor(a.jobs) as pool:
             list(pool.map(lambda kv: train(kv[0], kv[1], dc, CONSTRAINED_STEPS, threads, data), table.items()))
-    curves = {}
-    for name in table:
-        recs = [r for r in read_log(dc / name) if "val_nll" in r or "val_nelbo" in r]
-        curves[name] = {r["step"]: r.get("val_nll", r.get("val_nelbo")) for r in recs}
+    curves = {name: val_curve(dc / name) for name in table}
     steps = sorted({s for c in curves.values() for s in c})
     lines = ["| step | epochs | " + " | ".join(curves) + " |", "|---:|---:|" + "---:|" * len(curves)]
     epoch_steps = len(train_file.read_bytes()) / (12 * 64)
@@ -323,28 +330,10 @@ def constrained(a, out: Path, threads: int) -> None:
     (out / "constrained.md").write_text(text)
     print(text)
     if a.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for i, (name, c) in enumerate(curves.items()):
-            xs = sorted(c)
-            ax.plot([x / epoch_steps for x in xs], [c[x] for x in xs], "--" if "_ar_" in name else "-",
-                    marker=".", color=f"C{i}", label=name + (" (NLL)" if "_ar_" in name else " (bound)"))
-        ax.set_xlabel("epochs over the first eighth of tinyshakespeare (125,478 bytes)")
-        ax.set_ylabel("validation nats per character")
-        ax.set_title("data-constrained: AR and diffusion repeated ~24 epochs")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        plot = a.plot.with_name("adapt_constrained.png")
-        fig.savefig(plot, dpi=120)
-        print(f"wrote {plot}")
-
-
-def read_log(save: Path) -> list:
-    log = save / "train_log.jsonl"
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+        plot_curves(curves, {n for n in curves if "_ar_" in n},
+                    "epochs over the first eighth of tinyshakespeare (125,478 bytes)",
+                    "data-constrained: AR and diffusion repeated ~24 epochs", a.plot.with_name("adapt_constrained.png"),
+                    1 / epoch_steps)
 
 
 if __name__ == "__main__":
