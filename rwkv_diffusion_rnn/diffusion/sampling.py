@@ -278,7 +278,7 @@ class _StateCache:
     (a long prompt) is folded into the state a chunk at a time before a block is decoded, so it
     costs the memory of one chunk."""
 
-    def __init__(self, fn: _TextDenoiser, granularity: int, chunk: int = None):
+    def __init__(self, fn: _TextDenoiser, granularity: int, chunk: Optional[int] = None):
         self.fn = fn
         self.g = granularity
         self.chunk = max(granularity, ((chunk or PREFILL_CHUNK) // granularity) * granularity)

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from . import hybrid, qwen3, transformer  # noqa: F401  (each registers its model.arch entry)
-from .archs import ARCHS, arch_of
+from .archs import ARCHS, arch_of, pretrained_head_wanted
 from .mixers import MIXERS, Modulation, mixer_class, option_defaults
 from .mixers.base import Mixer
 from .rwkv7 import LayerState
@@ -87,7 +87,6 @@ class DenoiserConfig:
     shift_logits: bool = False          # the logits of token i come from the position before it
     bos_id: Optional[int] = None        # shift_logits: the token read before the first one
 
-
     mixer_options: Dict[str, Any] = field(default_factory=dict)   # options of a mixer that are no field here
 
     def __post_init__(self):
@@ -103,7 +102,7 @@ class DenoiserConfig:
             if self.use_pretrained_head and not self.use_rwkv_lm_head:
                 raise ValueError("model.use_pretrained_head=true and model.use_rwkv_lm_head=false (its former "
                                  "name) contradict each other: set model.use_pretrained_head alone")
-            self.use_pretrained_head = bool(self.use_rwkv_lm_head)
+            self.use_pretrained_head = pretrained_head_wanted(vars(self))
             self.use_rwkv_lm_head = None
         if self.use_pretrained_head and not arch.pretrained_head:
             raise ValueError(f"model.use_pretrained_head=true reuses the LM head of pretrained weights; "

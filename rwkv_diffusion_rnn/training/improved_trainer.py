@@ -327,7 +327,7 @@ class Trainer:
             # and lowers the scale), not a step towards divergence
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            finite = finite or math.isfinite(step_sums["loss"])
+            finite = math.isfinite(step_sums["loss"])
         elif finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
