@@ -9,7 +9,11 @@ validation split as training does (the same windows and noise, so with the same 
 reproduces the ``val_nelbo`` / ``val_nll`` training logged): a diffusion model's negative ELBO,
 an AR model's exact NLL, in nats and bits per token, bits per character where the tokenizer
 knows characters, perplexity (a bound for diffusion), tokens scored and the Monte-Carlo standard
-error; a text + latent model also without its latent (``null_latent``). Writes ``<dir>/eval.json``
+error; a text + latent model also without its latent (``null_latent``). ``eval.context=stream``
+scores the validation split of a text corpus as one stream instead of independent windows:
+left to right in chunks of ``data.seq_len`` tokens with the state carried (``causal`` and
+``block_causal`` models; every token given all the text before it; see
+:func:`~rwkv_diffusion_rnn.training.likelihood.score_stream`). Writes ``<dir>/eval.json``
 (or ``out=<file>``) and prints it. Progress goes to stderr: a bar on a terminal
 (``logging.progress_bar``), a plain line every 30 s when the output is a file or a log.
 The text corpus is read from the token cache training built (``data.cache_dir``, relative to the
@@ -88,16 +92,42 @@ def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = Non
                                 progress=show,
                                 progress_desc="evaluate" if latent == "clean" else f"evaluate ({latent} latent)")
 
-    summary = run("clean")
+    if ev.get("context", "windows") == "stream":
+        summary = _score_stream(trained, batches, schedule, show)
+    else:
+        summary = run("clean")
     result = {"checkpoint": str(path), "step": trained.step, "objective": objective,
               "quantity": "nll" if objective == "ar" else "nelbo", "mixer": cfg.model.mixer,
-              "split": "validation", "seq_len": cfg.data.seq_len, "weights": trained.weights,
+              "split": "validation", "seq_len": cfg.data.seq_len, "context": ev.get("context", "windows"),
+              "weights": trained.weights,
               **summary.as_dict()}
     if cfg.model.latent_prefix_len and objective != "ar":
         result["latent"] = "clean"
         result["null_latent"] = run("null").as_dict()
     _write_result(Path(out) if out else path / EVAL_FILE, result, "out" if out else "checkpoint")
     return result
+
+
+def _score_stream(trained, batches, schedule, show: bool):
+    """``eval.context=stream``: the validation tokens as one stream (refused by key where it cannot be)."""
+    from rwkv_diffusion_rnn.common import rng
+    from rwkv_diffusion_rnn.common.errors import ConfigError
+    from rwkv_diffusion_rnn.training import likelihood
+    from rwkv_diffusion_rnn.training.builders import autocast
+    cfg, model, device = trained.cfg, trained.model, trained.device
+    tokens = getattr(batches, "tokens", None)
+    if tokens is None:
+        raise ConfigError(f"eval.context=stream reads a text corpus's validation split as one stream: data.kind="
+                          f"{cfg.data.kind} gives separate examples; use eval.context=windows")
+    try:
+        return likelihood.score_stream(model, tokens, objective=cfg.training.objective, chunk=int(cfg.data.seq_len),
+                                       schedule=schedule, mask_id=cfg.model.mask_id, vocab_size=cfg.model.vocab_size,
+                                       generator=rng.generator("eval_noise"), mc_samples=cfg.eval.mc_samples,
+                                       tokenizer=trained.tokenizer, device=device,
+                                       autocast=lambda: autocast(device, cfg.training.dtype), progress=show)
+    except ValueError as e:
+        raise ConfigError(f"eval.context=stream: {e} (model.mixer={cfg.model.mixer}, model.arch={cfg.model.arch} in "
+                          f"{trained.path}); use eval.context=windows") from None
 
 
 def _write_result(path: Path, result: dict, key: str) -> None:

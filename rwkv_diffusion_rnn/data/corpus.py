@@ -836,6 +836,47 @@ class TrainWindows(EpochBatches):
             self._epoch, self._consumed = self._epoch + 1, 0
 
 
+ORDERS = ("shuffled", "stream")      # data.order: TrainWindows, StreamWindows
+
+
+class StreamWindows(TrainWindows):
+    """Training batches that read the split as ``batch_size`` streams (``data.order=stream``):
+    row b of every batch continues row b of the batch before, so a model can carry its state
+    from one step to the next (truncated backpropagation through time over the corpus).
+
+    The split is cut into ``batch_size`` equal lanes; epoch ``e`` draws (seeded by ``(seed, e)``)
+    a shift in ``[0, seq_len)``, and batch ``i`` holds, in each lane, the window of ``seq_len + 1``
+    tokens that starts ``shift + i * seq_len`` into the lane. Every batch but an epoch's first
+    has ``continues`` set: its windows follow the previous batch's. Resumes as TrainWindows."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, *,
+                 source: str = "train split"):
+        super().__init__(tokens, seq_len, batch_size, seed, source=source)
+        self.lane = len(self.tokens) // self.batch_size
+        # windows per lane: the last one starts at most shift + i * seq_len with shift < seq_len
+        self.n_windows = max(0, (self.lane - 2 * self.seq_len) // self.seq_len)
+        if self.n_windows < 1:
+            raise DataFormatError(
+                f"{source} has {len(self.tokens)} tokens: cut into training.train_batch_size={self.batch_size} "
+                f"streams of {self.lane} tokens, each is too short for two windows of data.seq_len={self.seq_len}; "
+                "lower the batch size or data.seq_len, or use more text.")
+
+    def __len__(self) -> int:
+        return self.n_windows
+
+    def epoch_order(self, epoch: int) -> tuple[int, np.ndarray]:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            g = np.random.default_rng(epoch_seed(self.seed, epoch))
+            self._order_cache = (epoch, int(g.integers(0, self.seq_len)), np.arange(self.batch_size))
+        return self._order_cache[1], self._order_cache[2]
+
+    def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        shift, lanes = self.epoch_order(epoch)
+        b = _batch(self.tokens, lanes * self.lane + shift + index * self.seq_len, self.seq_len)
+        b["continues"] = torch.tensor(index > 0)
+        return b
+
+
 class ValWindows:
     """Validation batches: the fixed non-overlapping windows starting at ``k * seq_len`` for
     ``k < (N - 1) // seq_len``, in order, the last batch possibly smaller; the same every pass.

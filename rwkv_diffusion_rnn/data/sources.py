@@ -112,13 +112,14 @@ class CorpusData(EpochData):
 
     def __init__(self, cfg: DictConfig, batch_size: int, eval_batch_size: int, seed: int, tokenizer,
                  length_multiple: int = 1):
-        from .corpus import TrainWindows, prepare_corpus
+        from .corpus import StreamWindows, TrainWindows, prepare_corpus
         d = cfg.data
         corpus = prepare_corpus(corpus_spec(d), tokenizer, d.cache_dir, progress=cfg.logging.progress_bar)
         self.corpus, self.tokenizer = corpus, corpus.tokenizer
         check_not_degenerate(corpus.train, split_name(d, "training"))
-        self.train = TrainWindows(corpus.train, d.seq_len, batch_size, rng.seed_of("data_order", seed),
-                                  source=split_name(d, "training"))
+        windows = StreamWindows if d.get("order", "shuffled") == "stream" else TrainWindows
+        self.train = windows(corpus.train, d.seq_len, batch_size, rng.seed_of("data_order", seed),
+                             source=split_name(d, "training"))
         self.val = corpus_val_windows(d, corpus, eval_batch_size)
 
 

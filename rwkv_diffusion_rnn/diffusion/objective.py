@@ -1,5 +1,7 @@
 """The training objectives: text + latent diffusion (which rows learn what, and their losses), and
 next-token prediction, the autoregressive baseline every diffusion number is compared with.
+Either runs a long window in chunks with the recurrent state carried when given a
+:class:`~rwkv_diffusion_rnn.diffusion.chunks.Chunking` (``model.chunk_size``).
 
 Every row of a batch gets one role, drawn per row from one uniform number ``u``:
 
@@ -38,6 +40,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
+from .chunks import Carry, Chunking, run_chunks
 from .continuous_diffusion import GaussianDiffusion
 from .diffusion_process import MaskedDiffusion
 
@@ -100,11 +103,19 @@ class DiffusionObjective:
     ``latent`` is None for a text-only model. ``sft`` (LLaDA's SFT, ``text_noise.sft``): the batch
     carries ``prompt_lengths``; the prompt is never masked, and each row's text loss is divided by
     its answer length (every position after the prompt, EOS padding included), then averaged
-    over the text rows."""
+    over the text rows.
+
+    With ``chunking`` the noised window is read in chunks, the denoiser's state carried from one
+    to the next (the latent prefix read with the first); each chunk's text loss uses the whole
+    window's divisors, so the chunks' losses add up to the loss of the window read at once.
+    With ``carry`` (``data.order=stream``) a batch that continues the previous one starts from
+    the state it left (its rows' windows follow the previous rows': the clean text before them)."""
 
     def __init__(self, text: MaskedDiffusion, latent: Optional[GaussianDiffusion],
-                 config: Optional[ObjectiveConfig] = None, sft: bool = False):
+                 config: Optional[ObjectiveConfig] = None, sft: bool = False,
+                 chunking: Optional[Chunking] = None, carry: Optional[Carry] = None):
         self.text, self.latent, self.config, self.sft = text, latent, config or ObjectiveConfig(), sft
+        self.chunking, self.carry = chunking, carry
 
     def noise(self, batch: Dict[str, torch.Tensor], generator: torch.Generator) -> NoisyBatch:
         c, g = self.config, generator
@@ -173,6 +184,13 @@ class DiffusionObjective:
         if rows is not None:
             whole = self._carried(nb)       # the counts of the whole batch, not of this share
             norm, nb = Normalizers.of(nb), nb.take(rows)
+        if self.chunking is not None or self.carry is not None:
+            start = None if self.carry is None else self.carry.take(batch)
+            prev = batch.get("prev_ids") if start is not None else None
+            loss, stats, end = self._chunked(model, nb, norm or Normalizers.of(nb), device, autocast, start, prev)
+            if self.carry is not None and "continues" in batch:     # a training stream's batch
+                self.carry.keep(end)
+            return loss, {**stats, **(whole or {})}
         has_latent = nb.zs is not None
         with autocast():
             out = model(nb.xt.to(device), nb.t.to(device), nb.zs.to(device) if has_latent else None,
@@ -181,6 +199,41 @@ class DiffusionObjective:
                         prompt_lengths=None if nb.prompt_lengths is None else nb.prompt_lengths.to(device))
         loss, stats = self.loss(out, nb, norm)
         return loss, {**stats, **(whole or {})}
+
+    def _chunked(self, model, nb: NoisyBatch, norm: Normalizers, device, autocast, start=None, prev=None):
+        """:meth:`loss` of ``nb`` with the window read chunk by chunk from the state ``start``
+        (``prev``: the token before the window), and the state after it."""
+        has_latent = nb.zs is not None
+        lat = dict(latent=nb.zs.to(device), s=nb.s.to(device), latent_drop=nb.drop.to(device)) if has_latent else {}
+        x0, xt, t = nb.x0.to(device), nb.xt.to(device), nb.t.to(device)
+        shift = _config(model).shift_logits
+        # with shift_logits a chunk's first position reads the token before it as the window read
+        # at once does: clean where the mixer reads clean context, else as noised
+        before = x0 if getattr(model, "module", model).mixer.reads_context else xt
+        no_latent_rows = None if nb.latent_rows is None else torch.zeros_like(nb.latent_rows)
+        parts = {"text_loss": 0.0, "latent_loss": 0.0}
+
+        def step(a: int, b: int, state):
+            with autocast():
+                first = before[:, a - 1] if a else (None if prev is None else prev.to(device))
+                out = model(xt[:, a:b], t, **lat, state=state, return_state=True, pos_offset=a,
+                            prev_ids=first if shift else None, context_ids=x0[:, a:b])
+            part = nb._replace(x0=nb.x0[:, a:b], xt=nb.xt[:, a:b], is_masked=nb.is_masked[:, a:b],
+                               valid=nb.valid[:, a:b], latent_rows=nb.latent_rows if a == 0 else no_latent_rows)
+            loss, st = self.loss(out, part, norm)
+            # read before the backward, which runs each step once more (its recomputation)
+            parts["text_loss"] += st["text_loss"]
+            parts["latent_loss"] += st["latent_loss"]
+            return loss, out.state
+
+        T = nb.xt.shape[1]
+        loss, end = run_chunks(step, self.chunking or Chunking(T), T, start)
+        return loss, {**parts, "tokens": int(nb.valid.sum()), **self._carried(nb)}, end
+
+
+def _config(model):
+    """The denoiser's config, through a DDP wrapper."""
+    return getattr(model, "module", model).config
 
 
 def answer_positions(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -204,7 +257,12 @@ def next_token_inputs(batch: Dict[str, torch.Tensor]):
 
 class AutoregressiveObjective:
     """Mean cross-entropy of the next token under a causal denoiser (its time input fixed at 0);
-    with ``rows``, those rows' cross-entropies over the whole batch's target count."""
+    with ``rows``, those rows' cross-entropies over the whole batch's target count; with
+    ``chunking``, the window read chunk by chunk with the state carried; with ``carry``
+    (``data.order=stream``) a batch that continues the previous one starts from its state."""
+
+    def __init__(self, chunking: Optional[Chunking] = None, carry: Optional[Carry] = None):
+        self.chunking, self.carry = chunking, carry
 
     def __call__(self, model, batch: Dict[str, torch.Tensor], generator: Optional[torch.Generator] = None,
                  device: torch.device = torch.device("cpu"), autocast: Callable = nullcontext,
@@ -215,13 +273,29 @@ class AutoregressiveObjective:
         if rows is not None:
             count = max(float(valid.sum()), 1.0)
             inputs, targets, valid = inputs[rows], targets[rows], valid[rows]
-        inputs = inputs.to(device)
+        inputs, targets, valid = inputs.to(device), targets.to(device), valid.to(device)
         t = torch.zeros(inputs.shape[0], device=device)
-        with autocast():
-            logits = model(inputs, t).logits
-        valid = valid.to(device)
-        ce = torch.nn.functional.cross_entropy(logits[valid].float(), targets.to(device)[valid],
-                                               reduction="mean" if count is None else "sum")
-        loss = ce if count is None else ce / count
+        if self.chunking is not None or self.carry is not None:
+            shift = _config(model).shift_logits
+            start = None if self.carry is None else self.carry.take(batch)
+
+            def step(a: int, b: int, state):
+                with autocast():
+                    out = model(inputs[:, a:b], t, state=state, return_state=True, pos_offset=a,
+                                prev_ids=inputs[:, a - 1] if a and shift else None)
+                v = valid[:, a:b]
+                return torch.nn.functional.cross_entropy(out.logits[v].float(), targets[:, a:b][v],
+                                                         reduction="sum"), out.state
+            T = inputs.shape[1]
+            ce, end = run_chunks(step, self.chunking or Chunking(T), T, start)
+            if self.carry is not None and "continues" in batch:     # a training stream's batch
+                self.carry.keep(end)
+            loss = ce / (count or max(float(valid.sum()), 1.0))
+        else:
+            with autocast():
+                logits = model(inputs, t).logits
+            ce = torch.nn.functional.cross_entropy(logits[valid].float(), targets[valid],
+                                                   reduction="mean" if count is None else "sum")
+            loss = ce if count is None else ce / count
         return loss, {"text_loss": float(loss.detach()), "latent_loss": 0.0, "tokens": int(valid.sum()),
                       "text_rows": n_rows, "latent_rows": 0}

@@ -41,11 +41,16 @@ class Arch:
     # (names without "backbone."), so a checkpoint rebuilds without reading the pretrained file
     from_shapes: Optional[str] = None
     needs_pretrained: bool = False                     # built only from pretrained weights (no sizes)
+    recurrent: bool = False                            # its mixers' carries_state trait holds (a stack with attention keeps no state)
     keys: Tuple[str, ...] = ()                         # model.* keys only this arch reads
     check: Callable[[Mapping], None] = _no_checks      # checks of its own keys (ValueError naming the key)
 
     def accepts(self, mixer: str) -> bool:
         return mixer in (self.mixers if self.mixers is not None else MIXERS)
+
+    def carries_state(self, mixer: str) -> bool:
+        """Whether ``model.mixer=mixer`` reads left to right with a state that continues across calls."""
+        return self.recurrent and self.accepts(mixer) and MIXERS[mixer].carries_state
 
     def length_key(self, keys: Mapping) -> Optional[str]:
         """The ``model.*`` key whose value the text length must be a multiple of: the mixer's
@@ -122,7 +127,7 @@ def _check_rwkv7(m: Mapping) -> None:
 
 
 RWKV7_ARCH = register_arch(Arch(
-    name="rwkv7", backbone=RWKV7, build=_build_rwkv7, make_mixer=_rwkv7_mixer, pretrained_head=True,
+    name="rwkv7", backbone=RWKV7, build=_build_rwkv7, make_mixer=_rwkv7_mixer, pretrained_head=True, recurrent=True,
     pretrained_key="rwkv_name", keys=("rwkv_name",), check=_check_rwkv7,
     loader="rwkv_diffusion_rnn.weights.pretrained_rwkv:load_rwkv7",
     from_shapes="rwkv_diffusion_rnn.weights.pretrained_rwkv:backbone_from_shapes"))

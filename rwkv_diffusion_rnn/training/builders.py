@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..diffusion.continuous_diffusion import GaussianDiffusion
 from ..diffusion.diffusion_process import MaskedDiffusion
+from ..diffusion.chunks import Carry, Chunking
 from ..diffusion.objective import AutoregressiveObjective, DiffusionObjective, ObjectiveConfig
 from ..data.sources import data_source, named_tokenizer
 from ..models.archs import arch_of
@@ -128,10 +129,18 @@ def objective_config(tr: DictConfig) -> ObjectiveConfig:
 
 def build_objective(cfg: DictConfig, text: MaskedDiffusion, latent: Optional[GaussianDiffusion]):
     """``training.objective``: ``diffusion`` (text + latent) or ``ar`` (next-token prediction)."""
+    chunking = chunking_of(cfg.model)
+    carry = Carry() if cfg.data.get("order") == "stream" else None
     if cfg.training.objective == "ar":
-        return AutoregressiveObjective()
+        return AutoregressiveObjective(chunking, carry)
     return DiffusionObjective(text, latent if cfg.model.latent_prefix_len else None,
-                              objective_config(cfg.training), sft=bool(cfg.text_noise.sft))
+                              objective_config(cfg.training), sft=bool(cfg.text_noise.sft), chunking=chunking,
+                              carry=carry)
+
+
+def chunking_of(m: DictConfig) -> Optional[Chunking]:
+    """``model.chunk_size`` / ``model.chunk_grad``: the training window read in chunks (or None)."""
+    return None if m.get("chunk_size") is None else Chunking(int(m.chunk_size), str(m.get("chunk_grad", "full")))
 
 
 # ---------------------------------------------------------------------------------------------- optimizer

@@ -95,6 +95,8 @@ def validate_config(cfg: DictConfig) -> None:
 
 def _check_choices(cfg: DictConfig) -> None:
     from ..data.sources import DATA_SOURCES
+    from ..diffusion.chunks import CHUNK_GRADS
+    from .likelihood import CONTEXTS
     from ..diffusion.continuous_diffusion import LATENT_SCHEDULES, TARGETS
     from ..diffusion.diffusion_process import LOSS_TYPES, NOISE_TYPES, SCHEDULES
     from ..diffusion.objective import OBJECTIVES
@@ -107,12 +109,16 @@ def _check_choices(cfg: DictConfig) -> None:
 
     for key, allowed in (("model.arch", tuple(ARCHS)), ("model.mixer", sorted(MIXERS)),
                          ("model.time_conditioning", TIME_CONDITIONINGS), ("model.latent_target", TARGETS),
-                         ("model.wkv_backend", BACKENDS), ("training.dtype", tuple(AUTOCAST_DTYPES)),
+                         ("model.wkv_backend", BACKENDS), ("model.chunk_grad", CHUNK_GRADS),
+                         ("eval.context", CONTEXTS), ("training.dtype", tuple(AUTOCAST_DTYPES)),
                          ("training.objective", OBJECTIVES), ("text_noise.schedule", sorted(SCHEDULES)),
                          ("text_noise.loss_type", LOSS_TYPES), ("text_noise.noise_type", NOISE_TYPES),
                          ("latent_noise.schedule", LATENT_SCHEDULES), ("optimizer.name", OPTIMIZERS),
                          ("optimizer.schedule", LR_SCHEDULES), ("data.kind", tuple(DATA_SOURCES))):
         _choice(cfg, key, allowed)
+    if "order" in cfg.data:
+        from ..data.corpus import ORDERS
+        _choice(cfg, "data.order", ORDERS)
     device = cfg.training.device
     if not (device in DEVICES or str(device).startswith("cuda:")):
         raise ConfigError(f"training.device={device!r} is not valid; choose one of {', '.join(DEVICES)} "
@@ -150,10 +156,11 @@ def value_tables() -> dict:
     from ..data.sources import OPTIONS as DATA
     from ..diffusion.continuous_diffusion import OPTIONS as LATENT_NOISE
     from ..diffusion.diffusion_process import OPTIONS as TEXT_NOISE
+    from ..diffusion.chunks import OPTIONS as CHUNKS
     from ..models.rwkv_denoiser import OPTIONS as MODEL
     from .optimizer import OPTIONS as OPTIMIZER
     return {"training": TRAINING_OPTIONS, "logging": LOGGING_OPTIONS, "eval": EVAL_OPTIONS, "optimizer": OPTIMIZER,
-            "text_noise": TEXT_NOISE, "latent_noise": LATENT_NOISE, "model": MODEL, "data": DATA}
+            "text_noise": TEXT_NOISE, "latent_noise": LATENT_NOISE, "model": {**MODEL, **CHUNKS}, "data": DATA}
 
 
 def _check_values(cfg: DictConfig) -> None:
@@ -230,12 +237,48 @@ def _check_across(cfg: DictConfig, arch, mixer, source) -> None:
             raise ConfigError(f"data.kind={d.kind} is scored by decoding its tasks, and {why}")
     if source.endless and not tr.max_steps:
         raise ConfigError(f"data.kind={d.kind} is an endless stream: set training.max_steps")
+    if m.get("chunk_size") is not None:
+        _check_chunks(m, arch)
+    if d.get("order") == "stream":
+        _check_stream(cfg, arch)
     if arch.accepts(m.mixer):
         multiple, key = arch.length_multiple(model_keys(m)), arch.length_key(model_keys(m))
         if key is not None and isinstance(multiple, int) and multiple > 0 and d.seq_len % multiple:
             raise ConfigError(f"model.{key}={multiple} does not divide data.seq_len={d.seq_len}: the model reads "
                               "the text in blocks of that size; choose a block size that divides the "
                               "sequence length")
+
+
+def _check_chunks(m: DictConfig, arch) -> None:
+    """``model.chunk_size``: a left-to-right mixer with a state, and chunks of whole blocks."""
+    from ..models.mixers import MIXERS
+    from .builders import model_keys
+    if not arch.carries_state(m.mixer):
+        stateful = " or ".join(n for n, c in MIXERS.items() if c.carries_state)
+        raise ConfigError(f"model.chunk_size={m.chunk_size}: model.mixer={m.mixer} with model.arch={m.arch} reads "
+                          f"the whole sequence at once, so no state carries one chunk into the next: use "
+                          f"model.arch=rwkv7 with model.mixer={stateful} (or leave model.chunk_size null)")
+    multiple, key = arch.length_multiple(model_keys(m)), arch.length_key(model_keys(m))
+    if key is not None and m.chunk_size % multiple:
+        raise ConfigError(f"model.chunk_size={m.chunk_size} is not a multiple of model.{key}={multiple}: each "
+                          f"chunk must end at a block border, where nothing flows back across; choose a "
+                          f"multiple of {multiple}")
+
+
+def _check_stream(cfg: DictConfig, arch) -> None:
+    """``data.order=stream``: a state to carry from step to step, for text alone, on one process."""
+    m = cfg.model
+    if not arch.carries_state(m.mixer):
+        raise ConfigError(f"data.order=stream carries the model's state from one step to the next, and model.mixer="
+                          f"{m.mixer} with model.arch={m.arch} keeps none: use model.arch=rwkv7 with model.mixer=causal "
+                          "or block_causal, or data.order=shuffled")
+    if m.latent_prefix_len:
+        raise ConfigError("data.order=stream reads the corpus as continuing text, which has no sentence latents: "
+                          "set model.latent_prefix_len=0")
+    if cfg.training.parallel in ("ddp", "fsdp"):
+        raise ConfigError(f"data.order=stream carries each row's state on the process that trained it; "
+                          f"training.parallel={cfg.training.parallel} is not supported with it: train on one process "
+                          "(training.parallel=none) or use data.order=shuffled")
 
 
 def _check_training(cfg: DictConfig) -> None:

@@ -144,6 +144,9 @@ class Trainer:
             raise ConfigError("training.unfreeze_backbone_at_epoch changes which weights train in the middle of "
                               "a run, which training.parallel=fsdp cannot follow; use training.parallel=ddp, or "
                               "set model.freeze_backbone=false from the start")
+        if mode != "none" and self.cfg.data.get("order") == "stream":   # training.parallel=auto under torchrun
+            raise ConfigError(f"data.order=stream carries each row's state on the process that trained it, which "
+                              f"training.parallel={mode} does not: train on one process or use data.order=shuffled")
 
     def _print(self, *args, **kwargs):
         if self.dist.main:
@@ -177,6 +180,9 @@ class Trainer:
     def save(self, name: str) -> Path:
         _, tensors = self.data.state()
         tensors = dict(tensors, noise_rng=self.noise_gen.get_state())
+        carry = getattr(self.objective, "carry", None)
+        if carry is not None:
+            tensors.update(carry.tensors())
         if self.dist.world > 1:             # every rank's own stream, in rank order
             tensors["rank_noise_rng"] = torch.stack(self.dist.gather(self.noise_gen.get_state()))
         ema = self.ema.module if self.ema else None
@@ -205,7 +211,8 @@ class Trainer:
                                          any_world_size=bool(self.cfg.training.resume_any_world_size))
         state = resume.restore(source, path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                ema=self.ema.module if self.ema else None, data=self.data,
-                               noise_gen=self.noise_gen, rank=self.dist.rank, world=self.dist.world)
+                               noise_gen=self.noise_gen, rank=self.dist.rank, world=self.dist.world,
+                               carry=getattr(self.objective, "carry", None))
         if state.get("backbone_trainable"):
             self.model.set_backbone_trainable(True)
         self.global_step = self.saved_step = int(state["global_step"])

@@ -7,6 +7,9 @@ autoregressive one its exact next-token NLL; both in nats per scored token. A te
 model is scored given each window's clean latent (``latent="clean"``) or the learned null
 latent (``latent="null"``: what the text costs without its latent).
 
+:func:`score_stream` reads a whole split as one stream, left to right in chunks with the model's
+state carried, so every token is scored with all the text before it as context.
+
 For the quality of generated samples, :func:`score_texts` gives the exact NLL of texts under an
 autoregressive scorer (generative perplexity) and :func:`unigram_entropy` the entropy of a
 sample's token histogram.
@@ -24,6 +27,7 @@ from ..diffusion.elbo import LikelihoodAccumulator, LikelihoodSummary, ar_nll, m
 from ..diffusion.objective import answer_positions, next_token_inputs
 
 LATENT_MODES = ("clean", "null")
+CONTEXTS = ("windows", "stream")     # eval.context
 
 
 def _chars(tokenizer, ids: torch.Tensor, valid: torch.Tensor) -> Optional[int]:
@@ -95,6 +99,68 @@ def score(model, batches: Iterable[dict], *, objective: str, schedule=None, mask
         acc.add(nats.cpu(), valid.sum(1), chars)
     if dist is not None and dist.world > 1:
         acc = LikelihoodAccumulator.combine(dist.gather(acc))
+    return acc.summary()
+
+
+@torch.no_grad()
+def score_stream(model, tokens, *, objective: str, chunk: int, schedule=None, mask_id: Optional[int] = None,
+                 vocab_size: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 mc_samples: int = 1, tokenizer=None, device: torch.device = torch.device("cpu"),
+                 autocast: Callable = nullcontext, progress: bool = False) -> LikelihoodSummary:
+    """The NLL (AR) or the bound (diffusion) of the 1-D ``tokens`` read as one stream: tokens
+    1 .. N-1 are scored, in chunks of ``chunk`` tokens, each chunk given everything before it
+    through the state a left-to-right mixer (``carries_state``) carries.
+
+    AR: the exact NLL of each token given all tokens before it (the sum the model's recurrence
+    gives token by token). Diffusion (``block_causal``): each chunk's masked-diffusion bound
+    (``mc_samples`` draws) given the clean text before it: the chunk is denoised from the state
+    of the clean earlier text, which the clean chunk then advances, read at time 0 (clean text);
+    a model trained with clean context (``reads_context``) reads the chunk's own earlier blocks
+    clean too, as in its training. The chunks' terms add up to a bound of the whole stream (the
+    chain rule over chunks). Text-only models (no latent prefix)."""
+    import numpy as np
+    net = getattr(model, "module", model)
+    if not net.mixer.carries_state:
+        raise ValueError("a stream is scored through the state a left-to-right mixer carries (model.mixer=causal "
+                         "or block_causal with model.arch=rwkv7)")
+    if net.config.latent_prefix_len:
+        raise ValueError("a stream is scored with text-only models (model.latent_prefix_len=0)")
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    N = int(ids.numel())
+    if N < 2:
+        raise ValueError(f"a stream of {N} token(s) has nothing to score")
+    shift = net.config.shift_logits
+    acc = LikelihoodAccumulator(exact=objective == "ar")
+    prior = prior_nats(schedule, vocab_size - 1) if objective != "ar" else 0.0
+    counting = tokenizer is not None
+    starts = range(1, N, chunk)
+    if progress:
+        from .events import progress as report
+        starts = report(starts, desc="evaluate (stream)", unit="chunks")
+    state = None
+    zero = torch.zeros(1, device=device)
+    for a in starts:
+        b = min(a + chunk, N)
+        target = ids[a:b].view(1, -1).to(device)
+        prev = ids[a - 1:a].to(device) if shift else None
+        if objective == "ar":
+            with autocast():
+                out = model(ids[a - 1:b - 1].view(1, -1).to(device), zero, state=state, return_state=True,
+                            pos_offset=a - 1)
+            nats, state = ar_nll(out.logits, target), out.state
+        else:
+            def denoise(xt, t):
+                with autocast():
+                    return model(xt, t, state=state, pos_offset=a - 1, prev_ids=prev,
+                                 context_ids=target if net.mixer.reads_context else None).logits
+
+            nats = masked_nelbo(denoise, target, schedule, mask_id, generator, mc_samples=mc_samples)
+            nats = nats + prior * (b - a)
+            with autocast():
+                state = model(target, zero, state=state, return_state=True, pos_offset=a - 1, prev_ids=prev).state
+        chars = _chars(tokenizer, target.cpu(), torch.ones_like(target, dtype=torch.bool).cpu()) if counting else None
+        counting = counting and chars is not None
+        acc.add(nats.cpu(), torch.tensor([b - a]), chars)
     return acc.summary()
 
 

@@ -193,9 +193,10 @@ _NOT_SETTINGS = {"training.resume", "training.init_from", "training.stop_at_step
 
 
 def restore(resume: str, path: Path, *, model, optimizer, scheduler, ema, data, noise_gen,
-            rank: int, world: int) -> Dict[str, Any]:
+            rank: int, world: int, carry=None) -> Dict[str, Any]:
     """Loads the checkpoint at ``path`` (``training.resume=resume``) into the run's parts: the
-    weights, optimizer, schedule, EMA, data position and this rank's noise stream. Returns the
+    weights, optimizer, schedule, EMA, data position, this rank's noise stream and the state a
+    streamed run carries into its next step (``carry``). Returns the
     saved trainer state (step, log accumulators, metrics...) for the trainer to take back.
 
     The optimizer's state (moments, step counts) and the schedule's position come back; its
@@ -219,5 +220,7 @@ def restore(resume: str, path: Path, *, model, optimizer, scheduler, ema, data, 
     same_world = int(state.get("world_size", 1)) == world
     # clone: set_state reads a row of the stacked states from its storage's start
     noise_gen.set_state(per_rank[rank].clone() if per_rank is not None and same_world else tensors["noise_rng"])
+    if carry is not None:
+        carry.load(tensors)
     return state
 

@@ -92,10 +92,7 @@ class BlockCausalMixer(TwoWay):
     def forward(self, blocks, x, mods=None, state=None, return_state=False, prefix_len=0, context=None):
         mods = layer_mods(mods, len(blocks))
         if context is not None:
-            if state is not None or return_state:
-                raise ValueError("a clean context is read in training and scoring, where the whole sequence is "
-                                 "given; a call that continues or returns a state reads its input only")
-            return self._with_context(blocks, x, context, mods, prefix_len), None
+            return self._with_context(blocks, x, context, mods, prefix_len, state, return_state)
         back = blocks if self.share else self.backward_blocks
         segs = self._segments(x.shape[1], prefix_len)
         vf_f, vf_b = None, [None] * len(segs)
@@ -108,20 +105,30 @@ class BlockCausalMixer(TwoWay):
             new_state.append(st)
         return x, (new_state if return_state else None)
 
-    def _with_context(self, blocks, x, context, mods, prefix_len):
+    def _with_context(self, blocks, x, context, mods, prefix_len, state=None, return_state=False):
         """Every block of ``x`` read forward from the state that ``context`` (the clean sequence,
-        the same shape) leaves at the block's start; ``context`` itself is read as without one."""
+        the same shape) leaves at the block's start; ``context`` itself is read as without one.
+        ``state`` / ``return_state``: the clean stream's state before / after the call (a long
+        sequence read in chunks carries the clean text's state, as decoding does)."""
         B, T, C = x.shape
         back = blocks if self.share else self.backward_blocks
         segs = self._segments(T, prefix_len)
         L = self.block_size
         vf_c = vf_x = None
         vf_cb, vf_xb = [None] * len(segs), [None] * len(segs)
+        new_state = []
         for i, block in enumerate(blocks):
             mod = mods[i]
             # the clean stream in one pass, with the states before each text block (prefix_len,
             # prefix_len + block_size, ...; the prefix block starts from the zero state)
-            y_cf, vf_c, inits = self.run(run_block, block, context, vf_c, mod, state_starts=(prefix_len, L))
+            y_cf, vf_c, inits = self.run(run_block, block, context, vf_c, mod,
+                                         None if state is None else state[i], state_starts=(prefix_len, L))
+            if return_state:     # the last block read once more from its start, to the state after it
+                last = segs[-1][0] + segs[-1][1] * (segs[-1][2] - 1)
+                first = LayerState(*(f[-1] for f in inits)) if last >= prefix_len else \
+                    (None if state is None else state[i])
+                _, _, end = self.run(run_block, block, context[:, last:], vf_c[:, last:], mod, first, True)
+                new_state.append(end)
             # the noisy blocks, all blocks of one size at once, each from its clean start state
             ys, vfs, k = [], [], 0
             for start, length, n in segs:
@@ -139,4 +146,4 @@ class BlockCausalMixer(TwoWay):
             y_xb, vf_xb = self._backward(back[i], x, mod, vf_xb, segs)
             context = self._fuse(i, context, y_cf, y_cb)
             x = self._fuse(i, x, torch.cat(ys, 1), y_xb)
-        return x
+        return x, (new_state if return_state else None)
