@@ -122,6 +122,8 @@ def main(argv=None) -> None:
     data = {k: data_dir / f"{k}.jsonl" for k in ("train", "heldout")}
     if not all(path.is_file() for path in data.values()):
         data = write_sets(data_dir)
+    if any("{qwen3}" in a for name in args.runs for a in RUNS[name][0]):
+        qwen3_init(Path(args.out))          # once, before the threads (transformers' imports are not thread-safe)
     with ThreadPoolExecutor(args.jobs) as pool:
         saves = dict(zip(args.runs, pool.map(lambda name: train(args, name, data), args.runs)))
     rows = {}
