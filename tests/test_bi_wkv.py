@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rwkv_diffusion_rnn.common.errors import ConfigError
 from rwkv_diffusion_rnn.train_rwkv import compose_config
