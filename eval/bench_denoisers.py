@@ -11,6 +11,8 @@ One denoiser per row, random weights, text only (no latent prefix), FiLM time co
 
 * ``rwkv7_bi``: RWKV-7 blocks read both ways (``model.mixer=bi``, shared weights, sum fusion),
   WKV through ``--backend`` (``auto``: fla's chunked kernels on CUDA, the chunked torch path on CPU);
+* ``rwkv7_bi_wkv``: the same blocks, each run once with its WKV recurrence run both ways inside
+  (``model.mixer=bi_wkv``, left token shift, per-channel gate);
 * ``transformer``: the bidirectional transformer (``model.arch=transformer``: rotary positions,
   ``scaled_dot_product_attention`` without a mask);
 * ``hybrid``: RWKV-7 read both ways at layers 0 and 2, attention at 1 and 3 (``model.arch=hybrid
@@ -44,7 +46,8 @@ import sys
 import time
 from pathlib import Path
 
-ARCHS = {"rwkv7_bi": dict(arch="rwkv7", mixer="bi"), "transformer": dict(arch="transformer", mixer="bi"),
+ARCHS = {"rwkv7_bi": dict(arch="rwkv7", mixer="bi"), "rwkv7_bi_wkv": dict(arch="rwkv7", mixer="bi_wkv"),
+         "transformer": dict(arch="transformer", mixer="bi"),
          "hybrid": dict(arch="hybrid", mixer="bi"), "qwen3": dict(arch="qwen3", mixer="bi")}
 
 

@@ -3,6 +3,8 @@
     python eval/bench_generate.py                                    # the full table
     python eval/bench_generate.py --lengths 256 --steps 8            # a quick probe
     python eval/bench_generate.py --mixers block_causal --lengths 1024 --repeats 3
+    python eval/bench_generate.py --trade --diffusion eval/out/lm_table/block_causal_tnone_1x \
+        --ar eval/out/lm_table/ar_1x                                 # speed against quality
 
 One denoiser per mixer at the preset's sizes (4 layers, width 128, heads of 32, 65 characters +
 eos + mask = 67 ids, mask id 66, no latent, FiLM text-time conditioning, ``bi_fusion=sum``),
@@ -20,8 +22,8 @@ denoising steps (64), temperature 1, ``low_confidence`` remasking, and
   runs the whole canvas, so the cost per step is that of ``bi``;
 * ``block_causal`` (``model.block_size = --block``, decoding blocks of ``--block``, so the two
   coincide): with the state cache (``use_cache=True``: committed blocks are carried as the
-  forward-scan state, a step runs only the current block, and each finished block is run once
-  more to fold it into the state) and recomputing the full canvas every step (``use_cache=False``);
+  forward-scan state, a step runs only the current block, and the first step of a block also
+  folds the block before it into the state, in the same model call) and recomputing the full canvas every step (``use_cache=False``);
 * the same ``block_causal`` model built with ``time_conditioning="none"``, cached and recomputed:
   for such a model the cache is exact (see "State caching" in ``sampling.py``), so the two must
   give identical tokens from the same generator seed; the script asserts it (after writing its
@@ -36,9 +38,31 @@ Timing: ``torch.set_num_threads(--threads)`` (default 1), one short warm-up call
 the whole sampler call, the minimum reported (the samplers run under ``torch.inference_mode``).
 ``ms/step`` is that time divided by the denoising steps actually run (the model calls without
 ``return_state``, counted by a forward hook: ``--steps`` unless a block gets fewer steps than
-positions allow, e.g. more blocks than steps gives each block one step); for the cached path it
-includes the calls that fold finished blocks into the state. ``tok/s`` is ``batch x length`` over
+positions allow, e.g. more blocks than steps gives each block one step); for the cached path
+``state folds`` counts the steps that also folded a finished block into the state. ``tok/s`` is ``batch x length`` over
 the wall time of the whole sample. The ratio is recompute time / cached time at each length.
+
+Speed against quality (``--trade``)
+----------------------------------
+Trained checkpoints instead of random weights: ``--diffusion`` a model whose mixer carries a
+state cache (``block_causal``; its ``model.block_size`` is the decoding block), ``--ar`` an AR
+run (``training.objective=ar``), which both writes the AR reference samples and scores every
+sample (``evaluate``'s sample mode: gen. perplexity under it and the unigram entropy of the
+samples). ``--num-samples`` samples of ``--trade-length`` tokens per setting, in batches of
+``--batch``, temperature 1, ``low_confidence`` remasking, with the cache, for
+
+* ``--steps-per-block k``: k denoising steps per block (``steps = k x blocks``; k = block size is
+  one token per step, the quality reference of each row);
+* ``--thresholds c``: confidence-threshold decoding (``threshold=c``, no step budget: every
+  position whose proposal's confidence is at least c, and at least one per step);
+* the AR model, token by token through its state (``generate_autoregressive``).
+
+Per setting: tokens/s (all samples' tokens / the sampler's wall time, scoring excluded), model
+calls per batch (a forward hook), tokens per call, gen. perplexity, entropy, the speed relative to
+AR and the gen. perplexity relative to the one-token-per-step row. Writes ``--out`` (default
+``eval/out/decoding_trade.md``), the same path with ``.json``, the samples in the folder of that
+name and the plot ``--plot`` (default ``eval/decoding_trade.png``): gen. perplexity against
+tokens/s, AR a point.
 
 Cells run shortest length first and print one line each as they finish; the markdown table goes
 to stdout and ``--out`` (default ``eval/out/bench_generate.md``), all numbers, the torch version,
@@ -113,7 +137,9 @@ def build(mixer: str, time_conditioning: str, block: int, seed: int = 0):
 
 
 class CallCounter:
-    """Counts the model's calls, split by whether they return the state (cache folds, AR steps)."""
+    """Counts the model's calls: ``steps`` those that give logits to decode from, ``folds`` those that
+    move the state cache forward (a call of its own with ``return_state``, AR steps; or a step that
+    also folds, ``state_at``)."""
 
     def __init__(self, model):
         self.steps = self.folds = 0
@@ -124,6 +150,7 @@ class CallCounter:
             self.folds += 1
         else:
             self.steps += 1
+            self.folds += kwargs.get("state_at") is not None
 
     def reset(self):
         self.steps = self.folds = 0
@@ -223,6 +250,128 @@ def cache_rows(result: dict, tokens: dict, lengths):
     return rows
 
 
+# --------------------------------------------------------------------------------------------------- trade
+
+
+def trade(args) -> dict:
+    """Speed against quality of cached block decoding and of AR decoding (see "Speed against
+    quality" above)."""
+    from rwkv_diffusion_rnn.diffusion.sampling import cache_unit
+    from rwkv_diffusion_rnn.evaluate import evaluate_samples
+    from rwkv_diffusion_rnn.training.trained import load_trained
+    diff, ar = load_trained(args.diffusion, device="cpu"), load_trained(args.ar, device="cpu")
+    block = cache_unit(diff.model)
+    if block is None or diff.model.mixer.autoregressive:
+        raise SystemExit(f"--diffusion {args.diffusion}: model.mixer={diff.cfg.model.mixer} is no cached block "
+                         "model; the trade is measured on one (model.mixer=block_causal)")
+    L = args.trade_length
+    n_blocks = -(-L // block)
+    settings = [("steps", k) for k in sorted(set(args.steps_per_block)) if 1 <= k <= block]
+    settings += [("threshold", c) for c in args.thresholds] + [("ar", None)]
+    samples_dir = args.out.with_suffix("")
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    eos = getattr(ar.tokenizer, "eos_id", None)
+    rows = []
+    for kind, value in settings:
+        trained = ar if kind == "ar" else diff
+        model, tok = trained.model, trained.tokenizer
+        counter = CallCounter(model)
+        records, wall, n_batches = [], 0.0, 0
+        try:
+            for first in range(0, args.num_samples, args.batch):
+                b = min(args.batch, args.num_samples - first)
+                g = torch.Generator().manual_seed(args.seed + first)
+                t0 = time.perf_counter()
+                if kind == "ar":
+                    out = generate_autoregressive(model, bos_id=eos if eos is not None else model.config.mask_id,
+                                                  length=L, batch_size=b, temperature=1.0, generator=g)
+                else:
+                    out = generate_text(model, length=L, batch_size=b, block_length=block, use_cache=True,
+                                        steps=value * n_blocks if kind == "steps" else None,
+                                        threshold=value if kind == "threshold" else None,
+                                        remasking="low_confidence", temperature=1.0, generator=g)
+                wall += time.perf_counter() - t0
+                n_batches += 1
+                for i, ids in enumerate(out.tolist()):
+                    records.append({"index": first + i, "text": tok.decode(ids), "token_ids": ids})
+        finally:
+            counter.handle.remove()
+        name = "ar" if kind == "ar" else f"{kind}_{value:g}"
+        path = samples_dir / f"{name}_L{L}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        score = evaluate_samples(path, args.ar, out=str(path.with_suffix(".eval.json")), batch_size=16,
+                                 progress=False)
+        # model calls: AR, one state-returning call per token; diffusion, the steps (folds ride along)
+        calls = (counter.folds if kind == "ar" else counter.steps) / n_batches
+        label = "AR, token by token" if kind == "ar" else (f"{value} steps/block" if kind == "steps"
+                                                           else f"threshold {value}")
+        row = {"setting": kind, "value": value, "label": label, "length": L, "samples": len(records),
+               "wall_s": wall, "tokens_per_s": len(records) * L / wall, "calls_per_batch": calls,
+               "tokens_per_call": L / calls, "gen_ppl": score["gen_ppl"], "entropy": score["entropy"],
+               "samples_file": str(path)}
+        rows.append(row)
+        print(f"{label:<24} {row['tokens_per_s']:9.1f} tok/s  {calls:7.1f} calls  "
+              f"gen_ppl {row['gen_ppl']:.3f}  entropy {row['entropy']:.3f}", flush=True)
+    ar_row = rows[-1]
+    ref = next((r for r in rows if r["setting"] == "steps" and r["value"] == block), None)
+    for r in rows:
+        r["speed_vs_ar"] = r["tokens_per_s"] / ar_row["tokens_per_s"]
+        r["gen_ppl_vs_one_per_step"] = None if ref is None else r["gen_ppl"] / ref["gen_ppl"]
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
+              "diffusion": str(diff.path), "ar": str(ar.path), "block": block, "length": L,
+              "num_samples": args.num_samples, "batch": args.batch, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render_trade(result))
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_trade(result, args.plot)
+    print()
+    print(render_trade(result), end="")
+    print(f"wrote {args.out}, {args.out.with_suffix('.json')} and {args.plot}")
+    return result
+
+
+def render_trade(result: dict) -> str:
+    lines = [f"# Cached block decoding against AR: {result['length']} tokens, {result['num_samples']} samples "
+             f"in batches of {result['batch']}", "",
+             f"Diffusion `{result['diffusion']}` (blocks of {result['block']}, state cache), AR and scorer "
+             f"`{result['ar']}`; temperature 1, low_confidence remasking; torch {result['torch']}, "
+             f"{result['threads']} thread(s), {result['cpu']}. x one-per-step: gen. PPL over the "
+             f"{result['block']} steps/block row's.", "",
+             "| decoding | tok/s | x AR | calls/batch | tokens/call | gen. PPL | x one-per-step | entropy |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        rel = r["gen_ppl_vs_one_per_step"]
+        lines.append(f"| {r['label']} | {fmt(r['tokens_per_s'])} | {r['speed_vs_ar']:.2f} | "
+                     f"{fmt(r['calls_per_batch'])} | {r['tokens_per_call']:.2f} | {r['gen_ppl']:.3f} | "
+                     f"{'-' if rel is None else f'{rel:.2f}'} | {r['entropy']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_trade(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for kind, style, label in (("steps", "o-", "steps per block"), ("threshold", "s-", "confidence threshold")):
+        rows = sorted((r for r in result["rows"] if r["setting"] == kind), key=lambda r: r["tokens_per_s"])
+        if rows:
+            ax.plot([r["tokens_per_s"] for r in rows], [r["gen_ppl"] for r in rows], style, label=label)
+            for r in rows:
+                ax.annotate(f"{r['value']:g}", (r["tokens_per_s"], r["gen_ppl"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+    ar = next(r for r in result["rows"] if r["setting"] == "ar")
+    ax.plot([ar["tokens_per_s"]], [ar["gen_ppl"]], "*", markersize=14, color="k", label="AR")
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens / s")
+    ax.set_ylabel("gen. perplexity (AR scorer)")
+    ax.set_title(f"Cached block decoding vs AR, {result['length']} tokens")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
@@ -236,17 +385,35 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=1, help="calls per cell; the minimum is reported")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=ROOT / "eval" / "out" / "bench_generate.md")
-    return ap.parse_args(argv)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="the table (default eval/out/bench_generate.md; --trade: eval/out/decoding_trade.md)")
+    tr = ap.add_argument_group("--trade: speed against quality of trained checkpoints")
+    tr.add_argument("--trade", action="store_true")
+    tr.add_argument("--diffusion", type=Path, help="a cached block model's run or checkpoint")
+    tr.add_argument("--ar", type=Path, help="an AR run or checkpoint: the AR reference and the scorer")
+    tr.add_argument("--trade-length", type=int, default=256, help="tokens per sample")
+    tr.add_argument("--num-samples", type=int, default=32)
+    tr.add_argument("--steps-per-block", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                    help="kept where <= the block size")
+    tr.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95])
+    tr.add_argument("--plot", type=Path, default=ROOT / "eval" / "decoding_trade.png")
+    a = ap.parse_args(argv)
+    if a.trade and (a.diffusion is None or a.ar is None):
+        ap.error("--trade needs --diffusion <cached block model> and --ar <AR run>")
+    if a.out is None:
+        a.out = ROOT / "eval" / "out" / ("decoding_trade.md" if a.trade else "bench_generate.md")
+    return a
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.trade:
+        return trade(args)
     lengths = sorted(set(args.lengths))
     names = [n for n in CASES if CASES[n][0] in args.mixers]
     result = {"torch": torch.__version__, "python": sys.version.split()[0], "threads": torch.get_num_threads(),
-              "cpu": cpu_model(), "args": {**vars(args), "out": str(args.out), "lengths": lengths},
+              "cpu": cpu_model(), "args": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "lengths": lengths},
               "model": {"n_layer": N_LAYER, "n_embd": N_EMBD, "head_size": HEAD_SIZE, "vocab_size": VOCAB,
                         "mask_id": MASK, "latent_prefix_len": 0, "bi_fusion": "sum",
                         "weights": "random (init + N(0, 0.1^2))"},

@@ -44,6 +44,10 @@ MODELS = {
     "bi_sum_sep": ["model.mixer=bi", "model.bi_fusion=sum", "model.bi_share_weights=false"],
     "bi_concat": ["model.mixer=bi", "model.bi_fusion=concat"],
     "bi_gated": ["model.mixer=bi", "model.bi_fusion=gated"],
+    # one block per layer, its WKV recurrence run both ways inside (pretrained left token shift; the
+    # mean-of-neighbours shift as a second row, the choice the table measures)
+    "bi_wkv": ["model.mixer=bi_wkv", "model.bi_wkv_shift=left"],
+    "bi_wkv_mean": ["model.mixer=bi_wkv", "model.bi_wkv_shift=mean"],
     "dw_jrt": ["model.mixer=dw_jrt"],
     "block_causal": ["model.mixer=block_causal", "model.block_size=16"],
     # no time conditioning: the sampler's state cache is then exact (sampling.py, "State caching")

@@ -71,7 +71,7 @@ def influence(model, j, T=16):
     return set(torch.nonzero((a - b).abs().amax(dim=(0, 2)) > 1e-7).flatten().tolist())
 
 
-@pytest.mark.parametrize("mixer", ["causal", "bi", "dw_jrt", "block_causal"])
+@pytest.mark.parametrize("mixer", ["causal", "bi", "bi_wkv", "dw_jrt", "block_causal"])
 def test_what_a_position_sees(mixer):
     changed = influence(tiny(mixer), j=10)
     left = {i for i in changed if i < 10}
@@ -153,7 +153,7 @@ def test_causal_state_equals_recomputing():
     assert torch.allclose(torch.cat([a.logits, b.logits], 1), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("mixer", ["bi", "dw_jrt"])
+@pytest.mark.parametrize("mixer", ["bi", "bi_wkv", "dw_jrt"])
 def test_mixers_without_time_state_refuse_a_cache(mixer):
     model = tiny(mixer)
     ids, t, z, s = inputs()
@@ -161,7 +161,7 @@ def test_mixers_without_time_state_refuse_a_cache(mixer):
         model(ids, t, z, s, return_state=True)
 
 
-CASES = list(itertools.product(["causal", "bi", "dw_jrt", "block_causal"], ["film", "adaln_zero"],
+CASES = list(itertools.product(["causal", "bi", "bi_wkv", "dw_jrt", "block_causal"], ["film", "adaln_zero"],
                                ["eps", "x0", "v"]))
 
 

@@ -239,7 +239,7 @@ def test_a_data_source_is_refused_by_its_own_check_and_its_traits(tmp_path, toy_
 # ---------------------------------------------------------------------------------------------- no names compared
 
 
-NAMES = {"mixer": ["causal", "bi", "dw_jrt", "block_causal"], "arch": ["rwkv7", "transformer", "hybrid", "qwen3"],
+NAMES = {"mixer": ["causal", "bi", "bi_wkv", "dw_jrt", "block_causal"], "arch": ["rwkv7", "transformer", "hybrid", "qwen3"],
          "kind": ["text_latent", "synthetic", "text", "sft"]}
 
 

@@ -67,6 +67,7 @@ def check_history(history, start, every_row=True):
     ("bi", "random", 1.0, 5, None),
     ("block_causal", "random_topk", 0.8, None, 0.9),
     ("dw_jrt", "low_confidence", 1.0, None, 0.5),
+    ("bi_wkv", "low_confidence", 1.0, None, None),
 ])
 def test_committed_and_prompt_tokens_never_change(mixer, remasking, temperature, top_k, top_p):
     model = tiny(mixer)

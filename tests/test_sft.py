@@ -223,7 +223,7 @@ def test_instruction_sets_have_checkable_answers_and_held_out_prompts_unseen_in_
             assert a.lower() in operands and a.isupper()
 
 
-@pytest.mark.parametrize("model", [["model.mixer=causal"], ["model.mixer=dw_jrt"], ["model.mixer=block_causal",
+@pytest.mark.parametrize("model", [["model.mixer=causal"], ["model.mixer=dw_jrt"], ["model.mixer=bi_wkv"], ["model.mixer=block_causal",
                                    "model.block_size=8"], ["model.arch=transformer"], ["model.arch=hybrid", "model.n_layer=2"],
                                    ["model.arch=qwen3", "model.block_attention=true", "model.block_size=8"],
                                    ["model.shift_logits=true"], ["model.mixer=block_causal", "model.block_size=8",

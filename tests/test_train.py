@@ -98,7 +98,8 @@ def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(tmp_pa
 
 
 @pytest.mark.parametrize("mixer,backend", [("causal", "torch"), ("bi", "torch"), ("dw_jrt", "torch"),
-                                           ("block_causal", "torch"), ("bi", "recurrent")])
+                                           ("block_causal", "torch"), ("bi", "recurrent"),
+                                           ("bi_wkv", "torch")])
 def test_bf16_autocast_trains_five_steps_on_cpu(tmp_path, mixer, backend):
     common = ["experiment=struct", *TINY, f"model.mixer={mixer}", f"model.wkv_backend={backend}",
               "training.train_batch_size=4", "training.max_steps=5", "logging.log_freq=1",

@@ -58,17 +58,20 @@ State caching (``use_cache``)
 A mixer whose :meth:`~rwkv_diffusion_rnn.models.mixers.base.Mixer.cache_unit` is a number U
 (``block_causal``: its ``block_size``; ``causal``: 1) lets nothing flow right to left across its
 blocks of U tokens, so positions before the current decoding block only matter through the
-forward-scan state. With ``use_cache=True`` that state is carried: after a decoding block is
-complete, the tokens up to the last model-block boundary inside it are run once more with
-``return_state=True`` (the latent prefix goes in with the first such call), and every later step
-feeds only the tokens from that boundary to the end of the model block holding the decoding
-block's last position. Other mixers (no cache unit) read the whole sequence each step and ignore
-``use_cache``.
+forward-scan state. With ``use_cache=True`` that state is carried: a step feeds only the tokens
+from the cache's boundary to the end of the model block holding the decoding block's last
+position. Once a decoding block is complete, its tokens up to the last model-block boundary are
+folded into the state (the latent prefix goes in with the first fold): for a mixer with the
+``folds_state`` trait (``causal``, ``block_causal``) by the next block's first step itself, which
+feeds the finished block and the next one and takes back the state at the boundary between them
+(fold-and-step: one model call per step, none for folding); for other mixers by one more call on
+the finished block with ``return_state=True``. Other mixers (no cache unit) read the whole
+sequence each step and ignore ``use_cache``.
 
 For a model that is not conditioned on the text time (``time_conditioning="none"``) the cached
 path gives the same logits as running the full canvas every step. A time-conditioned model
-encodes the committed tokens in the cache with the ``t`` of the step that completed their block,
-where the uncached path re-encodes them with the current ``t``; the two then differ slightly
+encodes the committed tokens in the cache with the ``t`` of the call that folds them (the next
+block's first step, or the step that completed their block), where the uncached path re-encodes them with the current ``t``; the two then differ slightly
 (the committed context is the same text, seen at a slightly noisier time).
 
 Batches
@@ -226,7 +229,7 @@ class _TextDenoiser:
         return ids.masked_fill(pos[None, :] < self.prompt_lengths[:, None], self.mask_id)
 
     def __call__(self, ids: torch.Tensor, t: torch.Tensor, state=None, return_state: bool = False,
-                 pos_offset: int = 0, prev_ids: Optional[torch.Tensor] = None):
+                 pos_offset: int = 0, prev_ids: Optional[torch.Tensor] = None, state_at: Optional[int] = None):
         all_ids, all_prev = [ids], [prev_ids]
         for kind, _ in self.passes:
             if kind == "prompt":
@@ -240,7 +243,8 @@ class _TextDenoiser:
         out = self.model(torch.cat(all_ids), torch.cat([t] * n), latent=self.latent_in, s=self.s,
                          latent_drop=self.drop, state=state, return_state=return_state, pos_offset=pos_offset,
                          prev_ids=None if prev_ids is None else torch.cat(all_prev),
-                         prompt_lengths=None if self.prompt_lengths is None else torch.cat([self.prompt_lengths] * n))
+                         prompt_lengths=None if self.prompt_lengths is None else torch.cat([self.prompt_lengths] * n),
+                         **({} if state_at is None else {"state_at": state_at}))
         logits = out.logits.float()
         if self.passes:
             parts = logits.chunk(n)
@@ -276,7 +280,13 @@ class _StateCache:
     With ``shift_logits`` position i reads token i - 1, so a call from ``pos`` passes the token
     before it (``x[:, pos - 1]``) as ``prev_ids``. Committed text longer than ``chunk`` tokens
     (a long prompt) is folded into the state a chunk at a time before a block is decoded, so it
-    costs the memory of one chunk."""
+    costs the memory of one chunk.
+
+    Fold-and-step: for a mixer that folds its state (the ``folds_state`` trait), the committed
+    blocks between ``pos`` and the block being decoded are folded into the state by the same
+    call that computes that block's logits (the mixer returns the state at that interior
+    boundary); otherwise a finished block is folded by a call of its own (:meth:`advance`).
+    ``calls`` counts the model calls."""
 
     def __init__(self, fn: _TextDenoiser, granularity: int, chunk: Optional[int] = None):
         self.fn = fn
@@ -285,25 +295,43 @@ class _StateCache:
         self.pos = 0
         self.state = None
         self.shift = fn.model.config.shift_logits
+        self.folds = fn.model.mixer.folds_state
+        self.calls = 0
 
     def _prev(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         return x[:, self.pos - 1] if self.shift and self.pos > 0 else None
 
     def logits(self, x: torch.Tensor, a: int, b: int, t: torch.Tensor) -> torch.Tensor:
-        """Logits of positions [a, b), feeding x[pos : end of b's model block]."""
+        """Logits of positions [a, b), feeding x[pos : end of b's model block] (and, folding, moving
+        ``pos`` to the last model-block boundary <= a)."""
         while (a // self.g) * self.g - self.pos > self.chunk:
             self.advance(x, self.pos + self.chunk, t)
         end = min(-(-b // self.g) * self.g, x.shape[1])
-        logits, _ = self.fn(x[:, self.pos:end], t, state=self.state, pos_offset=self.pos, prev_ids=self._prev(x))
-        return logits[:, a - self.pos:b - self.pos]
+        new = (a // self.g) * self.g
+        start = self.pos
+        self.calls += 1
+        if self.folds and new > start:
+            logits, self.state = self.fn(x[:, start:end], t, state=self.state, pos_offset=start,
+                                         prev_ids=self._prev(x), state_at=new - start)
+            self.pos = new
+        else:
+            logits, _ = self.fn(x[:, start:end], t, state=self.state, pos_offset=start, prev_ids=self._prev(x))
+        return logits[:, a - start:b - start]
 
     def advance(self, x: torch.Tensor, b: int, t: torch.Tensor) -> None:
         """Fold the committed text up to the last model-block boundary <= b into the state."""
         new = (b // self.g) * self.g
         if new > self.pos:
+            self.calls += 1
             _, self.state = self.fn(x[:, self.pos:new], t, state=self.state, return_state=True,
                                     pos_offset=self.pos, prev_ids=self._prev(x))
             self.pos = new
+
+    def block_done(self, x: torch.Tensor, b: int, t: torch.Tensor) -> None:
+        """A decoding block ending at ``b`` is complete: fold it now, unless the next block's first
+        call will (fold-and-step)."""
+        if not self.folds and b < x.shape[1]:
+            self.advance(x, b, t)
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,8 +570,8 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
                 step += 1
                 if history is not None:
                     history.append(x.clone())
-            if cache is not None and b < T:
-                cache.advance(x, b, (x == mask_id).float().mean(1))
+            if cache is not None:
+                cache.block_done(x, b, (x == mask_id).float().mean(1))
 
     return (x.clone(), history) if return_history else x.clone()
 

@@ -8,8 +8,8 @@ The other layers are an ordinary RWKV-7 of that many blocks, numbered among them
 RWKV block defines ``v_first`` and holds the embedding norm ``ln0`` wherever the attention blocks
 sit, and BlinkDL's depth-dependent initialisation runs over the RWKV blocks alone.
 
-The ``bi`` mixer reads each RWKV layer both ways and fuses, and runs each attention block once
-(it already sees both sides). At equal width an attention block (12 C^2 weights with a 4x MLP)
+The ``bi`` mixer reads each RWKV layer both ways and fuses (``bi_wkv``: one block with its
+recurrence run both ways), and runs each attention block once (it already sees both sides). At equal width an attention block (12 C^2 weights with a 4x MLP)
 has about the parameters of an RWKV-7 block (8 C^2 in its channel mix, 4 C^2 in its time mix,
 plus LoRAs), so a hybrid and an RWKV-7 of the same ``n_layer`` are of about equal size.
 """
@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 from .archs import Arch, check_sizes, register_arch
+from .mixers import build_mixer, mixer_options
 from .mixers.base import MIXERS, Fusion, Mixer, layer_mods, run_block
-from .mixers.bi import BiMixer
 from .rwkv7 import RWKV7, RWKV7Config
 from .transformer import TransformerBlock, TransformerConfig, init_gpt2, rotary, run_attention_block
 DEFAULT_ATTN_EVERY = 2      # neither model.attn_layers nor model.attn_every: every second layer
@@ -110,19 +110,25 @@ class Hybrid(nn.Module):
 
 
 class HybridMixer(Mixer):
-    """Runs a hybrid stack over [latent prefix | text]: each RWKV-7 layer read both ways and fused
-    (:class:`~rwkv_diffusion_rnn.models.mixers.bi.BiMixer` over the RWKV blocks alone, so its
-    fusions and any separate backward weights exist only for them), each attention block once with
-    rotary positions 0..L-1 and no mask. Keeps no recurrent state."""
+    """Runs a hybrid stack over [latent prefix | text]: each RWKV-7 layer read both ways (the
+    two-way mixer ``mixer``, :class:`~rwkv_diffusion_rnn.models.mixers.bi.BiMixer` or
+    :class:`~rwkv_diffusion_rnn.models.mixers.bi_wkv.BiWKVMixer`, over the RWKV blocks alone, so
+    its fusions, gates and any separate backward weights exist only for them; ``options``: its
+    options), each attention block once with rotary positions 0..L-1 and no mask. Keeps no
+    recurrent state."""
 
     def __init__(self, blocks, n_embd: int, n_head: int, rope_base: float = 10000.0,
-                 bi_fusion: str = "sum", bi_share_weights: bool = True, causal: bool = False):
+                 bi_fusion: str = "sum", bi_share_weights: bool = True, causal: bool = False,
+                 mixer: str = "bi", options: Optional[dict] = None):
         super().__init__()
         self.head_dim, self.rope_base = n_embd // n_head, rope_base
         self.autoregressive = causal       # the AR baseline: RWKV left to right, causal attention
         if not causal:
-            rwkv = [b for b in blocks if not is_attention(b)]
-            self.bi = BiMixer(nn.ModuleList(rwkv), n_embd, bi_fusion, bi_share_weights)
+            rwkv = nn.ModuleList(b for b in blocks if not is_attention(b))
+            options = dict(options if options is not None else
+                           {"bi_fusion": bi_fusion, "bi_share_weights": bi_share_weights})
+            options.setdefault("n_embd", n_embd)
+            self.bi = build_mixer(mixer, rwkv, **options)
 
     def forward(self, blocks, x, mods=None, state=None, return_state=False, prefix_len=0):
         if state is not None or return_state:
@@ -157,12 +163,19 @@ def _build(m, load=None) -> Hybrid:
 
 def _mixer(backbone: Hybrid, cfg) -> HybridMixer:
     c = backbone.config
+    causal = MIXERS[cfg.mixer].autoregressive
+    options = None
+    if not causal:
+        sizes = {"n_embd": c.n_embd, "n_head": c.n_head}
+        options = {k: sizes[k] if k in sizes else cfg.mixer_option(k) for k in mixer_options(cfg.mixer)}
+        if "bi_anneal_steps" in options:
+            options["bi_anneal_steps"] = 0     # annealing is for a pretrained backbone; a hybrid has none
     return HybridMixer(backbone.blocks, c.n_embd, c.n_head, c.rope_base, cfg.bi_fusion, cfg.bi_share_weights,
-                       causal=MIXERS[cfg.mixer].autoregressive)
+                       causal=causal, mixer=cfg.mixer, options=options)
 
 
 # model.arch=hybrid: built from scratch; its attention blocks see both sides at once, so the RWKV
 # layers are read as bi reads them, or (the AR baseline) everything reads left to right
-register_arch(Arch(name="hybrid", backbone=Hybrid, build=_build, make_mixer=_mixer, mixers=("bi", "causal"),
+register_arch(Arch(name="hybrid", backbone=Hybrid, build=_build, make_mixer=_mixer, mixers=("bi", "causal", "bi_wkv"),
                    keys=("attn_layers", "attn_every"), check=_check))
 

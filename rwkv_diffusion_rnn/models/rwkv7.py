@@ -174,11 +174,19 @@ class RWKV7TimeMix(nn.Module):
         """x: normalised input [B, T, C]. Returns (out, v_first, last_x, final wkv state); with
         ``state_starts=(offset, every)`` the wkv states before positions offset, offset + every, ...
         ([n, B, H, K, V], see :func:`~rwkv_diffusion_rnn.ops.wkv7.wkv7`) instead of the final one."""
-        B, T, C = x.shape
-        H, N = self.n_head, self.head_size
-        xr, xw, xk, xv, xa, xg = shift_mix(x, shift, self.x_r, self.x_w, self.x_k,
-                                           self.x_v, self.x_a, self.x_g)
+        mixed = shift_mix(x, shift, self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
+        (r, log_w, k, v, a, b, g), v_first = self.wkv_inputs(mixed, v_first)
+        o, S = wkv7(r, log_w, k, v, a, b, initial_state=wkv_state, output_final_state=return_state,
+                    backend=self.wkv_backend, state_starts=state_starts)
+        return self.wkv_output(o.to(x.dtype), r, k, v, g), v_first, x[:, -1], S
 
+    def wkv_inputs(self, mixed, v_first: Optional[torch.Tensor]):
+        """The WKV operator's inputs from the token-shift mixes ``mixed`` = (xr, xw, xk, xv, xa, xg),
+        each [B, T, C]: ``((r, log_w, k, v, a, b) [B, T, H, N], g [B, T, C]), v_first``. A mixer that
+        runs the recurrence more than once (``bi_wkv``) computes these once."""
+        xr, xw, xk, xv, xa, xg = mixed
+        B, T, C = xr.shape
+        H, N = self.n_head, self.head_size
         r = self.receptance(xr)
         w = torch.tanh(xw @ self.w1) @ self.w2
         k = self.key(xk)
@@ -193,17 +201,20 @@ class RWKV7TimeMix(nn.Module):
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
         log_w = -DECAY_SCALE * torch.sigmoid((self.w0 + w).float())
-
         a4 = a.view(B, T, H, N)
-        o, S = wkv7(r.view(B, T, H, N), log_w.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N), -kk, kk * a4,
-                    initial_state=wkv_state, output_final_state=return_state,
-                    backend=self.wkv_backend, state_starts=state_starts)
-        o = o.to(x.dtype)
+        return (r.view(B, T, H, N), log_w.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N),
+                -kk, kk * a4, g), v_first
+
+    def wkv_output(self, o: torch.Tensor, r, k, v, g) -> torch.Tensor:
+        """The time mix's output from the WKV output ``o`` [B, T, H, N] (in the input dtype): the
+        per-head GroupNorm, the ``r_k`` bonus of the current token, the gate and the projection."""
+        B, T, H, N = r.shape
+        C = H * N
         o = F.group_norm(o.reshape(B * T, C), H, self.ln_x.weight, self.ln_x.bias,
                          eps=LN_X_EPS).view(B, T, C)
-        bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(-1, keepdim=True)
-        o = o + (bonus * v.view(B, T, H, N)).view(B, T, C)
-        return self.output(o * g), v_first, x[:, -1], S
+        bonus = (r * k * self.r_k).sum(-1, keepdim=True)
+        o = o + (bonus * v).view(B, T, C)
+        return self.output(o * g)
 
 
 class RWKV7ChannelMix(nn.Module):

@@ -284,7 +284,8 @@ class MultimodalRWKVDenoiser(nn.Module):
                 pos_offset: int = 0, attention_bias: Optional[torch.Tensor] = None,
                 prev_ids: Optional[torch.Tensor] = None,
                 context_ids: Optional[torch.Tensor] = None,
-                prompt_lengths: Optional[torch.Tensor] = None) -> DenoiserOutput:
+                prompt_lengths: Optional[torch.Tensor] = None,
+                state_at: Optional[int] = None) -> DenoiserOutput:
         """Denoise.
 
         Args:
@@ -309,6 +310,10 @@ class MultimodalRWKVDenoiser(nn.Module):
             prompt_lengths: [B] each row's prompt (leading text positions; SFT batches and the
                 samplers pass it), visible to every position under Qwen3's block attention; the
                 other mixers see the whole text, or blocks from position 0, and do not read it.
+            state_at: return (as ``state``) the forward-scan state after the first ``state_at``
+                text positions of this call (a model-block boundary, after the prefix when the call
+                reads one), while the logits cover every position as in a call without a state
+                (mixers with the ``folds_state`` trait; not with ``return_state``).
 
         With ``shift_logits`` the text position i reads token i - 1 (``bos_id`` before the first)
         and its output is the logits of token i: each prediction comes from the position before
@@ -320,6 +325,11 @@ class MultimodalRWKVDenoiser(nn.Module):
         cfg = self.config
         B, T = input_ids.shape
         P = cfg.latent_prefix_len if state is None else 0
+        if state_at is not None:
+            if return_state or not self.mixer.folds_state:
+                folders = ", ".join(n for n, c in MIXERS.items() if c.folds_state)
+                raise ValueError(f"state_at is read in a call without return_state, by a mixer that folds its state "
+                                 f"({folders}); got return_state={return_state}, model.mixer={cfg.mixer}")
         if t.shape != (B,):
             raise ValueError(f"t must be [B] = [{B}], got {tuple(t.shape)}")
         if s is None and cfg.latent_prefix_len:
@@ -367,6 +377,8 @@ class MultimodalRWKVDenoiser(nn.Module):
             extra["context"] = context
         if prompt_lengths is not None and self.mixer.reads_prompt:
             extra["prompt_lengths"] = prompt_lengths
+        if state_at is not None:
+            extra["state_at"] = P + state_at
         x, new_state = self.mixer(self.backbone.blocks, x, self._modulations(c), state=state,
                                   return_state=return_state, prefix_len=P, **extra)
 

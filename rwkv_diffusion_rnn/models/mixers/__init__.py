@@ -9,6 +9,7 @@ import inspect
 
 from .base import MIXERS, Fusion, Mixer, Modulation, register_mixer, run_block
 from .bi import BiMixer
+from .bi_wkv import BiWKVMixer
 from .block_causal import BlockCausalMixer
 from .causal import CausalMixer
 from .dw_jrt import DWJRTMixer
@@ -45,4 +46,4 @@ def build_mixer(name: str, blocks, **options):
 
 
 __all__ = ["MIXERS", "SIZES", "build_mixer", "mixer_class", "mixer_options", "option_defaults", "register_mixer",
-           "Fusion", "Mixer", "Modulation", "run_block", "CausalMixer", "BiMixer", "DWJRTMixer", "BlockCausalMixer"]
+           "Fusion", "Mixer", "Modulation", "run_block", "CausalMixer", "BiMixer", "BiWKVMixer", "DWJRTMixer", "BlockCausalMixer"]

@@ -79,6 +79,21 @@ def run_block(block: RWKV7Block, x: torch.Tensor, v_first: Optional[torch.Tensor
     return x, v_first, (LayerState(att_last, S, ffn_last) if return_state else None)
 
 
+def run_block_split(block: RWKV7Block, x: torch.Tensor, v_first: Optional[torch.Tensor],
+                    mod: Optional[Modulation], state: Optional[LayerState], at: int):
+    """:func:`run_block` over all of ``x`` [B, T, C], returning the LayerState after its first
+    ``at`` positions (0 < at <= T) instead of the last: the block runs on ``x[:, :at]`` with
+    ``return_state`` and continues on ``x[:, at:]`` from that state, which is the same computation
+    as one call (every part of a block reads only the past and its carried state)."""
+    if not 0 < at <= x.shape[1]:
+        raise ValueError(f"state_at={at} must be within the {x.shape[1]} positions of the call (and > 0)")
+    if at == x.shape[1]:
+        return run_block(block, x, v_first, mod, state, True)
+    y1, vf1, st = run_block(block, x[:, :at], None if v_first is None else v_first[:, :at], mod, state, True)
+    y2, vf2, _ = run_block(block, x[:, at:], None if v_first is None else v_first[:, at:], mod, st)
+    return torch.cat([y1, y2], 1), torch.cat([vf1, vf2], 1), st
+
+
 def _before(h: torch.Tensor, first: Optional[torch.Tensor], offset: int, every: int) -> torch.Tensor:
     """[n, B, C]: the token-shift input before positions offset, offset + every, ... of ``h``
     [B, T, C] (``first``, or zeros, before position 0)."""
@@ -98,6 +113,10 @@ class Mixer(nn.Module):
     * ``autoregressive``: position i sees no j > i, so it can train and decode next-token
       (``training.objective=ar``) and score samples as an AR model.
     * ``length_option``: the option whose value the text length must be a multiple of (None: any).
+    * ``folds_state`` (with ``carries_state``): ``forward(..., state=s, state_at=k)`` returns, as
+      its state, the one after the first ``k`` positions of its input while computing the
+      outputs of every position; the sampler's cache then folds a finished block into the state
+      in the same call that takes the next block's first step.
     * ``reads_context``: in training and scoring it is also given the clean sequence
       (``forward(..., context=...)``) and conditions on it (``block_causal`` with clean context).
     * ``reads_prompt``: it is given each row's prompt length (``forward(..., prompt_lengths=...)``,
@@ -115,6 +134,7 @@ class Mixer(nn.Module):
 
     name = ""                   # the model.mixer value (registered mixers)
     carries_state = False
+    folds_state = False
     autoregressive = False
     length_option: Optional[str] = None
     reads_context = False

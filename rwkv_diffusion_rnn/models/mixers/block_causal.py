@@ -20,7 +20,9 @@ same computation when the blocks before the current one are clean.
 
 Because nothing flows right to left across blocks, the forward-scan state after the committed
 blocks is all a later block needs: ``forward(..., state=cache, return_state=True)`` on the next
-blocks gives the same result as running everything again.
+blocks gives the same result as running everything again. ``forward(..., state_at=k)`` returns
+the state after the first k positions (a block boundary) of a call that also computes the blocks
+after them, so a decoder can fold a finished block and denoise the next one in one call.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import copy
 import torch
 
 from ..rwkv7 import LayerState
-from .base import Fusion, TwoWay, layer_mods, register_mixer, run_block
+from .base import Fusion, TwoWay, layer_mods, register_mixer, run_block, run_block_split
 
 BLOCK_CONTEXTS = ("noisy", "clean")
 
@@ -39,6 +41,7 @@ BLOCK_CONTEXTS = ("noisy", "clean")
 class BlockCausalMixer(TwoWay):
     name = "block_causal"
     carries_state = True
+    folds_state = True
     length_option = "block_size"
 
     def __init__(self, blocks, n_embd: int, block_size: int = 16, bi_fusion: str = "sum",
@@ -89,21 +92,29 @@ class BlockCausalMixer(TwoWay):
             new_vf.append(vf)
         return torch.cat(outs, dim=1), new_vf
 
-    def forward(self, blocks, x, mods=None, state=None, return_state=False, prefix_len=0, context=None):
+    def forward(self, blocks, x, mods=None, state=None, return_state=False, prefix_len=0, context=None,
+                state_at=None):
+        """``state_at=k`` (a block boundary): the state returned is the forward scan's after the first
+        k positions of ``x``, while every position's output is computed (fold-and-step decoding)."""
         mods = layer_mods(mods, len(blocks))
         if context is not None:
+            if state_at is not None:
+                raise ValueError("state_at folds decoded blocks; a clean context is read in training and scoring")
             return self._with_context(blocks, x, context, mods, prefix_len, state, return_state)
         back = blocks if self.share else self.backward_blocks
         segs = self._segments(x.shape[1], prefix_len)
         vf_f, vf_b = None, [None] * len(segs)
         new_state = []
         for i, block in enumerate(blocks):
-            y_f, vf_f, st = self.run(run_block, block, x, vf_f, mods[i],
-                                      state[i] if state is not None else None, return_state)
+            s_in = state[i] if state is not None else None
+            if state_at is not None:
+                y_f, vf_f, st = self.run(run_block_split, block, x, vf_f, mods[i], s_in, state_at)
+            else:
+                y_f, vf_f, st = self.run(run_block, block, x, vf_f, mods[i], s_in, return_state)
             y_b, vf_b = self._backward(back[i], x, mods[i], vf_b, segs)
             x = self._fuse(i, x, y_f, y_b)
             new_state.append(st)
-        return x, (new_state if return_state else None)
+        return x, (new_state if return_state or state_at is not None else None)
 
     def _with_context(self, blocks, x, context, mods, prefix_len, state=None, return_state=False):
         """Every block of ``x`` read forward from the state that ``context`` (the clean sequence,
