@@ -17,7 +17,10 @@ import pytest
 from rwkv_diffusion_rnn.training import checkpoints as ckpt
 from rwkv_diffusion_rnn.training.improved_trainer import read_train_log
 
-from test_distributed import ROOT, STEPS, close, common, losses, one_process  # noqa: F401  (a fixture)
+import test_distributed
+from test_distributed import ROOT, STEPS, close, common, losses
+
+one_process = test_distributed.one_process      # the one-process reference run (a fixture)
 
 
 def free_port() -> int:
@@ -76,7 +79,7 @@ def finish(procs, timeout=300):
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_agents_log_the_losses_of_one_process(tmp_path, one_process, parallel):  # noqa: F811
+def test_two_agents_log_the_losses_of_one_process(tmp_path, one_process, parallel):
     reference, ref_metrics = one_process
     log = open(tmp_path / "agents.log", "w")
     codes = finish(two_agents(tmp_path, [*common(tmp_path, f"training.parallel={parallel}"),
@@ -86,7 +89,7 @@ def test_two_agents_log_the_losses_of_one_process(tmp_path, one_process, paralle
     assert (tmp_path / "run" / f"step_{STEPS:07d}").is_dir()
 
 
-def test_a_run_whose_second_agent_is_killed_resumes_exactly(tmp_path, one_process):  # noqa: F811
+def test_a_run_whose_second_agent_is_killed_resumes_exactly(tmp_path, one_process):
     reference, _ = one_process
     args = [*common(tmp_path, "training.parallel=ddp"), f"logging.save_dir={tmp_path / 'run'}"]
     procs = two_agents(tmp_path, args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
