@@ -100,7 +100,8 @@ QWEN3_MAKE = ('python -c "from transformers import Qwen3Config, Qwen3Model; Qwen
 
 # A path a command reads -> the command of the docs that makes it (run first when needed).
 EXPORT = "python -m rwkv_diffusion_rnn.export checkpoint=runs/shk_ar format=blinkdl out=runs/shk_ar.pth"
-MAKERS = {"runs/shk_ar.pth": EXPORT, "runs/shk_bi": LM_BI, "runs/shk_ar": LM_AR, "romeo.jsonl": ROMEO,
+FOLDER = "python -m rwkv_diffusion_rnn.export checkpoint=runs/shk_bi format=folder out=runs/shk_bi_folder"
+MAKERS = {"runs/shk_ar.pth": EXPORT, "runs/shk_bi_folder": FOLDER, "runs/shk_bi": LM_BI, "runs/shk_ar": LM_AR, "romeo.jsonl": ROMEO,
           "runs/sft": SFT,
           "runs/pretrained": SFT, "preprocessed_data/qwen_32d": PROJECT, "/tmp/tiny_qwen3": QWEN3_MAKE}
 NEEDS = {DIFFRWKV_TRAIN: [TOKENIZE]}   # reads the data keys' defaults, not a path on its line
@@ -123,6 +124,10 @@ NOT_RUN = {
     "torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=node0.example:29500 "
     "--rdzv_id=run1 -m rwkv_diffusion_rnn.train_rwkv ... training.parallel=fsdp":
         "two nodes of 8 GPUs; '...' stands for the user's overrides",
+    "python -m rwkv_diffusion_rnn.lm_eval_harness --model rwkv_diffusion --model_args "
+    "checkpoint=runs/shk_bi,mc_samples=64 --include_path my_tasks/ --tasks my_task --batch_size 16":
+        "my_tasks/ stands for the user's task folder; tests/test_lm_eval_harness.py runs this command "
+        "on local tasks over AR and diffusion checkpoints",
 }
 
 

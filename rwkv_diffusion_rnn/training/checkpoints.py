@@ -210,6 +210,36 @@ def save_checkpoint(
     return final
 
 
+def save_model_folder(out, *, model: torch.nn.Module, trainer_state: dict, config, tokenizer: dict | None,
+                      texts: dict | None = None, copies: dict | None = None) -> Path:
+    """Write a model folder at ``out`` atomically: a checkpoint of ``model``'s weights alone
+    (``model.safetensors``, no optimizer, EMA or random state: nothing in it is a pickle), its
+    ``config.yaml``, ``tokenizer.json``, ``trainer_state.json``, the text files ``texts``
+    ({name: text}, e.g. the README model card) and the files ``copies`` ({name in the folder:
+    source path}, e.g. tokenizer files), all listed with their sha256 in the manifest, so the
+    loaders that read a checkpoint (``load_trained``, ``training.init_from``) read it and verify it."""
+    import shutil as _shutil
+    out = Path(out)
+    model = _unwrap(model)
+    _check_weights(model.state_dict(), "model", out.parent, out.name)
+    writers = [(MODEL_FILE, lambda f: _save_weights(f, model, "model"))]
+    for fname, text in ((STATE_FILE, _to_json(trainer_state, "trainer_state")), (CONFIG_FILE, _config_yaml(config)),
+                        (TOKENIZER_FILE, _to_json(tokenizer, "tokenizer") if tokenizer is not None else None),
+                        *(texts or {}).items()):
+        if text is not None:
+            writers.append((fname, lambda f, text=text: f.write_text(text, encoding="utf-8")))
+
+    def copy(f: Path, source: Path) -> None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        _shutil.copyfile(source, f)
+    writers += [(fname, lambda f, source=Path(source): copy(f, source)) for fname, source in (copies or {}).items()]
+    meta = {"name": out.name, "global_step": trainer_state.get("global_step"), "epoch": trainer_state.get("epoch")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f"{_TMP}{out.name}-{os.getpid()}"
+    _write_tmp(tmp, writers, meta, out.parent, out.name)
+    return _move_into_place(tmp, out.parent, out.name)
+
+
 def _write_tmp(tmp: Path, writers: list, meta: dict, save_dir: Path, name: str, sharded: Path | None = None) -> None:
     """Write every file (and move in the ``sharded`` staging directory), then the manifest,
     into ``tmp``; on failure remove ``tmp`` and raise CheckpointWriteError (a KeyboardInterrupt

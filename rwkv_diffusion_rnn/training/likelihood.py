@@ -36,6 +36,41 @@ def _chars(tokenizer, ids: torch.Tensor, valid: torch.Tensor) -> Optional[int]:
 
 
 @torch.no_grad()
+def batch_nats(model, batch: dict, *, objective: str, schedule=None, mask_id: Optional[int] = None,
+               generator: Optional[torch.Generator] = None, mc_samples: int = 1, latent: str = "clean",
+               device: torch.device = torch.device("cpu"), autocast: Callable = nullcontext,
+               rows: slice = slice(None), prior: float = 0.0):
+    """The nats of each row of one batch, as :func:`score` sums them: ``(nats, targets, valid)``
+    of the rows ``rows``, ``nats`` float64 [B] (AR, exact) or [mc_samples, B] (the diffusion
+    bound, ``prior`` nats added per scored token); ``targets`` / ``valid`` the scored tokens.
+
+    A diffusion batch with ``prompt_lengths`` is scored on the positions after each row's prompt,
+    given the prompt clean (never masked): the bound of a continuation given its context
+    (conversations; the lm-eval harness's ``loglikelihood``)."""
+    if objective == "ar":
+        inputs, targets, valid = (x[rows] for x in next_token_inputs(batch))
+        with autocast():
+            logits = model(inputs.to(device), torch.zeros(inputs.shape[0], device=device)).logits
+        return ar_nll(logits, targets.to(device), valid=valid.to(device)), targets, valid
+    targets, valid = batch["input_ids"], batch["attention_mask"].bool()
+    if "prompt_lengths" in batch:       # conversations: the answers given their prompts
+        valid = valid & answer_positions(batch)
+    z = batch["latent"][rows].float().to(device) if latent == "clean" and "latent" in batch else None
+    clean = targets[rows].to(device)
+    prompts = batch["prompt_lengths"][rows].to(device) if "prompt_lengths" in batch else None
+
+    def denoise(xt, t):
+        with autocast():
+            return model(xt, t, z, None if z is None else torch.zeros_like(t), context_ids=clean,
+                         prompt_lengths=prompts).logits
+
+    nats = masked_nelbo(denoise, targets.to(device), schedule, mask_id, generator,
+                        valid=valid.to(device), mc_samples=mc_samples, rows=rows)
+    targets, valid = targets[rows], valid[rows]
+    return nats + prior * valid.sum(1).to(nats), targets, valid
+
+
+@torch.no_grad()
 def score(model, batches: Iterable[dict], *, objective: str, schedule=None, mask_id: Optional[int] = None,
           vocab_size: Optional[int] = None,
           generator: Optional[torch.Generator] = None, mc_samples: int = 1, max_batches: Optional[int] = None,
@@ -69,29 +104,9 @@ def score(model, batches: Iterable[dict], *, objective: str, schedule=None, mask
     for batch in batches:
         counting = counting and "prompt_lengths" not in batch     # answers end in EOS padding: no characters
         rows, counted = (slice(None), True) if dist is None else dist.eval_rows(batch["input_ids"].shape[0])
-        if objective == "ar":
-            inputs, targets, valid = (x[rows] for x in next_token_inputs(batch))
-            with autocast():
-                logits = model(inputs.to(device), torch.zeros(inputs.shape[0], device=device)).logits
-            nats = ar_nll(logits, targets.to(device), valid=valid.to(device))
-        else:
-            targets, valid = batch["input_ids"], batch["attention_mask"].bool()
-            if "prompt_lengths" in batch:       # conversations: the answers given their prompts
-                valid = valid & answer_positions(batch)
-            z = batch["latent"][rows].float().to(device) if latent == "clean" and "latent" in batch else None
-
-            clean = targets[rows].to(device)
-            prompts = batch["prompt_lengths"][rows].to(device) if "prompt_lengths" in batch else None
-
-            def denoise(xt, t):
-                with autocast():
-                    return model(xt, t, z, None if z is None else torch.zeros_like(t), context_ids=clean,
-                                 prompt_lengths=prompts).logits
-
-            nats = masked_nelbo(denoise, targets.to(device), schedule, mask_id, generator,
-                                valid=valid.to(device), mc_samples=mc_samples, rows=rows)
-            targets, valid = targets[rows], valid[rows]
-            nats = nats + prior * valid.sum(1).to(nats)
+        nats, targets, valid = batch_nats(model, batch, objective=objective, schedule=schedule, mask_id=mask_id,
+                                          generator=generator, mc_samples=mc_samples, latent=latent,
+                                          device=device, autocast=autocast, rows=rows, prior=prior)
         if not counted:
             continue
         chars = _chars(tokenizer, targets, valid) if counting else None

@@ -84,6 +84,22 @@ def saved_config(path: Path, overrides: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
+def resolve_tokenizer_spec(path: Path, spec: dict) -> dict:
+    """``spec`` with the files a model folder keeps (``in_checkpoint``: its ``vocab_file`` or
+    Hugging Face folder ``name`` relative to the folder) made paths inside ``path``."""
+    if not spec.get("in_checkpoint"):
+        return spec
+    spec = dict(spec)
+    keys = (["vocab_file"] if spec.get("vocab_file") else []) + (["name"] if spec.get("kind") == "hf" else [])
+    for key in keys:
+        value = str(spec[key])
+        if Path(value).is_absolute() or ".." in Path(value).parts:
+            raise ckpt.CheckpointError(f"{path / ckpt.TOKENIZER_FILE}: {key}={value!r} must be a path inside the "
+                                       "folder (in_checkpoint)")
+        spec[key] = str(path / value)
+    return spec
+
+
 def local_tokenizer_paths(spec: dict) -> list:
     """The files or folders on this machine that a tokenizer spec reads (an RWKV World vocabulary
     file, a Hugging Face tokenizer folder); a Hub name or a built-in vocabulary reads none."""
@@ -129,6 +145,7 @@ def saved_tokenizer(path: Path, cfg: DictConfig, allowed_paths: Sequence[str] = 
                 "chars vocabulary comes from the training text). Use a checkpoint the trainer wrote, "
                 f"or copy {ckpt.TOKENIZER_FILE} from another checkpoint of the same run")
         return named_tokenizer(cfg)
+    spec = resolve_tokenizer_spec(path, spec)
     check_tokenizer_paths(path, spec, allowed_paths)
     t = cfg.tokenizer
     try:
@@ -182,5 +199,7 @@ def load_trained(checkpoint, overrides: Sequence[str] = (), device: Optional[str
     ema = copy.deepcopy(model) if ckpt.has_ema(path) else None
     state, _ = ckpt.load_checkpoint(path, model=model, ema=ema, restore_rng=False)
     model = (ema if ema is not None else model).to(dev).eval()
+    # a model folder (export format=folder) keeps one set of weights and says which they were
+    weights = "ema" if ema is not None else state.get("weights", "model")
     return Trained(path=path, cfg=cfg, tokenizer=tokenizer, model=model, step=state.get("global_step"),
-                   weights="ema" if ema is not None else "model", device=dev)
+                   weights=weights if weights in ("ema", "model") else "model", device=dev)
