@@ -16,8 +16,10 @@ Each is run ``unchunked`` and, for the RWKV-7 rows, in chunks of ``--chunk`` tok
 ``full`` and ``truncated`` gradients. A cell is one fresh subprocess (as in bench_denoisers.py):
 a warm-up step, then ``--repeats`` steps (objective forward + backward), the fastest reported as
 tokens/s; ``peak MiB`` is the process's peak resident memory minus its resident memory once the
-model and the batch are built. A cell that runs out of memory or past ``--cell-timeout`` seconds
-is reported as such. Writes the table to stdout and ``--out`` (``eval/out/bench_long_context.md``)
+model and the batch are built, with glibc's mmap threshold fixed at 1 MiB (``MALLOC_MMAP_THRESHOLD_``):
+its default threshold rises after the first large frees, after which the blocks every chunk's
+recomputation frees stay in the heap and the resident memory no longer follows what is live.
+A cell that runs out of memory or past ``--cell-timeout`` seconds is reported as such. Writes the table to stdout and ``--out`` (``eval/out/bench_long_context.md``)
 and the numbers to ``<out>.json``, both after every cell.
 """
 
@@ -32,7 +34,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_denoisers import KEEP_FREED_MEMORY, _rss_mib, _timed  # noqa: E402
+from bench_denoisers import _rss_mib, _timed  # noqa: E402
+
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 MODELS = {"causal": dict(arch="rwkv7", mixer="causal", objective="ar"),
           "block_causal": dict(arch="rwkv7", mixer="block_causal", objective="diffusion"),
@@ -92,7 +96,7 @@ def run_cell(args, model: str, mode: str, n: int) -> dict:
     cmd = [sys.executable, __file__, "--cell", "--model", model, "--mode", mode, "--n", str(n)]
     for key in ("threads", "n_layer", "n_embd", "head_size", "vocab", "repeats", "chunk"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    env = dict(os.environ, **(KEEP_FREED_MEMORY if args.keep_freed_memory else {}))
+    env = dict(os.environ, **FIXED_MMAP)
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cell_timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -129,7 +133,6 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--cell-timeout", type=float, default=900.0)
-    p.add_argument("--keep-freed-memory", action="store_true")
     p.add_argument("--out", type=Path, default=Path("eval/out/bench_long_context.md"))
     p.add_argument("--cell", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
