@@ -3,6 +3,7 @@ with the state carried (``model.chunk_size``, ``model.chunk_grad``).
 
     python eval/bench_long_context.py                                  # the table of eval/README.md
     python eval/bench_long_context.py --ns 1024 4096 --models causal   # a quick probe
+    python eval/bench_long_context.py --prompt-checkpoints runs/ar runs/block_causal   # long prompts
 
 One model per row, random weights, text only, at ``--n-layer`` 4, ``--n-embd`` 256, heads of 64
 channels, vocabulary ``--vocab`` 1000, one window of N tokens per step (batch 1):
@@ -19,7 +20,13 @@ tokens/s; ``peak MiB`` is the process's peak resident memory minus its resident 
 model and the batch are built, with glibc's mmap threshold fixed at 1 MiB (``MALLOC_MMAP_THRESHOLD_``):
 its default threshold rises after the first large frees, after which the blocks every chunk's
 recomputation frees stay in the heap and the resident memory no longer follows what is live.
-A cell that runs out of memory or past ``--cell-timeout`` seconds is reported as such. Writes the table to stdout and ``--out`` (``eval/out/bench_long_context.md``)
+A cell that runs out of memory or past ``--cell-timeout`` seconds is reported as such.
+
+``--prompt-checkpoints``: for each checkpoint (a text model with a left-to-right state), the peak
+memory of ``generate`` continuing a prompt of each of ``--prompt-chars`` characters (the start of
+the tinyshakespeare validation text) by 64 tokens, measured as above from the loaded model on:
+the prompt is read through the state in chunks (``prefill_chunk``, 4096 tokens), so the peak
+should not grow with the prompt. Writes the table to stdout and ``--out`` (``eval/out/bench_long_context.md``)
 and the numbers to ``<out>.json``, both after every cell.
 """
 
@@ -37,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_denoisers import _rss_mib, _timed  # noqa: E402
 
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 MODELS = {"causal": dict(arch="rwkv7", mixer="causal", objective="ar"),
           "block_causal": dict(arch="rwkv7", mixer="block_causal", objective="diffusion"),
@@ -92,6 +100,26 @@ def cell(args) -> dict:
     return {"tokens_per_s": args.n / best, "peak_mib": peak}
 
 
+def prompt_cell(args) -> dict:
+    """Peak memory and time of one generate call continuing a long prompt (in this process)."""
+    import time
+    import torch
+    from rwkv_diffusion_rnn.generate import generate
+    from rwkv_diffusion_rnn.training.trained import load_trained
+    torch.set_num_threads(args.threads)
+    trained = load_trained(args.model, device="cpu")
+    text = CORPUS.read_text()
+    prompt = text[len(text) * 9 // 10:][:args.n]             # the validation split's start
+    n_prompt = len(trained.tokenizer.encode(prompt))
+    base = _rss_mib()
+    t0 = time.perf_counter()
+    records = generate(trained=trained, prompt=prompt, length=n_prompt + 64, steps=64, num_samples=1,
+                       print_texts=False, progress_bar=False)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    return {"prompt_tokens": n_prompt, "peak_mib": peak, "seconds": seconds, "new_tokens": len(records[0]["token_ids"]) - n_prompt}
+
+
 def run_cell(args, model: str, mode: str, n: int) -> dict:
     cmd = [sys.executable, __file__, "--cell", "--model", model, "--mode", mode, "--n", str(n)]
     for key in ("threads", "n_layer", "n_embd", "head_size", "vocab", "repeats", "chunk"):
@@ -134,13 +162,24 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--cell-timeout", type=float, default=900.0)
     p.add_argument("--out", type=Path, default=Path("eval/out/bench_long_context.md"))
+    p.add_argument("--prompt-checkpoints", nargs="*", default=[], help="measure long prompts at generate instead")
+    p.add_argument("--prompt-chars", nargs="+", type=int, default=[5000, 50000])
     p.add_argument("--cell", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.cell:
-        print(json.dumps(cell(args)))
+        print(json.dumps(prompt_cell(args) if args.mode == "prompt" else cell(args)))
+        return
+    if args.prompt_checkpoints:
+        print("| checkpoint | prompt chars | prompt tokens | peak MiB | seconds |\n|---|---|---|---|---|")
+        for ckpt in args.prompt_checkpoints:
+            for n in args.prompt_chars:
+                r = run_cell(args, ckpt, "prompt", n)
+                cells = ([str(r["prompt_tokens"]), f"{r['peak_mib']:.0f}", f"{r['seconds']:.1f}"]
+                         if "peak_mib" in r else [r.get("error", "-"), "-", "-"])
+                print(f"| {ckpt} | {n} | " + " | ".join(cells) + " |", flush=True)
         return
     order = [(m, mode) for m in args.models for mode in args.modes
              if mode == "unchunked" or MODELS[m]["arch"] == "rwkv7"]

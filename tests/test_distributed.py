@@ -163,3 +163,17 @@ def test_bf16_computes_in_bf16_and_keeps_fp32_master_weights_and_optimizer_state
               for k, m in stored.state_dict_metadata.items()
               if hasattr(m, "properties") and (k.startswith("model.") or "exp_avg" in k)}
     assert dtypes == {"model": torch.float32, "optimizer.exp_avg": torch.float32}
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_chunked_training_on_two_processes_logs_the_losses_of_one(tmp_path, parallel):
+    """model.chunk_size under DDP / FSDP: several model calls before one backward, each chunk
+    recomputed in it; the two ranks' steps are the one process's."""
+    chunked = ["model.mixer=block_causal", "model.block_size=4", "model.chunk_size=8", "training.max_steps=4",
+               "logging.eval_freq=4", "logging.save_every=4"]
+    one = run(compose_config([*common(tmp_path, *chunked), f"logging.save_dir={tmp_path / 'one'}"]))
+    assert one["val_nelbo"] > 0
+    done = torchrun(tmp_path, [*common(tmp_path, *chunked, f"training.parallel={parallel}"),
+                               f"logging.save_dir={tmp_path / 'two'}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert close(losses(tmp_path / "two"), losses(tmp_path / "one"))
