@@ -9,7 +9,11 @@ validation split as training does (the same windows and noise, so with the same 
 reproduces the ``val_nelbo`` / ``val_nll`` training logged): a diffusion model's negative ELBO,
 an AR model's exact NLL, in nats and bits per token, bits per character where the tokenizer
 knows characters, perplexity (a bound for diffusion), tokens scored and the Monte-Carlo standard
-error; a text + latent model also without its latent (``null_latent``). Writes ``<dir>/eval.json``
+error; a text + latent model also without its latent (``null_latent``). An embedding-diffusion
+model (``training.objective=embedding``) has no bound here: it reports ``embedding_mse``,
+``rounding_ce`` (nats per token of the rounding softmax of its x0 prediction at one noise draw per
+window: a score, not a bound on the likelihood), ``rounding_acc`` and ``embedding_drift`` (the
+root-mean-square distance per dimension from the predicted x0 to the nearest token embedding). Writes ``<dir>/eval.json``
 (or ``out=<file>``) and prints it. Progress goes to stderr: a bar on a terminal
 (``logging.progress_bar``), a plain line every 30 s when the output is a file or a log.
 The text corpus is read from the token cache training built (``data.cache_dir``, relative to the
@@ -74,6 +78,17 @@ def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = Non
             raise ConfigError(f"{path} cannot be scored: {why}")
     batches = _val_batches(cfg, tokenizer)
     objective, ev = cfg.training.objective, cfg.eval
+    if objective == "embedding":
+        from rwkv_diffusion_rnn.diffusion.embedding_diffusion import embedding_scores
+        from rwkv_diffusion_rnn.training.builders import build_objective
+        scores = embedding_scores(build_objective(cfg, None, None), model, batches, rng.generator("eval_noise"),
+                                  max_batches=ev.max_batches, device=device,
+                                  autocast=lambda: autocast(device, cfg.training.dtype))
+        result = {"checkpoint": str(path), "step": trained.step, "objective": objective,
+                  "quantity": "rounding_ce (not a likelihood bound)", "mixer": cfg.model.mixer,
+                  "split": "validation", "seq_len": cfg.data.seq_len, "weights": trained.weights, **scores}
+        _write_result(Path(out) if out else path / EVAL_FILE, result, "out" if out else "checkpoint")
+        return result
     schedule = build_text_diffusion(cfg).schedule
 
     # off a terminal (a file, a CI log) plain lines always report progress: a long job never looks silent

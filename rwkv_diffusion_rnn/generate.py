@@ -40,6 +40,9 @@ Decoding (masked diffusion, ``rwkv_diffusion_rnn.diffusion.sampling``)
     block_causal state cache), ``latent_steps`` / ``latent_sampler`` / ``eta`` (the latent).
 An AR checkpoint (``training.objective=ar``) writes token by token through its recurrent
 state (``temperature``, ``top_k``, ``top_p``); it continues prompts but does not infill.
+An embedding-diffusion checkpoint (``training.objective=embedding``) writes unconditionally
+only: DDIM over the token embeddings (``steps``, default the canvas length; ``eta``) from the
+sample's own start noise, the last prediction rounded to the nearest token embedding.
 
 Sample ``k`` (0, 1, ... in output order) draws from its own generator seeded ``seed + k``, so
 its text does not depend on ``batch_size`` or on the other samples of its batch. With ``eos``
@@ -511,8 +514,14 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
     model, cfg, tok = trained.model, trained.cfg, trained.tokenizer
     mcfg = model.config
     ar = trained.objective == "ar"
+    embedding = trained.objective == "embedding"
     has_latent = bool(mcfg.latent_prefix_len)
-    why = None if ar else undecodable_noise(cfg.text_noise.get("noise_type", "mask"))
+    if embedding and (g.mode != "text" or g.chat or any(getattr(g, k) is not None for k in (
+            "prompt", "prompt_file", "template", "template_file", "latent", "latent_text", "conversation"))):
+        raise _error(f"{trained.path} is an embedding-diffusion model (training.objective=embedding): it writes "
+                     "text unconditionally (mode=text, num_samples=, length=, steps=, eta=); prompts, templates "
+                     "and latents are read by masked-diffusion checkpoints")
+    why = None if ar or embedding else undecodable_noise(cfg.text_noise.get("noise_type", "mask"))
     if why:
         raise _error(f"{trained.path} cannot be decoded: {why}")
     if tok is None:          # a synthetic-task run: its character vocabulary
@@ -543,9 +552,12 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
     device = trained.device
 
     settings = {"checkpoint": str(trained.path), "step": trained.step, "weights": trained.weights,
-                "mode": g.mode, "decoding": "autoregressive" if ar else "masked_diffusion",
+                "mode": g.mode,
+                "decoding": "autoregressive" if ar else "embedding_diffusion" if embedding else "masked_diffusion",
                 "temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p, "eos": g.eos}
-    if not ar:
+    if embedding:
+        settings.update(steps=g.steps, eta=g.eta)
+    elif not ar:
         settings.update(steps=g.steps, block_length=g.block_length, remasking=g.remasking,
                         threshold=g.threshold, cfg_scale=g.cfg_scale, prompt_cfg_scale=g.prompt_cfg_scale,
                         mixer=mcfg.mixer,
@@ -582,6 +594,17 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
         if g.mode == "latent":
             z = latent_for(x, gens)
             out = x
+        elif embedding:
+            from rwkv_diffusion_rnn.diffusion.embedding_diffusion import generate_embedding_text
+            from rwkv_diffusion_rnn.training.builders import build_embedding_diffusion
+            width = model.token_embeddings().shape[1]
+            init = torch.stack([torch.randn(x.shape[1], width, generator=gen) for gen in gens])
+            # eta > 0 draws fresh noise each step from one stream: each row alone keeps its own
+            out = torch.cat([generate_embedding_text(model, build_embedding_diffusion(cfg), length=x.shape[1],
+                                                     batch_size=1, steps=steps, eta=g.eta, generator=gens[r],
+                                                     init_noise=init[r:r + 1]) for r in range(len(rows))]) \
+                if g.eta else generate_embedding_text(model, build_embedding_diffusion(cfg), length=x.shape[1],
+                                                      batch_size=len(rows), steps=steps, init_noise=init)
         elif ar:
             out = sampling.generate_autoregressive(model, bos_id=eos_id if eos_id is not None else mcfg.mask_id,
                                                    prompt_ids=x, temperature=g.temperature, top_k=g.top_k,

@@ -41,7 +41,8 @@ import torch
 from .continuous_diffusion import GaussianDiffusion
 from .diffusion_process import MaskedDiffusion
 
-OBJECTIVES = ("diffusion", "ar")        # training.objective
+# training.objective; embedding: Gaussian diffusion of the token embeddings (embedding_diffusion.py)
+OBJECTIVES = ("diffusion", "ar", "embedding")
 
 
 @dataclass

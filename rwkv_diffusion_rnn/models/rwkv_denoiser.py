@@ -86,6 +86,9 @@ class DenoiserConfig:
     latent_in_cond: bool = False        # also add the latent's embedding to the conditioning vector
     shift_logits: bool = False          # the logits of token i come from the position before it
     bos_id: Optional[int] = None        # shift_logits: the token read before the first one
+    # the text head predicts each position's clean embedding (training.objective=embedding, set by
+    # the builder from it): the output's ``embedding``, no logits
+    embedding_output: bool = False
 
     mixer_options: Dict[str, Any] = field(default_factory=dict)   # options of a mixer that are no field here
 
@@ -131,6 +134,15 @@ class DenoiserConfig:
                 raise ValueError(f"model.shift_logits=true reads model.bos_id before the first token; it is "
                                  f"{self.bos_id!r}: give a token id below model.vocab_size={self.vocab_size} "
                                  "(null takes the tokenizer's end of text)")
+        if self.embedding_output:
+            if self.latent_prefix_len or self.shift_logits or self.use_pretrained_head:
+                raise ValueError("training.objective=embedding diffuses the text's embeddings alone: set "
+                                 "model.latent_prefix_len=0, model.shift_logits=false and "
+                                 "model.use_pretrained_head=false")
+            if mixer_class(self.mixer).autoregressive:
+                raise ValueError(f"training.objective=embedding denoises every position at once; model.mixer="
+                                 f"{self.mixer} reads left to right only: choose a mixer that reads both ways "
+                                 "(e.g. model.mixer=bi)")
         if self.latent_in_cond and (self.time_conditioning == "none" or not self.latent_prefix_len):
             raise ValueError("model.latent_in_cond=true adds the latent to the time conditioning: it needs "
                              "model.latent_prefix_len >= 1 and model.time_conditioning=film or adaln_zero")
@@ -149,9 +161,10 @@ _FIELDS = {f.name for f in fields(DenoiserConfig)} - {"mixer_options"}
 
 
 class DenoiserOutput(NamedTuple):
-    logits: torch.Tensor                      # [B, T, vocab] at the text positions
+    logits: Optional[torch.Tensor]            # [B, T, vocab] at the text positions (None: embedding_output)
     latent: Optional[torch.Tensor]            # [B, latent_dim] eps / x0 / v prediction
     state: Optional[List[LayerState]]         # forward-scan state (causal / block_causal only)
+    embedding: Optional[torch.Tensor] = None  # [B, T, C] predicted clean embeddings (embedding_output)
 
 
 class MultimodalRWKVDenoiser(nn.Module):
@@ -205,7 +218,9 @@ class MultimodalRWKVDenoiser(nn.Module):
             raise ValueError(f"model.block_context=clean is read by model.mixer=block_causal on RWKV-7 blocks; "
                              f"model.mixer={cfg.mixer} (model.arch={cfg.arch}) reads no clean context: set "
                              "model.block_context=noisy")
-        if not cfg.use_pretrained_head:
+        if cfg.embedding_output:
+            self.embedding_head = nn.Linear(C, C)
+        elif not cfg.use_pretrained_head:
             self.text_head = nn.Linear(C, cfg.vocab_size, bias=False)
             nn.init.normal_(self.text_head.weight, std=C ** -0.5)
         if cfg.freeze_backbone:
@@ -247,17 +262,25 @@ class MultimodalRWKVDenoiser(nn.Module):
                                        p.shift_ffn, p.scale_ffn, p.gate_ffn))
         return mods
 
+    def token_embeddings(self) -> torch.Tensor:
+        """[vocab, C]: every token's input embedding scaled to unit root-mean-square, the clean
+        signal and the rounding table of embedding diffusion
+        (:mod:`~rwkv_diffusion_rnn.diffusion.embedding_diffusion`)."""
+        ids = torch.arange(self.config.vocab_size, device=self.type_emb.weight.device)
+        x = self.backbone.embed(ids)
+        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True).clamp_min(1e-12)).to(x.dtype)
+
     def _embed_text(self, ids: torch.Tensor, prev_ids: Optional[torch.Tensor], return_state: bool,
-                    pos_offset: int) -> torch.Tensor:
+                    pos_offset: int, embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The text's input vectors: with ``shift_logits`` position i reads token i - 1
         (``prev_ids`` first) and one more position reads the last token, except in a call that
-        returns a state (see :meth:`forward`)."""
+        returns a state (see :meth:`forward`). ``embeds`` [B, T, C] stand in for the ids' embeddings."""
         cfg = self.config
-        if cfg.shift_logits:
+        if embeds is None and cfg.shift_logits:
             B, T = ids.shape
             ids = torch.cat([prev_ids.view(B, 1).to(ids), ids[:, :T - 1] if return_state else ids], 1)
-        n = ids.shape[1]
-        x = self.backbone.embed(ids) + self.type_emb.weight[1]
+        x = (self.backbone.embed(ids) if embeds is None else embeds) + self.type_emb.weight[1]
+        n = x.shape[1]
         if cfg.pos_emb_len:
             if pos_offset + n > cfg.pos_emb_len:
                 raise ValueError(f"text positions {pos_offset}..{pos_offset + n - 1} exceed "
@@ -284,7 +307,8 @@ class MultimodalRWKVDenoiser(nn.Module):
                 pos_offset: int = 0, attention_bias: Optional[torch.Tensor] = None,
                 prev_ids: Optional[torch.Tensor] = None,
                 context_ids: Optional[torch.Tensor] = None,
-                prompt_lengths: Optional[torch.Tensor] = None) -> DenoiserOutput:
+                prompt_lengths: Optional[torch.Tensor] = None,
+                input_embeds: Optional[torch.Tensor] = None) -> DenoiserOutput:
         """Denoise.
 
         Args:
@@ -309,6 +333,9 @@ class MultimodalRWKVDenoiser(nn.Module):
             prompt_lengths: [B] each row's prompt (leading text positions; SFT batches and the
                 samplers pass it), visible to every position under Qwen3's block attention; the
                 other mixers see the whole text, or blocks from position 0, and do not read it.
+            input_embeds: [B, T, C] noisy embeddings read in place of ``input_ids``' (pass
+                ``input_ids=None``): embedding diffusion, whose model (``embedding_output``)
+                returns the predicted clean embeddings in ``embedding``.
 
         With ``shift_logits`` the text position i reads token i - 1 (``bos_id`` before the first)
         and its output is the logits of token i: each prediction comes from the position before
@@ -318,7 +345,10 @@ class MultimodalRWKVDenoiser(nn.Module):
         so that its state ends at the position before the next call's first.
         """
         cfg = self.config
-        B, T = input_ids.shape
+        if (input_embeds is not None) != cfg.embedding_output or (input_embeds is None) == (input_ids is None):
+            raise ValueError("an embedding_output model (training.objective=embedding) reads input_embeds alone, "
+                             "any other model input_ids alone")
+        B, T = input_ids.shape if input_embeds is None else input_embeds.shape[:2]
         P = cfg.latent_prefix_len if state is None else 0
         if t.shape != (B,):
             raise ValueError(f"t must be [B] = [{B}], got {tuple(t.shape)}")
@@ -331,7 +361,7 @@ class MultimodalRWKVDenoiser(nn.Module):
             prev_ids = input_ids.new_full((B,), cfg.bos_id)
         elif prev_ids is not None and not cfg.shift_logits:
             raise ValueError("prev_ids is read by a model.shift_logits=true model only")
-        x = self._embed_text(input_ids, prev_ids, return_state, pos_offset)
+        x = self._embed_text(input_ids, prev_ids, return_state, pos_offset, input_embeds)
         context = None
         if context_ids is not None and self.mixer.reads_context:
             if context_ids.shape != input_ids.shape:
@@ -371,6 +401,8 @@ class MultimodalRWKVDenoiser(nn.Module):
                                   return_state=return_state, prefix_len=P, **extra)
 
         h_text = self.backbone.ln_out(x[:, P:P + T])
+        if cfg.embedding_output:
+            return DenoiserOutput(None, None, new_state, self.embedding_head(h_text))
         head = self.backbone.head if cfg.use_pretrained_head else self.text_head
         logits = head(h_text)
         latent_out = None
