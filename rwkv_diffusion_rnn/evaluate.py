@@ -9,7 +9,12 @@ validation split as training does (the same windows and noise, so with the same 
 reproduces the ``val_nelbo`` / ``val_nll`` training logged): a diffusion model's negative ELBO,
 an AR model's exact NLL, in nats and bits per token, bits per character where the tokenizer
 knows characters, perplexity (a bound for diffusion), tokens scored and the Monte-Carlo standard
-error; a text + latent model also without its latent (``null_latent``). An embedding-diffusion
+error; a text + latent model also without its latent (``null_latent``). With ``dashboard=true``
+(``dashboard.samples=N``, default 32 held-out sentences; ``dashboard.projection=<dir>``, default
+the folder of ``data.json_path``) a text + latent model also gets the ``dashboard_*`` keys of
+:mod:`rwkv_diffusion_rnn.training.dashboard` (latent -> text chrF / BLEU against the lookup,
+shuffled and null references, round-trip cosine, text -> latent MSE / cosine, MAUVE on MiniLM
+features, the nats per sentence the latent carries). An embedding-diffusion
 model (``training.objective=embedding``) has no bound here: it reports ``embedding_mse``,
 ``rounding_ce`` (nats per token of the rounding softmax of its x0 prediction at one noise draw per
 window: a score, not a bound on the likelihood), ``rounding_acc`` and ``embedding_drift`` (the
@@ -60,8 +65,10 @@ def _val_batches(cfg, tokenizer):
     return data_source(cfg.data.kind).validation_batches(cfg, tokenizer)
 
 
-def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = None) -> dict:
-    """Scores ``checkpoint`` (see the module docstring); returns what it writes to ``eval.json``."""
+def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = None,
+             dashboard: Optional[dict] = None) -> dict:
+    """Scores ``checkpoint`` (see the module docstring); returns what it writes to ``eval.json``.
+    ``dashboard``: also the text + latent dashboard, with these options (``samples``, ``projection``)."""
     from rwkv_diffusion_rnn.common import rng
     from rwkv_diffusion_rnn.training import likelihood
     from rwkv_diffusion_rnn.training.builders import autocast, build_text_diffusion
@@ -108,9 +115,16 @@ def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = Non
               "quantity": "nll" if objective == "ar" else "nelbo", "mixer": cfg.model.mixer,
               "split": "validation", "seq_len": cfg.data.seq_len, "weights": trained.weights,
               **summary.as_dict()}
+    null = None
     if cfg.model.latent_prefix_len and objective != "ar":
         result["latent"] = "clean"
-        result["null_latent"] = run("null").as_dict()
+        null = run("null")
+        result["null_latent"] = null.as_dict()
+    if dashboard is not None:
+        from rwkv_diffusion_rnn.training import dashboard as dash
+        result.update(dash.dashboard(trained, **dashboard, bound_clean=summary, bound_null=null,
+                                     bound_sentences=dash.count_sentences(batches, ev.max_batches),
+                                     batch_size=int(cfg.training.eval_batch_size)))
     _write_result(Path(out) if out else path / EVAL_FILE, result, "out" if out else "checkpoint")
     return result
 
@@ -233,6 +247,26 @@ def evaluate_samples(samples, scorer, out: Optional[str] = None, batch_size: int
     return result
 
 
+def _dashboard_options(options: dict) -> dict:
+    """``dashboard.samples=N`` and ``dashboard.projection=<dir>`` as keyword arguments."""
+    from rwkv_diffusion_rnn.common.errors import ConfigError
+    unknown = sorted(set(options) - {"samples", "projection"})
+    if unknown:
+        raise ConfigError(f"dashboard.{unknown[0]}: no such option; dashboard takes dashboard.samples=N and "
+                          "dashboard.projection=<folder of projection.npz>")
+    kwargs = {}
+    if "samples" in options:
+        try:
+            kwargs["samples"] = int(options["samples"])
+        except ValueError:
+            kwargs["samples"] = 0
+        if kwargs["samples"] < 2:
+            raise ConfigError(f"dashboard.samples={options['samples']} must be an integer >= 2")
+    if "projection" in options:
+        kwargs["projection"] = options["projection"]
+    return kwargs
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -241,6 +275,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from rwkv_diffusion_rnn.common.errors import ConfigError, ProjectError
     checkpoint = out = samples = scorer = batch_size = None
     overwrite = False
+    dashboard = None
+    dash_options = {}
     overrides = []
     for item in argv:
         if item.startswith("overwrite="):
@@ -255,6 +291,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             scorer = item.split("=", 1)[1]
         elif item.startswith("eval.batch_size="):
             batch_size = item
+        elif item.startswith("dashboard="):
+            dashboard = item.split("=", 1)[1].lower() == "true"
+        elif item.startswith("dashboard."):
+            dash_options[item[len("dashboard."):].partition("=")[0]] = item.partition("=")[2]
         else:
             overrides.append(item)
     try:
@@ -282,7 +322,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if not checkpoint:
                 raise ConfigError("checkpoint=<dir> is required (a checkpoint directory or a run's logging.save_dir)"
                                   ", or eval.samples=<file.jsonl> eval.scorer=<AR checkpoint> to score samples")
-            result = evaluate(checkpoint, overrides, out=out)
+            result = evaluate(checkpoint, overrides, out=out,
+                              dashboard=_dashboard_options(dash_options) if dashboard else None)
     except (ProjectError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
