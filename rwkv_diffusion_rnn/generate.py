@@ -410,17 +410,19 @@ def load_latents(g: GenerateConfig, cfg, latent_dim: int):
             raise _error(f"latent={g.latent} holds NaN or infinite values")
         return z
     if g.latent_text is not None:
-        from rwkv_diffusion_rnn.data.latents import encode_texts
+        from rwkv_diffusion_rnn.data.latents import encode_texts, projection_source_model
         from rwkv_diffusion_rnn.common.errors import LatentPrepError
         proj = g.projection
+        json_path = cfg.data.get("json_path") if "json_path" in cfg.data else None
         if proj is None:
-            json_path = cfg.data.get("json_path") if "json_path" in cfg.data else None
             if not json_path:
                 raise _error("latent_text needs the projection that made the training latents: "
                              "set projection=<folder of projection.npz>")
             proj = str(Path(json_path).parent)
+        # a projection given beside the run's own must come from the same embedding model
+        own = projection_source_model(Path(json_path).parent) if json_path and g.projection else None
         try:
-            z = encode_texts([g.latent_text], proj)
+            z = encode_texts([g.latent_text], proj, expect_model=own)
         except (LatentPrepError, OSError, ValueError) as e:
             raise _error(f"latent_text: cannot encode with projection={proj}: {e}") from None
         if z.shape[1] != latent_dim:

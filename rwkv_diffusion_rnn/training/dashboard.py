@@ -36,6 +36,7 @@ is testable on their own.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -116,7 +117,6 @@ def _projection_dir(cfg, projection: Optional[str]) -> str:
         raise ConfigError("dashboard=true re-embeds written text with the projection that made the training "
                           "latents: this run has no data.json_path to find it beside; give "
                           "dashboard.projection=<folder of projection.npz>")
-    from pathlib import Path
     return str(Path(json_path).parent)
 
 
@@ -127,7 +127,7 @@ def dashboard(trained, *, samples: int = DEFAULT_SAMPLES, projection: Optional[s
     """The ``dashboard_*`` metrics of a text + latent checkpoint (see the module docstring).
     ``bound_clean`` / ``bound_null``: the LikelihoodSummary of the validation split given the
     clean / null latent (``evaluate`` computes them), over ``bound_sentences`` sentences."""
-    from ..data.latents import encode_texts, embed_texts, load_sentence_model
+    from ..data.latents import encode_texts, embed_texts, load_sentence_model, projection_source_model
     from ..diffusion.sampling import generate_latent
     from .builders import build_data, build_latent_diffusion
 
@@ -165,7 +165,9 @@ def dashboard(trained, *, samples: int = DEFAULT_SAMPLES, projection: Optional[s
         out[f"dashboard_chrf{name}"] = chrf(texts, sources)
         out[f"dashboard_bleu{name}"] = bleu(texts, sources)
 
-    back = encode_texts(written + sources, proj_dir)
+    json_path = cfg.data.get("json_path") if "json_path" in cfg.data else None
+    own = projection_source_model(Path(json_path).parent) if json_path and projection else None
+    back = encode_texts(written + sources, proj_dir, expect_model=own)
     out["dashboard_roundtrip_cos"] = float(row_cosines(back[:n], z).mean())
     out["dashboard_roundtrip_cos_source"] = float(row_cosines(back[n:], z).mean())
 
