@@ -28,8 +28,11 @@ What to write (``mode=text``, the default)
                             is printed
 ``mode=latent``: a latent from a text (``text="..."`` or ``text_file=``; or a ``template``, whose
 masks the latent sampler sees as unknown), written to ``latent_out=<file>.npy`` [N, latent_dim].
-``mode=joint``: text and latent together (latent first, then the text written from it);
-``latent_out=`` gets the latents.
+``mode=joint``: text and latent together, ``latent_out=`` gets the latents. ``joint_order=together``
+(the default) co-denoises them: every step reads the partly masked text and the noisy latent in
+one model call, commits text and moves the latent one DDIM interval (the latent's grid is the
+text's ``steps``; ``latent_steps`` is not used). ``joint_order=latent_first`` samples the latent
+first (``latent_steps``, ``latent_sampler``) and writes the text from it.
 
 Decoding (masked diffusion, ``rwkv_diffusion_rnn.diffusion.sampling``)
     ``steps`` (default: the canvas length, at most one token per step), ``block_length``
@@ -103,6 +106,7 @@ class GenerateConfig:
     use_cache: bool = True
     latent_steps: int = 50
     latent_sampler: str = "ddim"          # sampling.LATENT_SAMPLERS
+    joint_order: str = "together"         # mode=joint: sampling.JOINT_ORDERS
     eta: float = 0.0
     eos: bool = True
     seed: int = 0
@@ -186,10 +190,11 @@ OPTIONS = {
 
 def check_options(g: GenerateConfig) -> None:
     """What can be refused before the model is loaded."""
-    from rwkv_diffusion_rnn.diffusion.sampling import LATENT_SAMPLERS, REMASKING
+    from rwkv_diffusion_rnn.diffusion.sampling import JOINT_ORDERS, LATENT_SAMPLERS, REMASKING
     if not g.checkpoint:
         raise _error("checkpoint=<dir> is required (a checkpoint directory or a run's logging.save_dir)")
-    for key, choices in (("mode", MODES), ("remasking", REMASKING), ("latent_sampler", LATENT_SAMPLERS)):
+    for key, choices in (("mode", MODES), ("remasking", REMASKING), ("latent_sampler", LATENT_SAMPLERS),
+                         ("joint_order", JOINT_ORDERS)):
         if getattr(g, key) not in choices:
             raise _error(f"{key}={getattr(g, key)!r}; choose one of {', '.join(choices)}")
     given = [k for k in ("prompt", "prompt_file", "template", "template_file", "text", "text_file")
@@ -217,6 +222,9 @@ def check_options(g: GenerateConfig) -> None:
         raise _error(f"{given[0]}= is the input of mode=latent; to continue a text use prompt=, to fill one template=")
     if g.mode == "joint" and (g.latent is not None or g.latent_text is not None):
         raise _error("mode=joint samples the latent itself; to write from a given latent use mode=text latent=...")
+    if g.mode == "joint" and g.joint_order == "together" and g.latent_sampler != "ddim":
+        raise _error(f"latent_sampler={g.latent_sampler} is for joint_order=latent_first; joint_order=together "
+                     "steps the latent by DDIM inside the text's steps (eta=1 draws DDPM's amount of noise)")
     for key, spec in OPTIONS.items():
         value = getattr(g, key)
         if not spec.ok(value):
@@ -563,9 +571,13 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
         settings.update(steps=g.steps, block_length=g.block_length, remasking=g.remasking,
                         threshold=g.threshold, cfg_scale=g.cfg_scale, prompt_cfg_scale=g.prompt_cfg_scale,
                         mixer=mcfg.mixer,
-                        use_cache=g.use_cache and sampling.cache_unit(model) is not None)
+                        # co-denoising changes the latent every step: no state is carried
+                        use_cache=(g.use_cache and sampling.cache_unit(model) is not None
+                                   and not (g.mode == "joint" and g.joint_order == "together")))
     if g.mode != "text":
         settings.update(latent_steps=g.latent_steps, latent_sampler=g.latent_sampler, eta=g.eta)
+    if g.mode == "joint":
+        settings["joint_order"] = g.joint_order
 
     def latent_for(canvas_ids, gens):
         init = torch.stack([torch.randn(mcfg.latent_dim, generator=gen) for gen in gens]).to(device)
@@ -612,8 +624,16 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
                                                    prompt_ids=x, temperature=g.temperature, top_k=g.top_k,
                                                    top_p=g.top_p, eos_id=eos_id if g.eos else None,
                                                    generator=gens)
+        elif g.mode == "joint" and g.joint_order == "together":
+            init = torch.stack([torch.randn(mcfg.latent_dim, generator=gen) for gen in gens]).to(device)
+            out, z = sampling.generate_joint(model, diffusion, prompt_ids=x, steps=steps, order="together",
+                                             eta=g.eta, init_noise=init, generator=gens,
+                                             block_length=g.block_length, remasking=g.remasking,
+                                             threshold=g.threshold, temperature=g.temperature, top_k=g.top_k,
+                                             top_p=g.top_p, cfg_scale=g.cfg_scale,
+                                             prompt_cfg_scale=g.prompt_cfg_scale)
         else:
-            if g.mode == "joint":
+            if g.mode == "joint":       # joint_order=latent_first
                 z = latent_for(x, gens)
             elif canvases[rows[0]].latent is not None:
                 z = torch.tensor(np.stack([canvases[i].latent for i in rows]), device=device)

@@ -17,7 +17,8 @@ needs_minilm = pytest.mark.skipif(
 WORDS = "the a cat dog sat on mat ran far quick brown fox jumps over lazy river sun moon".split()
 KEYS = ["dashboard_chrf", "dashboard_bleu", "dashboard_chrf_lookup", "dashboard_bleu_lookup",
         "dashboard_chrf_shuffled", "dashboard_bleu_shuffled", "dashboard_chrf_null", "dashboard_bleu_null",
-        "dashboard_roundtrip_cos", "dashboard_roundtrip_cos_source", "dashboard_t2l_mse", "dashboard_t2l_cos",
+        "dashboard_roundtrip_cos", "dashboard_roundtrip_cos_source",
+        "dashboard_joint_pair_cos", "dashboard_joint_pair_cos_sequential", "dashboard_t2l_mse", "dashboard_t2l_cos",
         "dashboard_t2l_mse_mean_latent", "dashboard_t2l_cos_mean_latent", "dashboard_mauve_minilm",
         "dashboard_nelbo_clean", "dashboard_nelbo_null", "dashboard_latent_nats_per_sentence"]
 
@@ -72,6 +73,8 @@ def test_every_dashboard_key_is_present_and_finite_on_a_tiny_text_latent_run(tmp
     assert "dashboard_nonfinite" not in result and result["dashboard_samples"] == 4
     # the held-out sentences through the projection that made their latents: exactly their latents
     assert result["dashboard_roundtrip_cos_source"] == pytest.approx(1.0, abs=1e-4)
+    for key in ("dashboard_roundtrip_cos", "dashboard_joint_pair_cos", "dashboard_joint_pair_cos_sequential"):
+        assert -1.0 <= result[key] <= 1.0
     for key in ("dashboard_chrf", "dashboard_chrf_lookup", "dashboard_chrf_null"):
         assert 0.0 <= result[key] <= 100.0
     # the lookup finds training sentences by latent: nonzero overlap with this vocabulary of 18 words

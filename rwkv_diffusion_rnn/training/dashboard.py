@@ -20,6 +20,13 @@ On the first ``samples`` sentences of the validation split (each with its true l
   (``eval.latent_steps`` steps, eta 0, start noise from a fixed seed) against ``z``:
   ``dashboard_t2l_mse`` (per dimension) and ``dashboard_t2l_cos``, and the same for the mean
   training latent (``_mean_latent``: the score of knowing nothing about the sentence).
+* **joint pairs** (``dashboard_joint_pair_cos``): text and latent sampled together from the
+  all-mask canvas of each held-out sentence's length (``generate_joint``, co-denoised in the same
+  steps; temperature 1, random remasking, one token per step, sample ``i`` from generator
+  ``i``), the text embedded again as in the round trip, cosine to the latent it came with: how
+  well the two halves of a pair agree. ``dashboard_joint_pair_cos_sequential``: the same with
+  the latent sampled first (``eval.latent_steps`` DDIM steps) and the text written from it,
+  from the same start noise and generators.
 * **MAUVE** (``dashboard_mauve_minilm``): mauve-text's MAUVE of the texts written from the
   latents against the held-out sentences, both featurised by the packaged all-MiniLM-L6-v2
   sentence embeddings (not GPT-2 features as in the MAUVE paper: the numbers are comparable only
@@ -109,6 +116,30 @@ def _write(model, ids: List[List[int]], latents: Optional[np.ndarray], pad_id: i
     return out
 
 
+def _joint(model, diffusion, ids: List[List[int]], pad_id: int, batch_size: int, order: str,
+           latent_steps: int):
+    """Text and latent sampled together on each row's all-mask canvas (its padding kept as in
+    :func:`_write`): (token lists, latents [n, D]). Row ``i`` draws from generator ``i``, the same
+    for either ``order``, so the two orders start from the same noise."""
+    from ..diffusion.sampling import generate_joint
+    device = next(model.parameters()).device
+    texts: List[List[int]] = []
+    latents = []
+    for i in range(0, len(ids), batch_size):
+        rows = ids[i:i + batch_size]
+        T = max(len(r) for r in rows)
+        canvas = torch.full((len(rows), T), pad_id, dtype=torch.long)
+        for r, row in enumerate(rows):
+            canvas[r, :len(row)] = model.config.mask_id
+        gens = [torch.Generator().manual_seed(i + r) for r in range(len(rows))]
+        text, z = generate_joint(model, diffusion, prompt_ids=canvas.to(device), steps=T, order=order,
+                                 latent_steps=latent_steps, remasking="random", temperature=1.0, generator=gens,
+                                 use_cache=False)
+        texts += [text[r, :len(row)].tolist() for r, row in enumerate(rows)]
+        latents.append(z.float().cpu().numpy())
+    return texts, np.concatenate(latents)
+
+
 def _projection_dir(cfg, projection: Optional[str]) -> str:
     if projection:
         return projection
@@ -165,13 +196,19 @@ def dashboard(trained, *, samples: int = DEFAULT_SAMPLES, projection: Optional[s
         out[f"dashboard_chrf{name}"] = chrf(texts, sources)
         out[f"dashboard_bleu{name}"] = bleu(texts, sources)
 
+    diffusion = build_latent_diffusion(cfg)
+    joint = {order: _joint(model, diffusion, ids, pad_id, batch_size, order, int(cfg.eval.latent_steps))
+             for order in ("together", "latent_first")}
+    joint_texts = [decode(r) for order in ("together", "latent_first") for r in joint[order][0]]
+
     json_path = cfg.data.get("json_path") if "json_path" in cfg.data else None
     own = projection_source_model(Path(json_path).parent) if json_path and projection else None
-    back = encode_texts(written + sources, proj_dir, expect_model=own)
+    back = encode_texts(written + sources + joint_texts, proj_dir, expect_model=own)
     out["dashboard_roundtrip_cos"] = float(row_cosines(back[:n], z).mean())
-    out["dashboard_roundtrip_cos_source"] = float(row_cosines(back[n:], z).mean())
+    out["dashboard_roundtrip_cos_source"] = float(row_cosines(back[n:2 * n], z).mean())
+    out["dashboard_joint_pair_cos"] = float(row_cosines(back[2 * n:3 * n], joint["together"][1]).mean())
+    out["dashboard_joint_pair_cos_sequential"] = float(row_cosines(back[3 * n:], joint["latent_first"][1]).mean())
 
-    diffusion = build_latent_diffusion(cfg)
     device = trained.device
     g = rng.generator("eval_sampling")
     zt = []
