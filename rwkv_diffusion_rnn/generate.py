@@ -413,7 +413,7 @@ def load_latents(g: GenerateConfig, cfg, latent_dim: int):
             z = z[None]
         if z.ndim != 2 or z.shape[1] != latent_dim:
             raise _error(f"latent={g.latent} has shape {tuple(np.shape(z))}; this model reads latents of "
-                         f"{latent_dim} dims (model.latent_dim): give [{latent_dim}] or [N, {latent_dim}]")
+                         f"{latent_dim} dims (model.latent_dim; model.latent_input_dim with a projector): give [{latent_dim}] or [N, {latent_dim}]")
         if not np.isfinite(z).all():
             raise _error(f"latent={g.latent} holds NaN or infinite values")
         return z
@@ -435,7 +435,7 @@ def load_latents(g: GenerateConfig, cfg, latent_dim: int):
             raise _error(f"latent_text: cannot encode with projection={proj}: {e}") from None
         if z.shape[1] != latent_dim:
             raise _error(f"projection={proj} makes {z.shape[1]}-dim latents; this model reads {latent_dim} "
-                         "(model.latent_dim): use the projection of the run's data")
+                         "(model.latent_dim; model.latent_input_dim with a projector): use the projection of the run's data")
         return z.astype(np.float32)
     return None
 
@@ -556,7 +556,9 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
         raise _error("chat=true decodes an answer with masked diffusion; this checkpoint is an AR model")
     canvases = (chat_canvases(g, tok, mcfg.mask_id, cfg, turns) if g.chat
                 else build_canvases(g, tok, mcfg.mask_id, length, ar))
-    canvases = attach_latents(canvases, load_latents(g, cfg, mcfg.latent_dim) if has_latent else None,
+    from rwkv_diffusion_rnn.models.rwkv_denoiser import data_latent_dim
+    # latent= / latent_text= are in the data's space (a latent_projector model projects them below)
+    canvases = attach_latents(canvases, load_latents(g, cfg, data_latent_dim(cfg.model)) if has_latent else None,
                               g.num_samples)
     diffusion = build_latent_diffusion(cfg) if g.mode != "text" else None
     device = trained.device
@@ -636,7 +638,8 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
             if g.mode == "joint":       # joint_order=latent_first
                 z = latent_for(x, gens)
             elif canvases[rows[0]].latent is not None:
-                z = torch.tensor(np.stack([canvases[i].latent for i in rows]), device=device)
+                with torch.no_grad():
+                    z = model.clean_latent(torch.tensor(np.stack([canvases[i].latent for i in rows]), device=device))
             out = sampling.generate_text(model, latent=z, prompt_ids=x, steps=steps,
                                          block_length=g.block_length, remasking=g.remasking,
                                          threshold=g.threshold, temperature=g.temperature, top_k=g.top_k,

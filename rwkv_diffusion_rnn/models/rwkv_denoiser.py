@@ -43,6 +43,9 @@ from ..common.checks import Flag, Num, check_options
 from .time_conditioning import AdaLNZero, FiLM, TimeConditioner
 
 TIME_CONDITIONINGS = ("film", "adaln_zero", "none")
+# model.latent_projector: none (the data's latents are the model's), or a projector learned with the
+# model from the data's larger vectors (model.latent_input_dim, e.g. a full sentence embedding)
+LATENT_PROJECTORS = ("none", "linear", "mlp")
 # the model.* numbers and flags of DenoiserConfig, with their ranges
 OPTIONS = {
     "vocab_size": Num(lo=2, integer=True), "mask_id": Num(lo=0, integer=True),
@@ -52,6 +55,7 @@ OPTIONS = {
     "block_size": Num(lo=1, integer=True), "block_attention": Flag(), "use_pretrained_head": Flag(),
     "freeze_backbone": Flag(), "pos_emb_len": Num(lo=0, integer=True), "pos_emb_init_std": Num(lo=0),
     "latent_in_cond": Flag(), "shift_logits": Flag(),
+    "latent_input_dim": Num(lo=1, integer=True, optional=True, null_means="model.latent_dim (no projector)"),
     "bos_id": Num(lo=0, integer=True, optional=True, null_means="the tokenizer's end of text"),
 }
 
@@ -84,6 +88,8 @@ class DenoiserConfig:
     pos_emb_len: int = 0                # learned position embedding for this many text positions
     pos_emb_init_std: float = 0.0       # its initial values: N(0, std^2); 0 = zeros
     latent_in_cond: bool = False        # also add the latent's embedding to the conditioning vector
+    latent_projector: str = "none"      # LATENT_PROJECTORS: learn the latent from the data's vectors
+    latent_input_dim: Optional[int] = None   # the data's latent size when a projector reads them
     shift_logits: bool = False          # the logits of token i come from the position before it
     bos_id: Optional[int] = None        # shift_logits: the token read before the first one
     # the text head predicts each position's clean embedding (training.objective=embedding, set by
@@ -143,6 +149,16 @@ class DenoiserConfig:
                 raise ValueError(f"training.objective=embedding denoises every position at once; model.mixer="
                                  f"{self.mixer} reads left to right only: choose a mixer that reads both ways "
                                  "(e.g. model.mixer=bi)")
+        if self.latent_projector not in LATENT_PROJECTORS:
+            raise ValueError(f"model.latent_projector={self.latent_projector!r}; choose one of {LATENT_PROJECTORS}")
+        if self.latent_projector != "none" and (not self.latent_prefix_len or not self.latent_input_dim):
+            raise ValueError(f"model.latent_projector={self.latent_projector} learns the latent from the data's "
+                             "vectors: it needs model.latent_prefix_len >= 1 and model.latent_input_dim (their "
+                             "size, e.g. 384 for all-MiniLM-L6-v2 embeddings kept whole)")
+        if self.latent_projector == "none" and self.latent_input_dim not in (None, self.latent_dim):
+            raise ValueError(f"model.latent_input_dim={self.latent_input_dim} differs from model.latent_dim="
+                             f"{self.latent_dim} but no projector maps one to the other: set "
+                             "model.latent_projector=linear or mlp, or model.latent_input_dim=null")
         if self.latent_in_cond and (self.time_conditioning == "none" or not self.latent_prefix_len):
             raise ValueError("model.latent_in_cond=true adds the latent to the time conditioning: it needs "
                              "model.latent_prefix_len >= 1 and model.time_conditioning=film or adaln_zero")
@@ -160,11 +176,49 @@ class DenoiserConfig:
 _FIELDS = {f.name for f in fields(DenoiserConfig)} - {"mixer_options"}
 
 
+def data_latent_dim(model_keys) -> int:
+    """The size of the data's latent vectors for these ``model.*`` keys: ``latent_input_dim``
+    when a projector reads them, else ``latent_dim``."""
+    get = model_keys.get
+    if get("latent_projector", "none") not in (None, "none") and get("latent_input_dim"):
+        return int(get("latent_input_dim"))
+    return int(get("latent_dim"))
+
+
+class LatentProjector(nn.Module):
+    """The latent learned with the model (``model.latent_projector``): ``encode`` maps a data
+    vector [B, input_dim] (e.g. a whole sentence embedding) to the model's latent [B, latent_dim],
+    ``decode`` maps it back (the reconstruction term of ``training.latent_recon_weight``).
+
+    Two things keep it from collapsing. The denoising losses alone would pay it to make the latent
+    carry nothing (a constant, or one shrunk towards 0, is trivially denoised), so (1) every
+    encoded latent is scaled to norm ``sqrt(latent_dim)`` (the scale whitened PCA latents have on
+    average), so it cannot hide under the noise, and (2) the decoder must rebuild the input from
+    it, so it cannot send every sentence to one point.
+    """
+
+    def __init__(self, input_dim: int, latent_dim: int, kind: str):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.enc = (nn.Linear(input_dim, latent_dim) if kind == "linear" else
+                    nn.Sequential(nn.Linear(input_dim, input_dim), nn.GELU(), nn.Linear(input_dim, latent_dim)))
+        self.dec = nn.Linear(latent_dim, input_dim)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.enc(x.to(self.dec.weight.dtype))
+        return h * (self.latent_dim ** 0.5 / h.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.dec(z)
+
+
 class DenoiserOutput(NamedTuple):
     logits: Optional[torch.Tensor]            # [B, T, vocab] at the text positions (None: embedding_output)
     latent: Optional[torch.Tensor]            # [B, latent_dim] eps / x0 / v prediction
     state: Optional[List[LayerState]]         # forward-scan state (causal / block_causal only)
     embedding: Optional[torch.Tensor] = None  # [B, T, C] predicted clean embeddings (embedding_output)
+    latent_x0: Optional[torch.Tensor] = None    # [B, latent_dim] the projected clean latent (latent_noise)
+    latent_recon: Optional[torch.Tensor] = None  # [B, latent_input_dim] it decoded back (latent_noise)
 
 
 class MultimodalRWKVDenoiser(nn.Module):
@@ -201,6 +255,9 @@ class MultimodalRWKVDenoiser(nn.Module):
             self.latent_head = nn.Linear(P * C, cfg.latent_dim)
             nn.init.zeros_(self.latent_head.weight)   # zero final layer, as in DiT
             nn.init.zeros_(self.latent_head.bias)
+
+        if cfg.latent_projector != "none":
+            self.latent_projector = LatentProjector(cfg.latent_input_dim, cfg.latent_dim, cfg.latent_projector)
 
         if cfg.time_conditioning != "none":
             self.time_cond = TimeConditioner(C, latent_time=P > 0)
@@ -308,7 +365,8 @@ class MultimodalRWKVDenoiser(nn.Module):
                 prev_ids: Optional[torch.Tensor] = None,
                 context_ids: Optional[torch.Tensor] = None,
                 prompt_lengths: Optional[torch.Tensor] = None,
-                input_embeds: Optional[torch.Tensor] = None) -> DenoiserOutput:
+                input_embeds: Optional[torch.Tensor] = None,
+                latent_noise: Optional[tuple] = None) -> DenoiserOutput:
         """Denoise.
 
         Args:
@@ -336,6 +394,10 @@ class MultimodalRWKVDenoiser(nn.Module):
             input_embeds: [B, T, C] noisy embeddings read in place of ``input_ids``' (pass
                 ``input_ids=None``): embedding diffusion, whose model (``embedding_output``)
                 returns the predicted clean embeddings in ``embedding``.
+            latent_noise: ``(alpha [B], sigma [B], eps [B, latent_dim])`` (training a
+                ``latent_projector`` model): ``latent`` is then the data's clean vector; the call
+                projects it (``latent_x0``), noises it as ``alpha z0 + sigma eps`` and decodes it
+                back (``latent_recon``), so the projector learns inside the forward.
 
         With ``shift_logits`` the text position i reads token i - 1 (``bos_id`` before the first)
         and its output is the logits of token i: each prediction comes from the position before
@@ -362,6 +424,13 @@ class MultimodalRWKVDenoiser(nn.Module):
         elif prev_ids is not None and not cfg.shift_logits:
             raise ValueError("prev_ids is read by a model.shift_logits=true model only")
         x = self._embed_text(input_ids, prev_ids, return_state, pos_offset, input_embeds)
+        z0 = None
+        if latent_noise is not None:
+            if cfg.latent_projector == "none":
+                raise ValueError("latent_noise is read by a model.latent_projector model only")
+            alpha, sigma, eps = latent_noise
+            z0 = self.latent_projector.encode(latent)
+            latent = alpha.view(B, 1).to(z0) * z0 + sigma.view(B, 1).to(z0) * eps.to(z0)
         context = None
         if context_ids is not None and self.mixer.reads_context:
             if context_ids.shape != input_ids.shape:
@@ -409,4 +478,13 @@ class MultimodalRWKVDenoiser(nn.Module):
         if P:
             h_lat = self.latent_out_norm(x[:, :P]).reshape(B, P * self.n_embd)
             latent_out = self.latent_head(h_lat)
+        if z0 is not None:
+            return DenoiserOutput(logits, latent_out, new_state, None, z0, self.latent_projector.decode(z0))
         return DenoiserOutput(logits, latent_out, new_state)
+
+    def clean_latent(self, data_latent: torch.Tensor) -> torch.Tensor:
+        """The model's clean latent [B, latent_dim] of the data's latent vectors: projected by a
+        ``latent_projector`` model, as they are otherwise."""
+        if self.config.latent_projector == "none":
+            return data_latent
+        return self.latent_projector.encode(data_latent)

@@ -139,7 +139,8 @@ def build_embedding_diffusion(cfg: DictConfig) -> GaussianDiffusion:
 def objective_config(tr: DictConfig) -> ObjectiveConfig:
     """``ObjectiveConfig`` from the ``training`` group."""
     return ObjectiveConfig(clean_text_prob=tr.clean_text_prob, clean_latent_prob=tr.clean_latent_prob,
-                           latent_drop_prob=tr.latent_drop_prob, latent_loss_weight=tr.latent_loss_weight)
+                           latent_drop_prob=tr.latent_drop_prob, latent_loss_weight=tr.latent_loss_weight,
+                           latent_recon_weight=float(tr.get("latent_recon_weight", 0.0)))
 
 
 def build_objective(cfg: DictConfig, text: MaskedDiffusion, latent: Optional[GaussianDiffusion]):
@@ -151,8 +152,10 @@ def build_objective(cfg: DictConfig, text: MaskedDiffusion, latent: Optional[Gau
         return EmbeddingDiffusionObjective(build_embedding_diffusion(cfg),
                                            float(cfg.training.get("auxiliary_ce_weight", 0.0)),
                                            mask_id=int(cfg.model.mask_id))
+    projected = cfg.model.get("latent_projector", "none") not in (None, "none")
     return DiffusionObjective(text, latent if cfg.model.latent_prefix_len else None,
-                              objective_config(cfg.training), sft=bool(cfg.text_noise.sft))
+                              objective_config(cfg.training), sft=bool(cfg.text_noise.sft),
+                              projected_dim=int(cfg.model.latent_dim) if projected else None)
 
 
 # ---------------------------------------------------------------------------------------------- optimizer

@@ -100,19 +100,22 @@ def _check_choices(cfg: DictConfig) -> None:
     from ..diffusion.objective import OBJECTIVES
     from ..models.rwkv_denoiser import ARCHS
     from ..models.mixers import MIXERS
-    from ..models.rwkv_denoiser import TIME_CONDITIONINGS
+    from ..models.rwkv_denoiser import LATENT_PROJECTORS, TIME_CONDITIONINGS
     from ..ops.wkv7 import BACKENDS
     from .builders import AUTOCAST_DTYPES, DEVICES
     from .optimizer import OPTIMIZERS, SCHEDULES as LR_SCHEDULES
 
     for key, allowed in (("model.arch", tuple(ARCHS)), ("model.mixer", sorted(MIXERS)),
                          ("model.time_conditioning", TIME_CONDITIONINGS), ("model.latent_target", TARGETS),
+
                          ("model.wkv_backend", BACKENDS), ("training.dtype", tuple(AUTOCAST_DTYPES)),
                          ("training.objective", OBJECTIVES), ("text_noise.schedule", sorted(SCHEDULES)),
                          ("text_noise.loss_type", LOSS_TYPES), ("text_noise.noise_type", NOISE_TYPES),
                          ("latent_noise.schedule", LATENT_SCHEDULES), ("optimizer.name", OPTIMIZERS),
                          ("optimizer.schedule", LR_SCHEDULES), ("data.kind", tuple(DATA_SOURCES))):
         _choice(cfg, key, allowed)
+    if cfg.model.get("latent_projector") is not None:       # a saved config may predate the key
+        _choice(cfg, "model.latent_projector", LATENT_PROJECTORS)
     device = cfg.training.device
     if not (device in DEVICES or str(device).startswith("cuda:")):
         raise ConfigError(f"training.device={device!r} is not valid; choose one of {', '.join(DEVICES)} "
@@ -129,7 +132,8 @@ TRAINING_OPTIONS = {
     "ema_decay": Num(0, 1, lo_open=True, hi_open=True, optional=True, null_means="no EMA"),
     "unfreeze_backbone_at_epoch": Num(lo=0, integer=True, optional=True),
     "latent_loss_weight": Num(lo=0), "clean_text_prob": Num(0, 1), "clean_latent_prob": Num(0, 1),
-    "latent_drop_prob": Num(0, 1), "auxiliary_ce_weight": Num(lo=0), "stop_at_step": Num(lo=1, integer=True, optional=True),
+    "latent_drop_prob": Num(0, 1), "auxiliary_ce_weight": Num(lo=0),
+    "latent_recon_weight": Num(lo=0), "stop_at_step": Num(lo=1, integer=True, optional=True),
     "max_bad_steps": Num(lo=0, integer=True), "grad_checkpointing": Flag(), "resume_any_world_size": Flag(),
 }
 LOGGING_OPTIONS = {

@@ -140,6 +140,14 @@ def _joint(model, diffusion, ids: List[List[int]], pad_id: int, batch_size: int,
     return texts, np.concatenate(latents)
 
 
+def _model_latents(model, vectors: np.ndarray) -> np.ndarray:
+    """The data's latent vectors as the model's latents (a ``latent_projector`` model projects
+    them; the others take them as they are)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model.clean_latent(torch.as_tensor(vectors, dtype=torch.float32, device=device)).float().cpu().numpy()
+
+
 def _projection_dir(cfg, projection: Optional[str]) -> str:
     if projection:
         return projection
@@ -173,6 +181,7 @@ def dashboard(trained, *, samples: int = DEFAULT_SAMPLES, projection: Optional[s
         raise ConfigError("dashboard=true scores held-out sentences: this run has no validation split "
                           "(set data.val_fraction > 0 or data.val_json_path / data.val_token_dir)")
     ids, z = _sentences(data.val, samples)
+    z = _model_latents(model, z)
     n = len(ids)
     if n < 2:
         raise ConfigError(f"dashboard=true needs at least 2 held-out sentences (the shuffled reference pairs "
@@ -183,7 +192,7 @@ def dashboard(trained, *, samples: int = DEFAULT_SAMPLES, projection: Optional[s
 
     # the training latents: the mean, and the nearest one's sentence for each held-out latent
     train = data.train.dataset
-    train_z = np.stack([train[i]["latent"].float().numpy() for i in range(len(train))])
+    train_z = _model_latents(model, np.stack([train[i]["latent"].float().numpy() for i in range(len(train))]))
     unit = train_z / np.maximum(np.linalg.norm(train_z, axis=1, keepdims=True), 1e-12)
     nearest = (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12) @ unit.T).argmax(1)
     lookup = [decode(train[int(j)]["input_ids"].tolist()) for j in nearest]
@@ -203,7 +212,7 @@ def dashboard(trained, *, samples: int = DEFAULT_SAMPLES, projection: Optional[s
 
     json_path = cfg.data.get("json_path") if "json_path" in cfg.data else None
     own = projection_source_model(Path(json_path).parent) if json_path and projection else None
-    back = encode_texts(written + sources + joint_texts, proj_dir, expect_model=own)
+    back = _model_latents(model, encode_texts(written + sources + joint_texts, proj_dir, expect_model=own))
     out["dashboard_roundtrip_cos"] = float(row_cosines(back[:n], z).mean())
     out["dashboard_roundtrip_cos_source"] = float(row_cosines(back[n:2 * n], z).mean())
     out["dashboard_joint_pair_cos"] = float(row_cosines(back[2 * n:3 * n], joint["together"][1]).mean())

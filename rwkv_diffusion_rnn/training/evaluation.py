@@ -140,7 +140,8 @@ class Evaluator:
             if self.has_latent and i == 0:
                 z = generate_latent(model, self.latent_diff, batch["input_ids"].to(self.device),
                                     steps=self.settings.latent_steps, generator=rng.generator("eval_sampling"))
-                cos = torch.nn.functional.cosine_similarity(z.float().cpu(), batch["latent"].float(), dim=-1)
+                true = likelihood.clean_latent(model, batch["latent"].float().to(self.device)).float().cpu()
+                cos = torch.nn.functional.cosine_similarity(z.float().cpu(), true, dim=-1)
                 cos_sum, cos_n = cos_sum + float(cos.sum()), cos_n + cos.numel()
         tot = dict(zip(tot, self.dist.sum(tot.values())))      # the shares of each batch add up
         # a loss no batch measured is absent (a text-only model's latent loss too), never a 0
