@@ -17,7 +17,7 @@ needs_minilm = pytest.mark.skipif(
 WORDS = "the a cat dog sat on mat ran far quick brown fox jumps over lazy river sun moon".split()
 KEYS = ["dashboard_chrf", "dashboard_bleu", "dashboard_chrf_lookup", "dashboard_bleu_lookup",
         "dashboard_chrf_shuffled", "dashboard_bleu_shuffled", "dashboard_chrf_null", "dashboard_bleu_null",
-        "dashboard_roundtrip_cos", "dashboard_roundtrip_cos_source",
+        "dashboard_roundtrip_cos", "dashboard_roundtrip_cos_source", "dashboard_roundtrip_cos_shuffled",
         "dashboard_joint_pair_cos", "dashboard_joint_pair_cos_sequential", "dashboard_t2l_mse", "dashboard_t2l_cos",
         "dashboard_t2l_mse_mean_latent", "dashboard_t2l_cos_mean_latent", "dashboard_mauve_minilm",
         "dashboard_nelbo_clean", "dashboard_nelbo_null", "dashboard_latent_nats_per_sentence"]

@@ -15,7 +15,10 @@ On the first ``samples`` sentences of the validation split (each with its true l
 * **round trip** (``dashboard_roundtrip_cos``): the text written from ``z`` embedded again by
   the embedding model and projection that made the training latents, cosine to ``z``; and
   ``dashboard_roundtrip_cos_source``: the source sentence itself through the same path (the
-  ceiling the projection allows: 1 when the latents on disk were made this way).
+  ceiling the projection allows: 1 when the latents on disk were made this way);
+  ``dashboard_roundtrip_cos_shuffled``, the written text against the next sentence's latent
+  (the chance level: latents of unrelated sentences need not be orthogonal, e.g. a learned
+  projection with a bias).
 * **text -> latent**: the latent sampled from each clean sentence by the DDIM sampler users get
   (``eval.latent_steps`` steps, eta 0, start noise from a fixed seed) against ``z``:
   ``dashboard_t2l_mse`` (per dimension) and ``dashboard_t2l_cos``, and the same for the mean
@@ -215,6 +218,8 @@ def dashboard(trained, *, samples: int = DEFAULT_SAMPLES, projection: Optional[s
     back = _model_latents(model, encode_texts(written + sources + joint_texts, proj_dir, expect_model=own))
     out["dashboard_roundtrip_cos"] = float(row_cosines(back[:n], z).mean())
     out["dashboard_roundtrip_cos_source"] = float(row_cosines(back[n:2 * n], z).mean())
+    # its chance level: the written text against another sentence's latent (the next one's)
+    out["dashboard_roundtrip_cos_shuffled"] = float(row_cosines(back[:n], np.roll(z, -1, axis=0)).mean())
     out["dashboard_joint_pair_cos"] = float(row_cosines(back[2 * n:3 * n], joint["together"][1]).mean())
     out["dashboard_joint_pair_cos_sequential"] = float(row_cosines(back[3 * n:], joint["latent_first"][1]).mean())
 
