@@ -11,7 +11,7 @@ What it does, each stage skipped when its output is there (so a killed run resum
 
 1. **Corpus** (``<out>/corpus/sentences.json``, DiffRwkv's JSON list of ``{"text": ...}``): the
    speeches of the plays (the lines after a speaker's ``NAME.`` line, stage directions in ``[...]``
-   dropped, joined by spaces); a speech of at most ``--max-chars`` characters is one example, a
+   dropped, joined by spaces; the lists of persons skipped); a speech of at most ``--max-chars`` characters is one example, a
    longer one gives its sentences of ``--min-chars`` .. ``--max-chars``; duplicates dropped, in
    file order, the first ``--max-sentences`` kept.
 2. **Latents**: ``python -m rwkv_diffusion_rnn.prepare_latents`` with the packaged
@@ -72,10 +72,18 @@ SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
 def speeches(text: str):
-    """The speeches of a play text: the lines after a speaker's line, up to a blank line."""
-    speech, inside = [], False
+    """The speeches of a play text: the lines after a speaker's line, up to a blank line (a
+    play's list of persons, up to its first act or scene, is no speech)."""
+    speech, inside, cast = [], False, False
     for line in text.splitlines() + [""]:
         line = line.strip()
+        upper = line.upper()
+        if upper.startswith(("PERSONS REPRESENTED", "DRAMATIS PERSON")):
+            cast, inside, speech = True, False, []
+        elif cast and upper.startswith(("ACT ", "SCENE")):
+            cast = False
+        if cast:
+            continue
         if not line:
             if inside and speech:
                 yield " ".join(speech)
@@ -273,14 +281,14 @@ def main(argv=None) -> None:
     p.add_argument("--max-sentences", type=int, default=20000)
     p.add_argument("--min-chars", type=int, default=20)
     p.add_argument("--max-chars", type=int, default=160)
-    p.add_argument("--steps", type=int, default=1500, help="training steps per row")
+    p.add_argument("--steps", type=int, default=800, help="training steps per row")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--head-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--save-every", type=int, default=250, help="steps between checkpoints (resume points)")
-    p.add_argument("--samples", type=int, default=64, help="held-out sentences the dashboard scores")
+    p.add_argument("--samples", type=int, default=32, help="held-out sentences the dashboard scores")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches of the bound")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report-only", action="store_true")
