@@ -19,7 +19,7 @@ setup() {
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
     # torch first, pinned: a plain `torch` would pull the CUDA build.
     "$VENV/bin/python" -m pip install -q torch==2.13.0
-    "$VENV/bin/python" -m pip install -q -e ".[dev,fla-cpu,harness]"
+    "$VENV/bin/python" -m pip install -q -e ".[dev,fla-cpu,harness,dashboard]"
     rm -f "$VENV"/.installed-*
     touch "$stamp"
   fi

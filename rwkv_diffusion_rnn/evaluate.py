@@ -13,8 +13,17 @@ error; a text + latent model also without its latent (``null_latent``). ``eval.c
 scores the validation split of a text corpus as one stream instead of independent windows:
 left to right in chunks of ``data.seq_len`` tokens with the state carried (``causal`` and
 ``block_causal`` models; every token given all the text before it; see
-:func:`~rwkv_diffusion_rnn.training.likelihood.score_stream`). Writes ``<dir>/eval.json``
-(or ``out=<file>``) and prints it. Progress goes to stderr: a bar on a terminal
+:func:`~rwkv_diffusion_rnn.training.likelihood.score_stream`). With ``dashboard=true``
+(``dashboard.samples=N``, default 32 held-out sentences; ``dashboard.projection=<dir>``, default
+the folder of ``data.json_path``) a text + latent model also gets the ``dashboard_*`` keys of
+:mod:`rwkv_diffusion_rnn.training.dashboard` (latent -> text chrF / BLEU against the lookup,
+shuffled and null references, round-trip cosine, text -> latent MSE / cosine, MAUVE on MiniLM
+features, the nats per sentence the latent carries). An embedding-diffusion
+model (``training.objective=embedding``) has no bound here: it reports ``embedding_mse``,
+``rounding_ce`` (nats per token of the rounding softmax of its x0 prediction at one noise draw per
+window: a score, not a bound on the likelihood), ``rounding_acc`` and ``embedding_drift`` (the
+root-mean-square distance per dimension from the predicted x0 to the nearest token embedding).
+Writes ``<dir>/eval.json`` (or ``out=<file>``) and prints it. Progress goes to stderr: a bar on a terminal
 (``logging.progress_bar``), a plain line every 30 s when the output is a file or a log.
 The text corpus is read from the token cache training built (``data.cache_dir``, relative to the
 current directory), tokenized again only when its sources changed.
@@ -60,8 +69,10 @@ def _val_batches(cfg, tokenizer):
     return data_source(cfg.data.kind).validation_batches(cfg, tokenizer)
 
 
-def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = None) -> dict:
-    """Scores ``checkpoint`` (see the module docstring); returns what it writes to ``eval.json``."""
+def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = None,
+             dashboard: Optional[dict] = None) -> dict:
+    """Scores ``checkpoint`` (see the module docstring); returns what it writes to ``eval.json``.
+    ``dashboard``: also the text + latent dashboard, with these options (``samples``, ``projection``)."""
     from rwkv_diffusion_rnn.common import rng
     from rwkv_diffusion_rnn.training import likelihood
     from rwkv_diffusion_rnn.training.builders import autocast, build_text_diffusion
@@ -78,6 +89,17 @@ def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = Non
             raise ConfigError(f"{path} cannot be scored: {why}")
     batches = _val_batches(cfg, tokenizer)
     objective, ev = cfg.training.objective, cfg.eval
+    if objective == "embedding":
+        from rwkv_diffusion_rnn.diffusion.embedding_diffusion import embedding_scores
+        from rwkv_diffusion_rnn.training.builders import build_objective
+        scores = embedding_scores(build_objective(cfg, None, None), model, batches, rng.generator("eval_noise"),
+                                  max_batches=ev.max_batches, device=device,
+                                  autocast=lambda: autocast(device, cfg.training.dtype))
+        result = {"checkpoint": str(path), "step": trained.step, "objective": objective,
+                  "quantity": "rounding_ce (not a likelihood bound)", "mixer": cfg.model.mixer,
+                  "split": "validation", "seq_len": cfg.data.seq_len, "weights": trained.weights, **scores}
+        _write_result(Path(out) if out else path / EVAL_FILE, result, "out" if out else "checkpoint")
+        return result
     schedule = build_text_diffusion(cfg).schedule
 
     # off a terminal (a file, a CI log) plain lines always report progress: a long job never looks silent
@@ -101,9 +123,16 @@ def evaluate(checkpoint, overrides: Sequence[str] = (), out: Optional[str] = Non
               "split": "validation", "seq_len": cfg.data.seq_len, "context": ev.get("context", "windows"),
               "weights": trained.weights,
               **summary.as_dict()}
+    null = None
     if cfg.model.latent_prefix_len and objective != "ar":
         result["latent"] = "clean"
-        result["null_latent"] = run("null").as_dict()
+        null = run("null")
+        result["null_latent"] = null.as_dict()
+    if dashboard is not None:
+        from rwkv_diffusion_rnn.training import dashboard as dash
+        result.update(dash.dashboard(trained, **dashboard, bound_clean=summary, bound_null=null,
+                                     bound_sentences=dash.count_sentences(batches, ev.max_batches),
+                                     batch_size=int(cfg.training.eval_batch_size)))
     _write_result(Path(out) if out else path / EVAL_FILE, result, "out" if out else "checkpoint")
     return result
 
@@ -248,6 +277,26 @@ def evaluate_samples(samples, scorer, out: Optional[str] = None, batch_size: int
     return result
 
 
+def _dashboard_options(options: dict) -> dict:
+    """``dashboard.samples=N`` and ``dashboard.projection=<dir>`` as keyword arguments."""
+    from rwkv_diffusion_rnn.common.errors import ConfigError
+    unknown = sorted(set(options) - {"samples", "projection"})
+    if unknown:
+        raise ConfigError(f"dashboard.{unknown[0]}: no such option; dashboard takes dashboard.samples=N and "
+                          "dashboard.projection=<folder of projection.npz>")
+    kwargs = {}
+    if "samples" in options:
+        try:
+            kwargs["samples"] = int(options["samples"])
+        except ValueError:
+            kwargs["samples"] = 0
+        if kwargs["samples"] < 2:
+            raise ConfigError(f"dashboard.samples={options['samples']} must be an integer >= 2")
+    if "projection" in options:
+        kwargs["projection"] = options["projection"]
+    return kwargs
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -256,6 +305,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from rwkv_diffusion_rnn.common.errors import ConfigError, ProjectError
     checkpoint = out = samples = scorer = batch_size = None
     overwrite = False
+    dashboard = None
+    dash_options = {}
     overrides = []
     for item in argv:
         if item.startswith("overwrite="):
@@ -270,6 +321,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             scorer = item.split("=", 1)[1]
         elif item.startswith("eval.batch_size="):
             batch_size = item
+        elif item.startswith("dashboard="):
+            dashboard = item.split("=", 1)[1].lower() == "true"
+        elif item.startswith("dashboard."):
+            dash_options[item[len("dashboard."):].partition("=")[0]] = item.partition("=")[2]
         else:
             overrides.append(item)
     try:
@@ -297,7 +352,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if not checkpoint:
                 raise ConfigError("checkpoint=<dir> is required (a checkpoint directory or a run's logging.save_dir)"
                                   ", or eval.samples=<file.jsonl> eval.scorer=<AR checkpoint> to score samples")
-            result = evaluate(checkpoint, overrides, out=out)
+            result = evaluate(checkpoint, overrides, out=out,
+                              dashboard=_dashboard_options(dash_options) if dashboard else None)
     except (ProjectError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

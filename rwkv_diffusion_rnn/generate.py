@@ -28,8 +28,11 @@ What to write (``mode=text``, the default)
                             is printed
 ``mode=latent``: a latent from a text (``text="..."`` or ``text_file=``; or a ``template``, whose
 masks the latent sampler sees as unknown), written to ``latent_out=<file>.npy`` [N, latent_dim].
-``mode=joint``: text and latent together (latent first, then the text written from it);
-``latent_out=`` gets the latents.
+``mode=joint``: text and latent together, ``latent_out=`` gets the latents. ``joint_order=together``
+(the default) co-denoises them: every step reads the partly masked text and the noisy latent in
+one model call, commits text and moves the latent one DDIM interval (the latent's grid is the
+text's ``steps``; ``latent_steps`` is not used). ``joint_order=latent_first`` samples the latent
+first (``latent_steps``, ``latent_sampler``) and writes the text from it.
 
 Decoding (masked diffusion, ``rwkv_diffusion_rnn.diffusion.sampling``)
     ``steps`` (default: the canvas length, at most one token per step), ``block_length``
@@ -40,6 +43,9 @@ Decoding (masked diffusion, ``rwkv_diffusion_rnn.diffusion.sampling``)
     block_causal state cache), ``latent_steps`` / ``latent_sampler`` / ``eta`` (the latent).
 An AR checkpoint (``training.objective=ar``) writes token by token through its recurrent
 state (``temperature``, ``top_k``, ``top_p``); it continues prompts but does not infill.
+An embedding-diffusion checkpoint (``training.objective=embedding``) writes unconditionally
+only: DDIM over the token embeddings (``steps``, default the canvas length; ``eta``) from the
+sample's own start noise, the last prediction rounded to the nearest token embedding.
 
 Sample ``k`` (0, 1, ... in output order) draws from its own generator seeded ``seed + k``, so
 its text does not depend on ``batch_size`` or on the other samples of its batch. With ``eos``
@@ -100,6 +106,7 @@ class GenerateConfig:
     use_cache: bool = True
     latent_steps: int = 50
     latent_sampler: str = "ddim"          # sampling.LATENT_SAMPLERS
+    joint_order: str = "together"         # mode=joint: sampling.JOINT_ORDERS
     eta: float = 0.0
     eos: bool = True
     seed: int = 0
@@ -183,10 +190,11 @@ OPTIONS = {
 
 def check_options(g: GenerateConfig) -> None:
     """What can be refused before the model is loaded."""
-    from rwkv_diffusion_rnn.diffusion.sampling import LATENT_SAMPLERS, REMASKING
+    from rwkv_diffusion_rnn.diffusion.sampling import JOINT_ORDERS, LATENT_SAMPLERS, REMASKING
     if not g.checkpoint:
         raise _error("checkpoint=<dir> is required (a checkpoint directory or a run's logging.save_dir)")
-    for key, choices in (("mode", MODES), ("remasking", REMASKING), ("latent_sampler", LATENT_SAMPLERS)):
+    for key, choices in (("mode", MODES), ("remasking", REMASKING), ("latent_sampler", LATENT_SAMPLERS),
+                         ("joint_order", JOINT_ORDERS)):
         if getattr(g, key) not in choices:
             raise _error(f"{key}={getattr(g, key)!r}; choose one of {', '.join(choices)}")
     given = [k for k in ("prompt", "prompt_file", "template", "template_file", "text", "text_file")
@@ -214,6 +222,9 @@ def check_options(g: GenerateConfig) -> None:
         raise _error(f"{given[0]}= is the input of mode=latent; to continue a text use prompt=, to fill one template=")
     if g.mode == "joint" and (g.latent is not None or g.latent_text is not None):
         raise _error("mode=joint samples the latent itself; to write from a given latent use mode=text latent=...")
+    if g.mode == "joint" and g.joint_order == "together" and g.latent_sampler != "ddim":
+        raise _error(f"latent_sampler={g.latent_sampler} is for joint_order=latent_first; joint_order=together "
+                     "steps the latent by DDIM inside the text's steps (eta=1 draws DDPM's amount of noise)")
     for key, spec in OPTIONS.items():
         value = getattr(g, key)
         if not spec.ok(value):
@@ -402,27 +413,29 @@ def load_latents(g: GenerateConfig, cfg, latent_dim: int):
             z = z[None]
         if z.ndim != 2 or z.shape[1] != latent_dim:
             raise _error(f"latent={g.latent} has shape {tuple(np.shape(z))}; this model reads latents of "
-                         f"{latent_dim} dims (model.latent_dim): give [{latent_dim}] or [N, {latent_dim}]")
+                         f"{latent_dim} dims (model.latent_dim; model.latent_input_dim with a projector): give [{latent_dim}] or [N, {latent_dim}]")
         if not np.isfinite(z).all():
             raise _error(f"latent={g.latent} holds NaN or infinite values")
         return z
     if g.latent_text is not None:
-        from rwkv_diffusion_rnn.data.latents import encode_texts
+        from rwkv_diffusion_rnn.data.latents import encode_texts, projection_source_model
         from rwkv_diffusion_rnn.common.errors import LatentPrepError
         proj = g.projection
+        json_path = cfg.data.get("json_path") if "json_path" in cfg.data else None
         if proj is None:
-            json_path = cfg.data.get("json_path") if "json_path" in cfg.data else None
             if not json_path:
                 raise _error("latent_text needs the projection that made the training latents: "
                              "set projection=<folder of projection.npz>")
             proj = str(Path(json_path).parent)
+        # a projection given beside the run's own must come from the same embedding model
+        own = projection_source_model(Path(json_path).parent) if json_path and g.projection else None
         try:
-            z = encode_texts([g.latent_text], proj)
+            z = encode_texts([g.latent_text], proj, expect_model=own)
         except (LatentPrepError, OSError, ValueError) as e:
             raise _error(f"latent_text: cannot encode with projection={proj}: {e}") from None
         if z.shape[1] != latent_dim:
             raise _error(f"projection={proj} makes {z.shape[1]}-dim latents; this model reads {latent_dim} "
-                         "(model.latent_dim): use the projection of the run's data")
+                         "(model.latent_dim; model.latent_input_dim with a projector): use the projection of the run's data")
         return z.astype(np.float32)
     return None
 
@@ -511,8 +524,14 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
     model, cfg, tok = trained.model, trained.cfg, trained.tokenizer
     mcfg = model.config
     ar = trained.objective == "ar"
+    embedding = trained.objective == "embedding"
     has_latent = bool(mcfg.latent_prefix_len)
-    why = None if ar else undecodable_noise(cfg.text_noise.get("noise_type", "mask"))
+    if embedding and (g.mode != "text" or g.chat or any(getattr(g, k) is not None for k in (
+            "prompt", "prompt_file", "template", "template_file", "latent", "latent_text", "conversation"))):
+        raise _error(f"{trained.path} is an embedding-diffusion model (training.objective=embedding): it writes "
+                     "text unconditionally (mode=text, num_samples=, length=, steps=, eta=); prompts, templates "
+                     "and latents are read by masked-diffusion checkpoints")
+    why = None if ar or embedding else undecodable_noise(cfg.text_noise.get("noise_type", "mask"))
     if why:
         raise _error(f"{trained.path} cannot be decoded: {why}")
     if tok is None:          # a synthetic-task run: its character vocabulary
@@ -537,21 +556,30 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
         raise _error("chat=true decodes an answer with masked diffusion; this checkpoint is an AR model")
     canvases = (chat_canvases(g, tok, mcfg.mask_id, cfg, turns) if g.chat
                 else build_canvases(g, tok, mcfg.mask_id, length, ar))
-    canvases = attach_latents(canvases, load_latents(g, cfg, mcfg.latent_dim) if has_latent else None,
+    from rwkv_diffusion_rnn.models.rwkv_denoiser import data_latent_dim
+    # latent= / latent_text= are in the data's space (a latent_projector model projects them below)
+    canvases = attach_latents(canvases, load_latents(g, cfg, data_latent_dim(cfg.model)) if has_latent else None,
                               g.num_samples)
     diffusion = build_latent_diffusion(cfg) if g.mode != "text" else None
     device = trained.device
 
     settings = {"checkpoint": str(trained.path), "step": trained.step, "weights": trained.weights,
-                "mode": g.mode, "decoding": "autoregressive" if ar else "masked_diffusion",
+                "mode": g.mode,
+                "decoding": "autoregressive" if ar else "embedding_diffusion" if embedding else "masked_diffusion",
                 "temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p, "eos": g.eos}
-    if not ar:
+    if embedding:
+        settings.update(steps=g.steps, eta=g.eta)
+    elif not ar:
         settings.update(steps=g.steps, block_length=g.block_length, remasking=g.remasking,
                         threshold=g.threshold, cfg_scale=g.cfg_scale, prompt_cfg_scale=g.prompt_cfg_scale,
                         mixer=mcfg.mixer,
-                        use_cache=g.use_cache and sampling.cache_unit(model) is not None)
+                        # co-denoising changes the latent every step: no state is carried
+                        use_cache=(g.use_cache and sampling.cache_unit(model) is not None
+                                   and not (g.mode == "joint" and g.joint_order == "together")))
     if g.mode != "text":
         settings.update(latent_steps=g.latent_steps, latent_sampler=g.latent_sampler, eta=g.eta)
+    if g.mode == "joint":
+        settings["joint_order"] = g.joint_order
 
     def latent_for(canvas_ids, gens):
         init = torch.stack([torch.randn(mcfg.latent_dim, generator=gen) for gen in gens]).to(device)
@@ -582,16 +610,36 @@ def generate(checkpoint=None, config: Optional[GenerateConfig] = None, trained=N
         if g.mode == "latent":
             z = latent_for(x, gens)
             out = x
+        elif embedding:
+            from rwkv_diffusion_rnn.diffusion.embedding_diffusion import generate_embedding_text
+            from rwkv_diffusion_rnn.training.builders import build_embedding_diffusion
+            width = model.token_embeddings().shape[1]
+            init = torch.stack([torch.randn(x.shape[1], width, generator=gen) for gen in gens])
+            # eta > 0 draws fresh noise each step from one stream: each row alone keeps its own
+            out = torch.cat([generate_embedding_text(model, build_embedding_diffusion(cfg), length=x.shape[1],
+                                                     batch_size=1, steps=steps, eta=g.eta, generator=gens[r],
+                                                     init_noise=init[r:r + 1]) for r in range(len(rows))]) \
+                if g.eta else generate_embedding_text(model, build_embedding_diffusion(cfg), length=x.shape[1],
+                                                      batch_size=len(rows), steps=steps, init_noise=init)
         elif ar:
             out = sampling.generate_autoregressive(model, bos_id=eos_id if eos_id is not None else mcfg.mask_id,
                                                    prompt_ids=x, temperature=g.temperature, top_k=g.top_k,
                                                    top_p=g.top_p, eos_id=eos_id if g.eos else None,
                                                    generator=gens)
+        elif g.mode == "joint" and g.joint_order == "together":
+            init = torch.stack([torch.randn(mcfg.latent_dim, generator=gen) for gen in gens]).to(device)
+            out, z = sampling.generate_joint(model, diffusion, prompt_ids=x, steps=steps, order="together",
+                                             eta=g.eta, init_noise=init, generator=gens,
+                                             block_length=g.block_length, remasking=g.remasking,
+                                             threshold=g.threshold, temperature=g.temperature, top_k=g.top_k,
+                                             top_p=g.top_p, cfg_scale=g.cfg_scale,
+                                             prompt_cfg_scale=g.prompt_cfg_scale)
         else:
-            if g.mode == "joint":
+            if g.mode == "joint":       # joint_order=latent_first
                 z = latent_for(x, gens)
             elif canvases[rows[0]].latent is not None:
-                z = torch.tensor(np.stack([canvases[i].latent for i in rows]), device=device)
+                with torch.no_grad():
+                    z = model.clean_latent(torch.tensor(np.stack([canvases[i].latent for i in rows]), device=device))
             out = sampling.generate_text(model, latent=z, prompt_ids=x, steps=steps,
                                          block_length=g.block_length, remasking=g.remasking,
                                          threshold=g.threshold, temperature=g.temperature, top_k=g.top_k,

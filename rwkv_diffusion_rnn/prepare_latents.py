@@ -94,10 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LatentPrepError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    err = summary["reconstruction_error_val"]
     print(
         f"wrote {summary['n_train']} train + {summary['n_val']} val latents "
         f"({summary['source_dim']} -> {summary['latent_dim']} dims, "
-        f"{100 * summary['explained_variance_total']:.1f}% of train variance kept) to {summary['output_dir']}"
+        f"{100 * summary['explained_variance_total']:.1f}% of train variance kept) to {summary['output_dir']}\n"
+        f"reconstruction error: {100 * (1 - summary['explained_variance_total']):.1f}% of the train variance, "
+        + (f"{100 * err:.1f}% of the val variance" if err is not None else "no val split")
+        + f"; latents {'whitened (unit variance per dim on train)' if summary['whiten'] else 'at PCA scale (--no_whiten)'}"
     )
     return 0
 

@@ -116,7 +116,7 @@ main keys
   data.kind                {" | ".join(DATA_SOURCES)}   (set by the data group)
   data.path / data.seq_len the corpus (data=text, data=sft) and the text length
   tokenizer.name           chars | bytes | BlinkDL/rwkv7-g1 | a Hugging Face tokenizer
-  training.objective       diffusion | ar
+  training.objective       diffusion | ar | embedding
   training.max_steps / num_epochs / train_batch_size / dtype / device
   training.resume          latest | <checkpoint dir>   (continue exactly)
   training.init_from       <checkpoint dir>   (a new run from its weights)

@@ -226,6 +226,44 @@ def test_unloadable_model_is_named(tmp_path, capsys):
     assert rc == 2
     assert "cannot load embedding model 'no-such-org/no-such-embedder'" in err
     assert "hf download no-such-org/no-such-embedder" in err
+    assert f"packaged offline model is --model {latents.DEFAULT_MODEL}" in err     # the offline alternative
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_larger_latents_keep_more_variance_and_lose_less_on_held_out_embeddings(dim):
+    r = np.random.default_rng(0)
+    # embeddings with a decaying spectrum, as sentence embeddings have
+    x = r.standard_normal((400, 384)) * (0.97 ** np.arange(384))
+    small = latents.fit_projection(x[:300], 32, source_model="m")
+    large = latents.fit_projection(x[:300], dim, source_model="m")
+    assert large.meta["explained_variance_total"] > small.meta["explained_variance_total"]
+    assert large.reconstruction_error(x[300:]) < small.reconstruction_error(x[300:])
+    # on the train split the error is 1 - the variance kept, by definition; whitening changes neither
+    assert large.reconstruction_error(x[:300]) == pytest.approx(1 - large.meta["explained_variance_total"])
+    plain = latents.fit_projection(x[:300], dim, source_model="m", whiten=False)
+    assert plain.reconstruction_error(x[300:]) == pytest.approx(large.reconstruction_error(x[300:]))
+    assert np.allclose(large.transform(x[:300]).std(0, ddof=1), 1.0)
+
+
+@needs_minilm
+def test_the_summary_prints_variance_kept_and_the_reconstruction_errors(tmp_path, capsys):
+    corpus = write_txt(tmp_path / "c.txt", make_lines(40))
+    rc = pl.main(["--input", str(corpus), "--name", "m", "--output_root", str(tmp_path), "--latent_dim", "8",
+                  "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "% of train variance kept" in out
+    assert "reconstruction error:" in out and "of the val variance" in out and "whitened" in out
+    info = json.loads((tmp_path / "m" / "projection.json").read_text())
+    assert 0 < info["reconstruction_error_val"] < 1
+
+
+def test_a_projection_of_another_embedding_model_is_refused_naming_both(tmp_path):
+    r = np.random.default_rng(1)
+    latents.fit_projection(r.standard_normal((20, 6)), 2, source_model="org/model-a").save(tmp_path / "p")
+    assert latents.projection_source_model(tmp_path / "p") == "org/model-a"
+    with pytest.raises(LatentPrepError) as e:
+        latents.encode_texts(["a sentence"], tmp_path / "p", model=object(), expect_model="org/model-b")
+    assert "org/model-a" in str(e.value) and "org/model-b" in str(e.value)
 
 
 def test_cli_module_entry_point(tmp_path):

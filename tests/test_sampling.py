@@ -296,24 +296,87 @@ def test_generate_latent(target):
         generate_latent(model, GaussianDiffusion(target="x0"), text, steps=2)
 
 
-def test_generate_joint():
+def test_generate_joint_latent_first():
     model = tiny("block_causal")
     diff = GaussianDiffusion()
-    text, z = generate_joint(model, diff, batch_size=2, length=8, steps=4, latent_steps=4,
-                             block_length=4, temperature=1.0, generator=gen(16))
+    kw = dict(order="latent_first", batch_size=2, length=8, steps=4, latent_steps=4, block_length=4)
+    text, z = generate_joint(model, diff, temperature=1.0, generator=gen(16), **kw)
     assert text.shape == (2, 8) and (text != MASK).all() and z.shape == (2, D) and torch.isfinite(z).all()
-    text2, z2 = generate_joint(model, diff, batch_size=2, length=8, steps=4, latent_steps=4,
-                               block_length=4, temperature=1.0, generator=gen(16))
+    text2, z2 = generate_joint(model, diff, temperature=1.0, generator=gen(16), **kw)
     assert torch.equal(text, text2) and torch.equal(z, z2)
-    # the text is what generate_text writes from that latent
+    # the latent is generate_latent's from the all-mask canvas, the text what generate_text writes from it
+    assert torch.equal(z, generate_latent(model, diff, torch.full((2, 8), MASK), steps=4, generator=gen(16)))
     again = generate_text(model, latent=z, length=8, steps=4, block_length=4)
-    greedy, zg = generate_joint(model, diff, batch_size=2, length=8, steps=4, latent_steps=4,
-                                block_length=4, generator=gen(16))
+    greedy, zg = generate_joint(model, diff, generator=gen(16), **kw)
     assert torch.equal(zg, z) and torch.equal(greedy, again)
     start = prompt(T=8, seed=17, keep=0.5)
-    filled, _, history = generate_joint(model, diff, prompt_ids=start, steps=4, latent_steps=4,
-                                        return_history=True, generator=gen(3))
+    filled, _, history = generate_joint(model, diff, order="latent_first", prompt_ids=start, steps=4,
+                                        latent_steps=4, return_history=True, generator=gen(3))
     check_history(history, start)
+
+
+@pytest.mark.parametrize("mixer,block_length,eta", [("bi", None, 0.0), ("block_causal", 4, 0.7)])
+def test_joint_together_finishes_the_text_and_a_finite_latent_and_a_batch_equals_each_row_alone(
+        mixer, block_length, eta):
+    # an x0 head: an eps head's x0 = (z - sigma eps) / alpha divides by alpha(1) ~ 0.014, and this
+    # random model's latents then grow until batched float rounding flips sampled tokens
+    model = tiny(mixer, target="x0")
+    diff = GaussianDiffusion(target="x0")
+    x = torch.cat([_prefix_canvases([0, 3], 12, seed=30), prompt(B=1, T=12, seed=31, keep=0.4)])
+    kw = dict(steps=6, block_length=block_length, remasking="random", temperature=1.0, eta=eta)
+    text, z, history = generate_joint(model, diff, prompt_ids=x, generator=[gen(40 + r) for r in range(3)],
+                                      return_history=True, **kw)
+    check_history(history, x, every_row=block_length is None)    # in blocks a row waits for the others
+    assert z.shape == (3, D) and torch.isfinite(z).all()
+    for r in range(3):
+        alone, za = generate_joint(model, diff, prompt_ids=x[r:r + 1], generator=[gen(40 + r)], **kw)
+        assert torch.equal(text[r], alone[0])
+        assert torch.allclose(z[r], za[0], atol=1e-5), (z[r], za[0])
+    # the latent was moved by the text: another prompt (same start noise) ends elsewhere
+    other, zo = generate_joint(model, diff, prompt_ids=prompt(B=3, T=12, seed=32, keep=0.4),
+                               generator=[gen(40 + r) for r in range(3)], **kw)
+    assert not torch.allclose(zo, z, atol=1e-3)
+
+
+def test_joint_together_is_one_call_per_step_for_both_halves_and_a_last_one_on_the_finished_text():
+    """A plain loop by hand: greedy, one token per step, DDIM eta 0 on the same grid."""
+    model = tiny("bi", target="v")
+    diff = GaussianDiffusion(target="v")
+    T = 6
+    init = torch.randn(1, D, generator=gen(50))
+    text, z = generate_joint(model, diff, batch_size=1, length=T, steps=T, temperature=0.0,
+                             remasking="low_confidence", init_noise=init)
+    x, zz = torch.full((1, T), MASK), init.clone()
+    with torch.no_grad():
+        for k in range(T, 0, -1):
+            s = torch.tensor([k / T])
+            out = model(x, (x == MASK).float().mean(1), latent=zz, s=s)
+            logits = out.logits[0].float()
+            logits[:, MASK] = float("-inf")
+            probs = logits.softmax(-1)
+            conf, tok = probs.max(-1)
+            conf[x[0] != MASK] = -1.0
+            i = int(conf.argmax())
+            x[0, i] = tok[i]
+            if k > 1:
+                alpha, sigma = diff.alpha_sigma(s)
+                a2, sig2 = diff.alpha_sigma(torch.tensor([(k - 1) / T]))
+                x0 = alpha * zz - sigma * out.latent.float()            # v-prediction, by hand
+                eps = sigma * zz + alpha * out.latent.float()
+                zz = a2 * x0 + sig2 * eps
+        last = model(x, torch.zeros(1), latent=zz, s=torch.tensor([1 / T])).latent.float()
+        alpha, sigma = diff.alpha_sigma(torch.tensor([1 / T]))
+        zz = alpha * zz - sigma * last
+    assert torch.equal(text, x)
+    assert torch.allclose(z, zz, atol=1e-5)
+
+
+def test_joint_orders_are_checked():
+    model, diff = tiny("bi"), GaussianDiffusion()
+    with pytest.raises(ValueError, match="order='sideways'"):
+        generate_joint(model, diff, length=4, steps=2, order="sideways")
+    with pytest.raises(ValueError, match="latent_first"):
+        generate_joint(model, diff, length=4, steps=2, sampler="ddpm")
 
 
 def _prefix_canvases(lengths, T, seed):

@@ -69,6 +69,7 @@ __all__ = [
     "Projection",
     "fit_projection",
     "load_projection",
+    "projection_source_model",
     "read_corpus",
     "load_sentence_model",
     "embed_texts",
@@ -193,6 +194,16 @@ class Projection:
             )
         return (((x - self.mean) @ self.components.T) * self.scale).astype(np.float32)
 
+    def reconstruction_error(self, embeddings: np.ndarray) -> float:
+        """The share of the variance of ``embeddings`` (about the fitted mean) that the latents
+        lose: ``sum ||x - x_back||^2 / sum ||x - mean||^2``, with ``x_back`` the embedding rebuilt
+        from its latent (whitening is undone first, so it does not change this). On the train
+        split it is 1 - the explained variance; on held-out embeddings, what new text loses."""
+        x = np.asarray(embeddings, dtype=np.float64) - self.mean
+        back = (x @ self.components.T) @ self.components
+        total = float((x ** 2).sum())
+        return float(((x - back) ** 2).sum()) / total if total > 0 else 0.0
+
     def save(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -300,6 +311,18 @@ def load_projection(path: str | os.PathLike) -> Projection:
         normalize_embeddings=bool(info.get("normalize_embeddings", False)),
         meta=extra,
     )
+
+
+def projection_source_model(directory: str | os.PathLike | None) -> str | None:
+    """The embedding model named by the projection in ``directory`` (a run's data folder), or
+    None where there is none to read (no folder, no projection, an unnamed model)."""
+    if not directory:
+        return None
+    js = Path(directory) / PROJECTION_JSON
+    try:
+        return json.loads(js.read_text(encoding="utf-8")).get("source_model")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,10 +461,20 @@ def encode_texts(
     batch_size: int = 64,
     device: str | None = None,
     show_progress: bool = False,
+    expect_model: str | None = None,
 ) -> np.ndarray:
     """Latents [N, latent_dim] float32 for new ``texts``, made exactly as ``prepare_latents``
-    made the training latents (same model, normalisation and projection)."""
+    made the training latents (same model, normalisation and projection). ``expect_model``: the
+    embedding model the caller's latents came from (e.g. a run's own projection's); a projection
+    fitted on another model's embeddings is refused naming both."""
     proj = load_projection(projection_dir)
+    if expect_model is not None and proj.source_model != expect_model:
+        raise LatentPrepError(
+            f"{Path(projection_dir)}: this projection was fitted on embeddings of {proj.source_model or 'an unnamed model'}, "
+            f"but the latents it should match come from {expect_model}: use the projection made with "
+            f"{expect_model} (the folder of the run's data.json_path), or re-run prepare_latents --model "
+            f"{proj.source_model or '<model>'} for the training data too."
+        )
     if model is None:
         if not proj.source_model:
             raise LatentPrepError(
@@ -676,6 +709,8 @@ def prepare_latents(
     proj.meta.update(val_fraction=val_fraction, seed=seed, n_train=len(train_idx), n_val=len(val_idx),
                      input=str(input_path))
     latents = proj.transform(embeddings)
+    proj.meta["reconstruction_error_val"] = (proj.reconstruction_error(embeddings[val_idx]) if len(val_idx)
+                                             else None)
 
     # Built beside the old dataset and swapped in whole: a kill never leaves a mix of the two.
     new, _ = _staging_dirs(out_dir)
@@ -692,4 +727,6 @@ def prepare_latents(
         "source_dim": proj.source_dim,
         "latent_dim": proj.latent_dim,
         "explained_variance_total": proj.meta["explained_variance_total"],
+        "reconstruction_error_val": proj.meta["reconstruction_error_val"],
+        "whiten": proj.whiten,
     }

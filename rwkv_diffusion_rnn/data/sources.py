@@ -85,7 +85,7 @@ class TextLatentData(EpochData):
             val_token_dir=d.val_token_dir, val_latent_dir=d.val_latent_dir,
             val_json_path=d.val_json_path, val_fraction=d.val_fraction, batch_size=batch_size,
             eval_batch_size=eval_batch_size, seq_len=d.seq_len,
-            latent_dim=cfg.model.latent_dim if cfg.model.latent_prefix_len else None,
+            latent_dim=_data_latent_dim(cfg.model) if cfg.model.latent_prefix_len else None,
             max_samples=d.max_samples, num_workers=d.num_workers, seed=rng.seed_of("data_order", seed),
             pad_id=0 if tokenizer is None else int(tokenizer.pad_id), shuffle=d.shuffle)
 
@@ -343,10 +343,20 @@ def _check_text_latent(cfg: DictConfig) -> None:
                               "python -m rwkv_diffusion_rnn.prepare_latents first, point "
                               "data.latent_dir at its latents, or set model.latent_prefix_len=0")
         found = _first_latent_dim(d.latent_dir)
-        if found is not None and found[0] != m.latent_dim:
+        want = _data_latent_dim(m)
+        if found is not None and want != m.latent_dim and found[0] != want:
+            raise ConfigError(f"model.latent_input_dim={want} (model.latent_projector={m.latent_projector}) but "
+                              f"{found[1]} holds a {found[0]}-dim vector; set model.latent_input_dim={found[0]} "
+                              f"or re-run prepare_latents with --latent_dim {want}")
+        if found is not None and want == m.latent_dim and found[0] != m.latent_dim:
             raise ConfigError(f"model.latent_dim={m.latent_dim} but {found[1]} holds a "
                               f"{found[0]}-dim latent; set model.latent_dim={found[0]} or re-run "
                               f"prepare_latents with --latent_dim {m.latent_dim}")
+
+
+def _data_latent_dim(m) -> int:
+    from ..models.rwkv_denoiser import data_latent_dim
+    return data_latent_dim(m)
 
 
 def _first_latent_dim(latent_dir):

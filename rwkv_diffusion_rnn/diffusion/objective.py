@@ -15,6 +15,13 @@ Independently, ``latent_drop_prob`` of the rows see the denoiser's learned null 
 of their own (classifier-free guidance); they carry no latent loss. Without a latent prefix
 every row is a text row. The total is ``text_loss + latent_loss_weight * latent_loss``.
 
+A model with a learned latent (``model.latent_projector``, ``projected_dim`` here) reads the
+data's vectors: its forward projects each to the clean latent ``z0``, noises it with this
+objective's ``s`` and ``eps`` (``latent_noise``) and decodes it back; the latent loss is then
+against that ``z0``, and ``latent_recon_weight * latent_recon`` is added, ``latent_recon`` the
+squared error of the decoded vector against the data's, as a share of the vector's squared norm,
+averaged over every row (weight 0: no term).
+
 All draws come from the one generator the caller passes, in a fixed order (truncation, ``t``,
 ``s``, roles, drops, latent noise, masks), so a run is reproduced by that generator's state.
 
@@ -44,7 +51,8 @@ from .chunks import Carry, Chunking, run_chunks
 from .continuous_diffusion import GaussianDiffusion
 from .diffusion_process import MaskedDiffusion
 
-OBJECTIVES = ("diffusion", "ar")        # training.objective
+# training.objective; embedding: Gaussian diffusion of the token embeddings (embedding_diffusion.py)
+OBJECTIVES = ("diffusion", "ar", "embedding")
 
 
 @dataclass
@@ -53,6 +61,7 @@ class ObjectiveConfig:
     clean_latent_prob: float = 0.25     # rows trained as latent -> text
     latent_drop_prob: float = 0.1       # rows that see the null latent
     latent_loss_weight: float = 1.0
+    latent_recon_weight: float = 0.0    # a latent_projector model: its reconstruction term
 
     def __post_init__(self):
         for name in ("clean_text_prob", "clean_latent_prob", "latent_drop_prob"):
@@ -88,13 +97,14 @@ class Normalizers(NamedTuple):
     """The divisors of a whole batch's losses: its scored text positions and latent rows."""
     text: float
     latent: float
+    rows: float = 1.0                   # the batch's rows (the reconstruction term's divisor)
 
     @classmethod
     def of(cls, nb: NoisyBatch) -> "Normalizers":
         text = (max(float(nb.text_rows.sum()), 1.0) if nb.answer_lengths is not None
                 else max(float(nb.valid[nb.text_rows].sum()), 1.0))
         latent = max(float(nb.latent_rows.sum()), 1.0) if nb.latent_rows is not None else 1.0
-        return cls(text, latent)
+        return cls(text, latent, float(nb.x0.shape[0]))
 
 
 class DiffusionObjective:
@@ -113,9 +123,12 @@ class DiffusionObjective:
 
     def __init__(self, text: MaskedDiffusion, latent: Optional[GaussianDiffusion],
                  config: Optional[ObjectiveConfig] = None, sft: bool = False,
-                 chunking: Optional[Chunking] = None, carry: Optional[Carry] = None):
+                 chunking: Optional[Chunking] = None, carry: Optional[Carry] = None,
+                 projected_dim: Optional[int] = None):
         self.text, self.latent, self.config, self.sft = text, latent, config or ObjectiveConfig(), sft
         self.chunking, self.carry = chunking, carry
+        # the model's latent size when its forward projects the data's vectors (model.latent_projector)
+        self.projected_dim = projected_dim if latent is not None else None
 
     def noise(self, batch: Dict[str, torch.Tensor], generator: torch.Generator) -> NoisyBatch:
         c, g = self.config, generator
@@ -139,9 +152,13 @@ class DiffusionObjective:
             clean_latent = (u >= c.clean_text_prob) & (u < c.clean_text_prob + c.clean_latent_prob)
             s = torch.where(clean_latent, torch.zeros_like(s), s)
             drop = torch.rand(B, generator=g) < c.latent_drop_prob
-            eps = torch.randn(z0.shape, generator=g)
-            lat = dict(z0=z0, zs=self.latent.q_sample(z0, s, eps), s=s, eps=eps, drop=drop,
-                       latent_rows=(s > 0) & ~drop)
+            if self.projected_dim:      # z0 is the data's vector; the model projects and noises it
+                eps = torch.randn((B, self.projected_dim), generator=g)
+                zs = None
+            else:
+                eps = torch.randn(z0.shape, generator=g)
+                zs = self.latent.q_sample(z0, s, eps)
+            lat = dict(z0=z0, zs=zs, s=s, eps=eps, drop=drop, latent_rows=(s > 0) & ~drop)
         xt, is_masked = self.text.noise(x0, t, maskable=maskable & ~clean_text.view(B, 1), generator=g)
         t = torch.where(clean_text, torch.zeros_like(t), t)
         answer_lengths = (valid & maskable).sum(1) if self.sft else None
@@ -162,13 +179,24 @@ class DiffusionObjective:
             text_loss = out.logits.sum() * 0.0
         loss = text_loss
         latent_loss = torch.zeros((), device=dev)
+        z0 = out.latent_x0 if self.projected_dim else nb.z0
         if self.latent is not None and nb.latent_rows.any():
-            latent_loss = self.latent.loss(out.latent.float(), nb.z0.to(dev), nb.eps.to(dev), nb.s.to(dev),
+            latent_loss = self.latent.loss(out.latent.float(), z0.to(dev), nb.eps.to(dev), nb.s.to(dev),
                                            row_mask=nb.latent_rows.to(dev),
                                            normalizer=None if norm is None else norm.latent)
             loss = loss + self.config.latent_loss_weight * latent_loss
+        extra = {}
+        if self.projected_dim:
+            # each row's squared error as a share of its vector's energy: the data's vectors are
+            # centred (prepare_latents), so this is the share of its variance the latent loses
+            src = nb.z0.to(dev).float()
+            err = (out.latent_recon.float() - src).pow(2).sum(1) / src.pow(2).sum(1).clamp_min(1e-12)
+            recon = err.sum() / (norm.rows if norm is not None else err.shape[0])
+            if self.config.latent_recon_weight:
+                loss = loss + self.config.latent_recon_weight * recon
+            extra["latent_recon"] = float(recon.detach())
         return loss, {"text_loss": float(text_loss.detach()), "latent_loss": float(latent_loss.detach()),
-                      "tokens": int(nb.valid.sum()), **self._carried(nb)}
+                      "tokens": int(nb.valid.sum()), **self._carried(nb), **extra}
 
     @staticmethod
     def _carried(nb: NoisyBatch) -> Dict[str, int]:
@@ -191,12 +219,18 @@ class DiffusionObjective:
             if self.carry is not None and "continues" in batch:     # a training stream's batch
                 self.carry.keep(end)
             return loss, {**stats, **(whole or {})}
-        has_latent = nb.zs is not None
+        has_latent = nb.s is not None
+        kw = {}
+        if has_latent and self.projected_dim:
+            alpha, sigma = self.latent.alpha_sigma(nb.s)
+            kw["latent_noise"] = (alpha.to(device), sigma.to(device), nb.eps.to(device))
+        z_in = (nb.z0 if self.projected_dim else nb.zs) if has_latent else None
         with autocast():
-            out = model(nb.xt.to(device), nb.t.to(device), nb.zs.to(device) if has_latent else None,
+            out = model(nb.xt.to(device), nb.t.to(device), z_in.to(device) if has_latent else None,
                         nb.s.to(device) if has_latent else None,
                         latent_drop=nb.drop.to(device) if has_latent else None, context_ids=nb.x0.to(device),
-                        prompt_lengths=None if nb.prompt_lengths is None else nb.prompt_lengths.to(device))
+                        prompt_lengths=None if nb.prompt_lengths is None else nb.prompt_lengths.to(device),
+                        **kw)
         loss, stats = self.loss(out, nb, norm)
         return loss, {**stats, **(whole or {})}
 

@@ -7,7 +7,8 @@ Five entry points, all batched, run without gradients and reproducible under a `
 * :func:`fill_masks`: the same, named for infilling;
 * :func:`generate_latent`: a latent from (possibly partly masked) text, by the Gaussian
   diffusion samplers of :class:`~rwkv_diffusion_rnn.diffusion.continuous_diffusion.GaussianDiffusion`;
-* :func:`generate_joint`: text and latent together, latent first (see its docstring);
+* :func:`generate_joint`: text and latent together: co-denoised in the same steps, or latent first
+  (see its docstring);
 * :func:`generate_autoregressive`: text from a causal (``training.objective=ar``) model, token by token.
 
 Text decoding (masked diffusion, as in LLaDA / MDLM)
@@ -102,13 +103,15 @@ import torch
 
 from .continuous_diffusion import GaussianDiffusion
 
-__all__ = ["REMASKING", "LATENT_SAMPLERS", "cache_unit", "guided_logits", "propose_tokens", "generate_text",
+__all__ = ["REMASKING", "LATENT_SAMPLERS", "JOINT_ORDERS", "cache_unit", "guided_logits", "propose_tokens", "generate_text",
            "fill_masks", "generate_latent", "generate_joint", "generate_autoregressive"]
 
 REMASKING = ("low_confidence", "random", "random_topk")
 # tokens of committed text (a prompt) read through a recurrent state per call
 PREFILL_CHUNK = 4096
 LATENT_SAMPLERS = ("ddim", "ddpm")
+# generate_joint's orders: co-denoised in the same steps, or the latent first and the text from it
+JOINT_ORDERS = ("together", "latent_first")
 
 
 def cache_unit(model) -> Optional[int]:
@@ -224,6 +227,13 @@ class _TextDenoiser:
             self.drop = torch.cat([(ones if kind == "latent" else zeros).bool() for kind in
                                    ["cond"] + [k for k, _ in self.passes]])
 
+    def set_latent(self, latent: torch.Tensor, s: torch.Tensor) -> None:
+        """Condition the next calls on the noisy latent ``latent`` [B, D] at latent times ``s`` [B]
+        (joint co-denoising); a null-latent guidance pass keeps the null latent at ``s = 1``."""
+        n = 1 + len(self.passes)
+        self.latent_in = torch.cat([latent] * n)
+        self.s = torch.cat([s] + [torch.ones_like(s) if kind == "latent" else s for kind, _ in self.passes])
+
     def _hide_prompt(self, ids: torch.Tensor, pos_offset: int) -> torch.Tensor:
         pos = pos_offset + torch.arange(ids.shape[1], device=ids.device)
         return ids.masked_fill(pos[None, :] < self.prompt_lengths[:, None], self.mask_id)
@@ -245,6 +255,8 @@ class _TextDenoiser:
                          prev_ids=None if prev_ids is None else torch.cat(all_prev),
                          prompt_lengths=None if self.prompt_lengths is None else torch.cat([self.prompt_lengths] * n),
                          **({} if state_at is None else {"state_at": state_at}))
+        # the latent head's prediction for the conditional rows (what joint co-denoising steps with)
+        self.latent_out = None if out.latent is None else out.latent[:ids.shape[0]].float()
         logits = out.logits.float()
         if self.passes:
             parts = logits.chunk(n)
@@ -472,6 +484,22 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
         LongTensor [B, T] without any mask id; with ``return_history``, ``(tokens, history)``
         where ``history[0]`` is the starting canvas and ``history[i]`` the canvas after step i.
     """
+    return _decode_text(model, latent=latent, length=length, prompt_ids=prompt_ids, batch_size=batch_size,
+                        steps=steps, block_length=block_length, remasking=remasking, threshold=threshold,
+                        temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+                        prompt_cfg_scale=prompt_cfg_scale, generator=generator, use_cache=use_cache,
+                        return_history=return_history, prefill_chunk=prefill_chunk, co=None)
+
+
+def _decode_text(model, *, latent: Optional[torch.Tensor] = None, length: Optional[int] = None,
+                 prompt_ids: Optional[torch.Tensor] = None, batch_size: Optional[int] = None,
+                 steps: Optional[int] = None, block_length: Optional[int] = None,
+                 remasking: str = "low_confidence", threshold: Optional[float] = None,
+                 temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 cfg_scale: float = 0.0, prompt_cfg_scale: float = 0.0, generator: Generators = None,
+                 use_cache: bool = True, return_history: bool = False, prefill_chunk: int = PREFILL_CHUNK,
+                 co: Optional["_CoLatent"] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
+    """:func:`generate_text`, and with ``co`` the latent co-denoised in the same steps."""
     cfg = model.config
     mask_id = cfg.mask_id
     if remasking not in REMASKING:
@@ -499,7 +527,8 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
     prompt_lengths = torch.where(open_.any(1), open_.float().argmax(1), torch.full((B,), T, device=device)).long()
     fn = _TextDenoiser(model, latent, cfg_scale, B, prompt_cfg_scale, prompt_lengths)
     cache = None
-    unit = cache_unit(model) if use_cache else None
+    # co-denoising changes the latent every step: a state carried from earlier steps would hold an old one
+    unit = cache_unit(model) if use_cache and co is None else None
     if unit is not None:
         cache = _StateCache(fn, unit, prefill_chunk)
 
@@ -534,6 +563,12 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
                 budget[r, idx] = torch.tensor(_split_steps(steps, len(idx)))
     budget = budget.to(device)
     active = [j for j in range(n_blocks) if bool(holds[:, j].any())]
+    if co is not None:
+        # each row's latent grid: as many intervals as the text steps the row plans (a block of m
+        # masks and b steps takes min(b, m); without steps, at most one step per mask)
+        masks = torch.stack([((canvas.gather(1, idx) == mask_id) & inside).sum(1)
+                             for idx, inside in map(block, range(n_blocks))], 1).cpu()
+        co.start(torch.minimum(budget.cpu(), masks).sum(1) if steps is not None else masks.sum(1), gens)
     history = [x.clone()] if return_history else None
 
     with _eval_mode(model):
@@ -551,6 +586,8 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
                 if cache is not None:
                     logits = cache.logits(x, a, b, t)
                 else:
+                    if co is not None:
+                        co.feed(fn)
                     full = fn(x, t)[0]
                     full = torch.cat([full, full[:, :1]], 1)      # the scratch column
                     logits = full.gather(1, idx[..., None].expand(-1, -1, full.shape[-1]))
@@ -567,11 +604,15 @@ def generate_text(model, *, latent: Optional[torch.Tensor] = None, length: Optio
                     n_min = torch.div(remaining + left - 1, left, rounding_mode="floor")
                 commit = _choose(conf, masked, n_min, remasking, threshold, gens)
                 canvas.scatter_(1, idx, torch.where(commit, tokens, current))
+                if co is not None:          # the rows that took a text step take a latent step
+                    co.step(fn.latent_out, remaining > 0)
                 step += 1
                 if history is not None:
                     history.append(x.clone())
             if cache is not None:
                 cache.block_done(x, b, (x == mask_id).float().mean(1))
+        if co is not None:
+            co.finish(fn, x, (x == mask_id).sum(1).float() / n_start)
 
     return (x.clone(), history) if return_history else x.clone()
 
@@ -599,11 +640,7 @@ def generate_latent(model, diffusion: GaussianDiffusion, text_ids: torch.Tensor,
     deterministic given the start noise) or ``diffusion.ddpm_sample``.
     """
     cfg = model.config
-    if not cfg.latent_prefix_len:
-        raise ValueError("this model has no latent (model.latent_prefix_len=0): nothing to sample")
-    if diffusion.target_type != cfg.latent_target:
-        raise ValueError(f"the diffusion predicts {diffusion.target_type!r} but the model's latent head "
-                         f"was built for {cfg.latent_target!r} (model.latent_target); make them agree")
+    _check_latent_model(model, diffusion)
     if sampler not in LATENT_SAMPLERS:
         raise ValueError(f"sampler={sampler!r}; choose one of {LATENT_SAMPLERS}")
     device = _device(model)
@@ -632,14 +669,99 @@ def generate_latent(model, diffusion: GaussianDiffusion, text_ids: torch.Tensor,
 # --------------------------------------------------------------------------------------------
 
 
+class _CoLatent:
+    """The latent's reverse process run inside the text decoder's steps (``order="together"``).
+
+    Row r's latent lives on a grid of ``n_r`` intervals, ``s = k / n_r`` with ``k`` the intervals
+    left (``n_r``: the text steps the row plans). Every text step of the row reads ``z_s`` at its
+    ``s`` (:meth:`feed`), and the same forward's latent-head output moves ``z`` one DDIM interval
+    (:meth:`step`) while ``k > 1``. The last interval, to the clean latent, is kept for the finished
+    text (:meth:`finish`): the latent a pair ends with is predicted from the text the pair holds.
+    A row whose text finished early (threshold decoding) takes its remaining intervals then, on
+    its finished text. A row steps only on its own steps and draws noise (``eta > 0``) only from
+    its own stream, so it is co-denoised as it would be alone.
+    """
+
+    def __init__(self, diffusion: GaussianDiffusion, z: torch.Tensor, eta: float):
+        self.diffusion, self.z, self.eta = diffusion, z.float(), float(eta)
+
+    def start(self, planned: torch.Tensor, gens: List[Optional[torch.Generator]]) -> None:
+        device = self.z.device
+        self.n = planned.clamp_min(1).to(device)
+        self.k = self.n.clone()
+        self.gens = gens
+
+    def _s(self, k: torch.Tensor) -> torch.Tensor:
+        return k.float() / self.n.float()
+
+    def feed(self, fn: "_TextDenoiser") -> None:
+        fn.set_latent(self.z, self._s(self.k))
+
+    def step(self, pred: torch.Tensor, rows: torch.Tensor) -> None:
+        """One DDIM interval ``k -> k - 1`` for ``rows`` (bool [B]) that have more than one left."""
+        go = rows.to(self.k.device) & (self.k > 1)
+        if not bool(go.any()):
+            return
+        d, z = self.diffusion, self.z
+        s, s2 = self._s(self.k), self._s(self.k - 1)
+        x0, eps = d.predict_x0(z, s, pred), d.predict_eps(z, s, pred)
+        a, sig = (v[:, None] for v in d.alpha_sigma(s))
+        a2, sig2 = (v[:, None] for v in d.alpha_sigma(s2))
+        c = self.eta * (sig2 / sig) * (1.0 - (a / a2) ** 2).clamp_min(0).sqrt()
+        new = a2 * x0 + (sig2 ** 2 - c ** 2).clamp_min(0).sqrt() * eps
+        if self.eta > 0:
+            noise = torch.zeros_like(z)
+            noise[go] = _per_row(_normal, go.long(), self.gens, z.device, z.shape[1]).to(z.dtype)
+            new = new + c * noise
+        self.z = torch.where(go[:, None], new, z)
+        self.k = self.k - go.long()
+
+    def finish(self, fn: "_TextDenoiser", x: torch.Tensor, t: torch.Tensor) -> None:
+        """The remaining intervals on the finished text ``x``, then the clean latent from it."""
+        while bool((self.k > 1).any()):
+            self.feed(fn)
+            fn(x, t)
+            self.step(fn.latent_out, torch.ones_like(self.k, dtype=torch.bool))
+        self.feed(fn)
+        fn(x, t)
+        self.z = self.diffusion.predict_x0(self.z, self._s(self.k), fn.latent_out)
+
+
+def _normal(shape, generator, device) -> torch.Tensor:
+    if generator is not None:
+        return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    return torch.randn(shape, device=device)
+
+
+def _check_latent_model(model, diffusion: GaussianDiffusion) -> None:
+    cfg = model.config
+    if not cfg.latent_prefix_len:
+        raise ValueError("this model has no latent (model.latent_prefix_len=0): nothing to sample")
+    if diffusion.target_type != cfg.latent_target:
+        raise ValueError(f"the diffusion predicts {diffusion.target_type!r} but the model's latent head "
+                         f"was built for {cfg.latent_target!r} (model.latent_target); make them agree")
+
+
 def generate_joint(model, diffusion: GaussianDiffusion, batch_size: Optional[int] = None,
                    length: Optional[int] = None, steps: Optional[int] = None, *,
-                   latent_steps: int = 50, sampler: str = "ddim", eta: float = 0.0,
-                   prompt_ids: Optional[torch.Tensor] = None,
-                   generator: Optional[torch.Generator] = None, **text_kwargs):
-    """Sample text and latent together: latent first, then the text written from it.
+                   order: str = "together", latent_steps: int = 50, sampler: str = "ddim", eta: float = 0.0,
+                   prompt_ids: Optional[torch.Tensor] = None, generator: Generators = None,
+                   init_noise: Optional[torch.Tensor] = None, **text_kwargs):
+    """Sample text and latent together.
 
-    The joint is factored as ``p(z | prompt) p(text | z, prompt)``:
+    ``order="together"`` (the default) co-denoises them: both reverse processes advance in the
+    same steps, one model call per step. The call reads the partly masked text at its time ``t``
+    and the noisy latent ``z_s`` at its time ``s``; its text logits commit tokens as
+    :func:`generate_text` does (every rule of the module docstring: blocks, remasking,
+    threshold, guidance, per-row generators), and its latent prediction moves ``z`` one DDIM
+    interval (``eta``) towards ``s = 0``. The latent's grid has as many intervals as the row's
+    text steps (``latent_steps`` is not used), and its last interval, to the clean latent, is
+    taken on the finished text (see :class:`_CoLatent`): one call more than the text's steps.
+    This is how a model trained on both noised at once samples the pair from its joint: each
+    half conditions the other at every noise level, neither is fixed before the other has begun.
+    The state cache (``use_cache``) is not used: the latent changes every step.
+
+    ``order="latent_first"`` factors the joint as ``p(z | prompt) p(text | z, prompt)``:
 
     1. the latent is sampled by :func:`generate_latent` from the canvas (all masks, ``t = 1``,
        when there is no prompt: the model's latent marginal, as it learned it from rows whose text
@@ -648,19 +770,53 @@ def generate_joint(model, diffusion: GaussianDiffusion, batch_size: Optional[int
 
     ``batch_size`` and ``length`` give an all-mask canvas; ``prompt_ids`` (mask ids where to fill)
     gives a partly known one, which the latent then also sees. ``latent_steps``, ``sampler`` and
-    ``eta`` go to the latent sampler, ``steps`` and ``text_kwargs`` (``block_length``,
-    ``remasking``, ``threshold``, ``temperature``, ``cfg_scale``, ...) to the text sampler.
+    ``eta`` go to the latent sampler (``together``: ``eta`` only; DDIM), ``steps`` and
+    ``text_kwargs`` (``block_length``, ``remasking``, ``threshold``, ``temperature``,
+    ``cfg_scale``, ...) to the text sampler. ``generator``: one, or one per row (each row then
+    draws its start noise and every later number from its own stream, as it would alone);
+    ``init_noise`` [B, latent_dim] replaces the latent's start noise.
 
     Returns ``(text [B, T], latent [B, latent_dim])``, or ``(text, latent, history)`` with
     ``return_history=True``.
     """
+    if order not in JOINT_ORDERS:
+        raise ValueError(f"order={order!r}; choose one of {JOINT_ORDERS}")
     cfg = model.config
-    canvas = _canvas(cfg, _device(model), None, length, prompt_ids,
-                     1 if batch_size is None else batch_size)
-    latent = generate_latent(model, diffusion, canvas, steps=latent_steps, sampler=sampler, eta=eta,
-                             generator=generator)
-    out = generate_text(model, latent=latent, prompt_ids=canvas, steps=steps, generator=generator,
-                        **text_kwargs)
+    device = _device(model)
+    canvas = _canvas(cfg, device, None, length, prompt_ids, 1 if batch_size is None else batch_size)
+    B = canvas.shape[0]
+    per_row = generator is not None and not isinstance(generator, torch.Generator)
+    gens = _row_generators(generator, B)
+    if init_noise is None and per_row:
+        init_noise = torch.stack([_normal((cfg.latent_dim,), g, device) for g in gens])
+    if order == "latent_first":
+        if not per_row:
+            latent = generate_latent(model, diffusion, canvas, steps=latent_steps, sampler=sampler, eta=eta,
+                                     generator=generator, init_noise=init_noise)
+        elif sampler == "ddim" and eta == 0.0:     # deterministic after its start noise
+            latent = generate_latent(model, diffusion, canvas, steps=latent_steps, init_noise=init_noise)
+        else:       # noise at every step: one row at a time keeps each row's own stream
+            latent = torch.cat([generate_latent(model, diffusion, canvas[r:r + 1], steps=latent_steps,
+                                                sampler=sampler, eta=eta, generator=gens[r],
+                                                init_noise=init_noise[r:r + 1]) for r in range(B)])
+        out = generate_text(model, latent=latent, prompt_ids=canvas, steps=steps, generator=generator,
+                            **text_kwargs)
+    else:
+        _check_latent_model(model, diffusion)
+        if sampler != "ddim":
+            raise ValueError(f"order='together' steps the latent by DDIM (eta=1 draws DDPM's amount of noise); "
+                             f"sampler={sampler!r} is for order='latent_first'")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        z = (init_noise.to(device).float().clone() if init_noise is not None else
+             _normal((B, cfg.latent_dim), generator, device))
+        if z.shape != (B, cfg.latent_dim):
+            raise ValueError(f"init_noise must be [B, latent_dim] = [{B}, {cfg.latent_dim}], got {tuple(z.shape)}")
+        co = _CoLatent(diffusion, z, eta)
+        with torch.inference_mode():
+            out = _decode_text(model, latent=z, prompt_ids=canvas, steps=steps, generator=generator, co=co,
+                               **text_kwargs)
+        latent = co.z
     if text_kwargs.get("return_history"):
         text, history = out
         return text, latent, history

@@ -43,6 +43,9 @@ from ..common.checks import Flag, Num, check_options
 from .time_conditioning import AdaLNZero, FiLM, TimeConditioner
 
 TIME_CONDITIONINGS = ("film", "adaln_zero", "none")
+# model.latent_projector: none (the data's latents are the model's), or a projector learned with the
+# model from the data's larger vectors (model.latent_input_dim, e.g. a full sentence embedding)
+LATENT_PROJECTORS = ("none", "linear", "mlp")
 # the model.* numbers and flags of DenoiserConfig, with their ranges
 OPTIONS = {
     "vocab_size": Num(lo=2, integer=True), "mask_id": Num(lo=0, integer=True),
@@ -52,6 +55,7 @@ OPTIONS = {
     "block_size": Num(lo=1, integer=True), "block_attention": Flag(), "use_pretrained_head": Flag(),
     "freeze_backbone": Flag(), "pos_emb_len": Num(lo=0, integer=True), "pos_emb_init_std": Num(lo=0),
     "latent_in_cond": Flag(), "shift_logits": Flag(),
+    "latent_input_dim": Num(lo=1, integer=True, optional=True, null_means="model.latent_dim (no projector)"),
     "bos_id": Num(lo=0, integer=True, optional=True, null_means="the tokenizer's end of text"),
 }
 
@@ -84,8 +88,13 @@ class DenoiserConfig:
     pos_emb_len: int = 0                # learned position embedding for this many text positions
     pos_emb_init_std: float = 0.0       # its initial values: N(0, std^2); 0 = zeros
     latent_in_cond: bool = False        # also add the latent's embedding to the conditioning vector
+    latent_projector: str = "none"      # LATENT_PROJECTORS: learn the latent from the data's vectors
+    latent_input_dim: Optional[int] = None   # the data's latent size when a projector reads them
     shift_logits: bool = False          # the logits of token i come from the position before it
     bos_id: Optional[int] = None        # shift_logits: the token read before the first one
+    # the text head predicts each position's clean embedding (training.objective=embedding, set by
+    # the builder from it): the output's ``embedding``, no logits
+    embedding_output: bool = False
 
     mixer_options: Dict[str, Any] = field(default_factory=dict)   # options of a mixer that are no field here
 
@@ -131,6 +140,25 @@ class DenoiserConfig:
                 raise ValueError(f"model.shift_logits=true reads model.bos_id before the first token; it is "
                                  f"{self.bos_id!r}: give a token id below model.vocab_size={self.vocab_size} "
                                  "(null takes the tokenizer's end of text)")
+        if self.embedding_output:
+            if self.latent_prefix_len or self.shift_logits or self.use_pretrained_head:
+                raise ValueError("training.objective=embedding diffuses the text's embeddings alone: set "
+                                 "model.latent_prefix_len=0, model.shift_logits=false and "
+                                 "model.use_pretrained_head=false")
+            if mixer_class(self.mixer).autoregressive:
+                raise ValueError(f"training.objective=embedding denoises every position at once; model.mixer="
+                                 f"{self.mixer} reads left to right only: choose a mixer that reads both ways "
+                                 "(e.g. model.mixer=bi)")
+        if self.latent_projector not in LATENT_PROJECTORS:
+            raise ValueError(f"model.latent_projector={self.latent_projector!r}; choose one of {LATENT_PROJECTORS}")
+        if self.latent_projector != "none" and (not self.latent_prefix_len or not self.latent_input_dim):
+            raise ValueError(f"model.latent_projector={self.latent_projector} learns the latent from the data's "
+                             "vectors: it needs model.latent_prefix_len >= 1 and model.latent_input_dim (their "
+                             "size, e.g. 384 for all-MiniLM-L6-v2 embeddings kept whole)")
+        if self.latent_projector == "none" and self.latent_input_dim not in (None, self.latent_dim):
+            raise ValueError(f"model.latent_input_dim={self.latent_input_dim} differs from model.latent_dim="
+                             f"{self.latent_dim} but no projector maps one to the other: set "
+                             "model.latent_projector=linear or mlp, or model.latent_input_dim=null")
         if self.latent_in_cond and (self.time_conditioning == "none" or not self.latent_prefix_len):
             raise ValueError("model.latent_in_cond=true adds the latent to the time conditioning: it needs "
                              "model.latent_prefix_len >= 1 and model.time_conditioning=film or adaln_zero")
@@ -148,10 +176,49 @@ class DenoiserConfig:
 _FIELDS = {f.name for f in fields(DenoiserConfig)} - {"mixer_options"}
 
 
+def data_latent_dim(model_keys) -> int:
+    """The size of the data's latent vectors for these ``model.*`` keys: ``latent_input_dim``
+    when a projector reads them, else ``latent_dim``."""
+    get = model_keys.get
+    if get("latent_projector", "none") not in (None, "none") and get("latent_input_dim"):
+        return int(get("latent_input_dim"))
+    return int(get("latent_dim"))
+
+
+class LatentProjector(nn.Module):
+    """The latent learned with the model (``model.latent_projector``): ``encode`` maps a data
+    vector [B, input_dim] (e.g. a whole sentence embedding) to the model's latent [B, latent_dim],
+    ``decode`` maps it back (the reconstruction term of ``training.latent_recon_weight``).
+
+    Two things keep it from collapsing. The denoising losses alone would pay it to make the latent
+    carry nothing (a constant, or one shrunk towards 0, is trivially denoised), so (1) every
+    encoded latent is scaled to norm ``sqrt(latent_dim)`` (the scale whitened PCA latents have on
+    average), so it cannot hide under the noise, and (2) the decoder must rebuild the input from
+    it, so it cannot send every sentence to one point.
+    """
+
+    def __init__(self, input_dim: int, latent_dim: int, kind: str):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.enc = (nn.Linear(input_dim, latent_dim) if kind == "linear" else
+                    nn.Sequential(nn.Linear(input_dim, input_dim), nn.GELU(), nn.Linear(input_dim, latent_dim)))
+        self.dec = nn.Linear(latent_dim, input_dim)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.enc(x.to(self.dec.weight.dtype))
+        return h * (self.latent_dim ** 0.5 / h.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.dec(z)
+
+
 class DenoiserOutput(NamedTuple):
-    logits: torch.Tensor                      # [B, T, vocab] at the text positions
+    logits: Optional[torch.Tensor]            # [B, T, vocab] at the text positions (None: embedding_output)
     latent: Optional[torch.Tensor]            # [B, latent_dim] eps / x0 / v prediction
     state: Optional[List[LayerState]]         # forward-scan state (causal / block_causal only)
+    embedding: Optional[torch.Tensor] = None  # [B, T, C] predicted clean embeddings (embedding_output)
+    latent_x0: Optional[torch.Tensor] = None    # [B, latent_dim] the projected clean latent (latent_noise)
+    latent_recon: Optional[torch.Tensor] = None  # [B, latent_input_dim] it decoded back (latent_noise)
 
 
 class MultimodalRWKVDenoiser(nn.Module):
@@ -189,6 +256,9 @@ class MultimodalRWKVDenoiser(nn.Module):
             nn.init.zeros_(self.latent_head.weight)   # zero final layer, as in DiT
             nn.init.zeros_(self.latent_head.bias)
 
+        if cfg.latent_projector != "none":
+            self.latent_projector = LatentProjector(cfg.latent_input_dim, cfg.latent_dim, cfg.latent_projector)
+
         if cfg.time_conditioning != "none":
             self.time_cond = TimeConditioner(C, latent_time=P > 0)
             if cfg.latent_in_cond:
@@ -205,7 +275,9 @@ class MultimodalRWKVDenoiser(nn.Module):
             raise ValueError(f"model.block_context=clean is read by model.mixer=block_causal on RWKV-7 blocks; "
                              f"model.mixer={cfg.mixer} (model.arch={cfg.arch}) reads no clean context: set "
                              "model.block_context=noisy")
-        if not cfg.use_pretrained_head:
+        if cfg.embedding_output:
+            self.embedding_head = nn.Linear(C, C)
+        elif not cfg.use_pretrained_head:
             self.text_head = nn.Linear(C, cfg.vocab_size, bias=False)
             nn.init.normal_(self.text_head.weight, std=C ** -0.5)
         if cfg.freeze_backbone:
@@ -247,17 +319,25 @@ class MultimodalRWKVDenoiser(nn.Module):
                                        p.shift_ffn, p.scale_ffn, p.gate_ffn))
         return mods
 
+    def token_embeddings(self) -> torch.Tensor:
+        """[vocab, C]: every token's input embedding scaled to unit root-mean-square, the clean
+        signal and the rounding table of embedding diffusion
+        (:mod:`~rwkv_diffusion_rnn.diffusion.embedding_diffusion`)."""
+        ids = torch.arange(self.config.vocab_size, device=self.type_emb.weight.device)
+        x = self.backbone.embed(ids)
+        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True).clamp_min(1e-12)).to(x.dtype)
+
     def _embed_text(self, ids: torch.Tensor, prev_ids: Optional[torch.Tensor], return_state: bool,
-                    pos_offset: int) -> torch.Tensor:
+                    pos_offset: int, embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The text's input vectors: with ``shift_logits`` position i reads token i - 1
         (``prev_ids`` first) and one more position reads the last token, except in a call that
-        returns a state (see :meth:`forward`)."""
+        returns a state (see :meth:`forward`). ``embeds`` [B, T, C] stand in for the ids' embeddings."""
         cfg = self.config
-        if cfg.shift_logits:
+        if embeds is None and cfg.shift_logits:
             B, T = ids.shape
             ids = torch.cat([prev_ids.view(B, 1).to(ids), ids[:, :T - 1] if return_state else ids], 1)
-        n = ids.shape[1]
-        x = self.backbone.embed(ids) + self.type_emb.weight[1]
+        x = (self.backbone.embed(ids) if embeds is None else embeds) + self.type_emb.weight[1]
+        n = x.shape[1]
         if cfg.pos_emb_len:
             if pos_offset + n > cfg.pos_emb_len:
                 raise ValueError(f"text positions {pos_offset}..{pos_offset + n - 1} exceed "
@@ -285,7 +365,8 @@ class MultimodalRWKVDenoiser(nn.Module):
                 prev_ids: Optional[torch.Tensor] = None,
                 context_ids: Optional[torch.Tensor] = None,
                 prompt_lengths: Optional[torch.Tensor] = None,
-                state_at: Optional[int] = None) -> DenoiserOutput:
+                state_at: Optional[int] = None, input_embeds: Optional[torch.Tensor] = None,
+                latent_noise: Optional[tuple] = None) -> DenoiserOutput:
         """Denoise.
 
         Args:
@@ -314,6 +395,13 @@ class MultimodalRWKVDenoiser(nn.Module):
                 text positions of this call (a model-block boundary, after the prefix when the call
                 reads one), while the logits cover every position as in a call without a state
                 (mixers with the ``folds_state`` trait; not with ``return_state``).
+            input_embeds: [B, T, C] noisy embeddings read in place of ``input_ids``' (pass
+                ``input_ids=None``): embedding diffusion, whose model (``embedding_output``)
+                returns the predicted clean embeddings in ``embedding``.
+            latent_noise: ``(alpha [B], sigma [B], eps [B, latent_dim])`` (training a
+                ``latent_projector`` model): ``latent`` is then the data's clean vector; the call
+                projects it (``latent_x0``), noises it as ``alpha z0 + sigma eps`` and decodes it
+                back (``latent_recon``), so the projector learns inside the forward.
 
         With ``shift_logits`` the text position i reads token i - 1 (``bos_id`` before the first)
         and its output is the logits of token i: each prediction comes from the position before
@@ -323,7 +411,10 @@ class MultimodalRWKVDenoiser(nn.Module):
         so that its state ends at the position before the next call's first.
         """
         cfg = self.config
-        B, T = input_ids.shape
+        if (input_embeds is not None) != cfg.embedding_output or (input_embeds is None) == (input_ids is None):
+            raise ValueError("an embedding_output model (training.objective=embedding) reads input_embeds alone, "
+                             "any other model input_ids alone")
+        B, T = input_ids.shape if input_embeds is None else input_embeds.shape[:2]
         P = cfg.latent_prefix_len if state is None else 0
         if state_at is not None:
             if return_state or not self.mixer.folds_state:
@@ -341,7 +432,14 @@ class MultimodalRWKVDenoiser(nn.Module):
             prev_ids = input_ids.new_full((B,), cfg.bos_id)
         elif prev_ids is not None and not cfg.shift_logits:
             raise ValueError("prev_ids is read by a model.shift_logits=true model only")
-        x = self._embed_text(input_ids, prev_ids, return_state, pos_offset)
+        x = self._embed_text(input_ids, prev_ids, return_state, pos_offset, input_embeds)
+        z0 = None
+        if latent_noise is not None:
+            if cfg.latent_projector == "none":
+                raise ValueError("latent_noise is read by a model.latent_projector model only")
+            alpha, sigma, eps = latent_noise
+            z0 = self.latent_projector.encode(latent)
+            latent = alpha.view(B, 1).to(z0) * z0 + sigma.view(B, 1).to(z0) * eps.to(z0)
         context = None
         if context_ids is not None and self.mixer.reads_context:
             if context_ids.shape != input_ids.shape:
@@ -383,10 +481,21 @@ class MultimodalRWKVDenoiser(nn.Module):
                                   return_state=return_state, prefix_len=P, **extra)
 
         h_text = self.backbone.ln_out(x[:, P:P + T])
+        if cfg.embedding_output:
+            return DenoiserOutput(None, None, new_state, self.embedding_head(h_text))
         head = self.backbone.head if cfg.use_pretrained_head else self.text_head
         logits = head(h_text)
         latent_out = None
         if P:
             h_lat = self.latent_out_norm(x[:, :P]).reshape(B, P * self.n_embd)
             latent_out = self.latent_head(h_lat)
+        if z0 is not None:
+            return DenoiserOutput(logits, latent_out, new_state, None, z0, self.latent_projector.decode(z0))
         return DenoiserOutput(logits, latent_out, new_state)
+
+    def clean_latent(self, data_latent: torch.Tensor) -> torch.Tensor:
+        """The model's clean latent [B, latent_dim] of the data's latent vectors: projected by a
+        ``latent_projector`` model, as they are otherwise."""
+        if self.config.latent_projector == "none":
+            return data_latent
+        return self.latent_projector.encode(data_latent)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..diffusion.continuous_diffusion import GaussianDiffusion
 from ..diffusion.diffusion_process import MaskedDiffusion
 from ..diffusion.chunks import Carry, Chunking
+from ..diffusion.embedding_diffusion import EmbeddingDiffusionObjective
 from ..diffusion.objective import AutoregressiveObjective, DiffusionObjective, ObjectiveConfig
 from ..data.sources import data_source, named_tokenizer
 from ..models.archs import arch_of
@@ -97,7 +98,13 @@ def build_model(cfg: DictConfig) -> MultimodalRWKVDenoiser:
         raise ConfigError(f"the vocabulary (model.vocab_size={m.vocab_size}{tok}) does not fit the embedding of "
                           f"{where} ({rows} rows): use that checkpoint's tokenizer (tokenizer.name="
                           f"{keys[arch.pretrained_key]}) or weights with a vocabulary of at least {m.vocab_size}")
-    return MultimodalRWKVDenoiser(backbone, denoiser_config(m))
+    return MultimodalRWKVDenoiser(backbone, model_config(cfg))
+
+
+def model_config(cfg: DictConfig, **replace) -> DenoiserConfig:
+    """The ``DenoiserConfig`` of a run: the ``model`` group, and the text head the objective reads
+    (``training.objective=embedding``: predicted embeddings)."""
+    return denoiser_config(cfg.model, embedding_output=cfg.training.objective == "embedding", **replace)
 
 
 # ---------------------------------------------------------------------------------------------- diffusion
@@ -121,21 +128,38 @@ def build_latent_diffusion(cfg: DictConfig) -> GaussianDiffusion:
                              num_train_steps=n.num_train_steps, low_discrepancy=n.low_discrepancy)
 
 
+def build_embedding_diffusion(cfg: DictConfig) -> GaussianDiffusion:
+    """``training.objective=embedding``: the ``latent_noise`` group's schedule on every position's
+    embedding, the denoiser predicting x0 (what rounding reads)."""
+    n = cfg.latent_noise
+    return GaussianDiffusion(schedule=n.schedule, min_noise_level=n.min_noise_level,
+                             max_noise_level=n.max_noise_level, target="x0",
+                             num_train_steps=n.num_train_steps, low_discrepancy=n.low_discrepancy)
+
+
 def objective_config(tr: DictConfig) -> ObjectiveConfig:
     """``ObjectiveConfig`` from the ``training`` group."""
     return ObjectiveConfig(clean_text_prob=tr.clean_text_prob, clean_latent_prob=tr.clean_latent_prob,
-                           latent_drop_prob=tr.latent_drop_prob, latent_loss_weight=tr.latent_loss_weight)
+                           latent_drop_prob=tr.latent_drop_prob, latent_loss_weight=tr.latent_loss_weight,
+                           latent_recon_weight=float(tr.get("latent_recon_weight", 0.0)))
 
 
 def build_objective(cfg: DictConfig, text: MaskedDiffusion, latent: Optional[GaussianDiffusion]):
-    """``training.objective``: ``diffusion`` (text + latent) or ``ar`` (next-token prediction)."""
+    """``training.objective``: ``diffusion`` (text + latent), ``ar`` (next-token prediction) or
+    ``embedding`` (Gaussian diffusion of the token embeddings)."""
     chunking = chunking_of(cfg.model)
     carry = Carry() if cfg.data.get("order") == "stream" else None
     if cfg.training.objective == "ar":
         return AutoregressiveObjective(chunking, carry)
+    if cfg.training.objective == "embedding":
+        return EmbeddingDiffusionObjective(build_embedding_diffusion(cfg),
+                                           float(cfg.training.get("auxiliary_ce_weight", 0.0)),
+                                           mask_id=int(cfg.model.mask_id))
+    projected = cfg.model.get("latent_projector", "none") not in (None, "none")
     return DiffusionObjective(text, latent if cfg.model.latent_prefix_len else None,
-                              objective_config(cfg.training), sft=bool(cfg.text_noise.sft), chunking=chunking,
-                              carry=carry)
+                              objective_config(cfg.training), sft=bool(cfg.text_noise.sft),
+                              projected_dim=int(cfg.model.latent_dim) if projected else None,
+                              chunking=chunking, carry=carry)
 
 
 def chunking_of(m: DictConfig) -> Optional[Chunking]:

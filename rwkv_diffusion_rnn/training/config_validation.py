@@ -102,7 +102,7 @@ def _check_choices(cfg: DictConfig) -> None:
     from ..diffusion.objective import OBJECTIVES
     from ..models.rwkv_denoiser import ARCHS
     from ..models.mixers import MIXERS
-    from ..models.rwkv_denoiser import TIME_CONDITIONINGS
+    from ..models.rwkv_denoiser import LATENT_PROJECTORS, TIME_CONDITIONINGS
     from ..ops.wkv7 import BACKENDS
     from .builders import AUTOCAST_DTYPES, DEVICES
     from .optimizer import OPTIMIZERS, SCHEDULES as LR_SCHEDULES
@@ -119,6 +119,8 @@ def _check_choices(cfg: DictConfig) -> None:
     if "order" in cfg.data:
         from ..data.corpus import ORDERS
         _choice(cfg, "data.order", ORDERS)
+    if cfg.model.get("latent_projector") is not None:       # a saved config may predate the key
+        _choice(cfg, "model.latent_projector", LATENT_PROJECTORS)
     device = cfg.training.device
     if not (device in DEVICES or str(device).startswith("cuda:")):
         raise ConfigError(f"training.device={device!r} is not valid; choose one of {', '.join(DEVICES)} "
@@ -135,7 +137,8 @@ TRAINING_OPTIONS = {
     "ema_decay": Num(0, 1, lo_open=True, hi_open=True, optional=True, null_means="no EMA"),
     "unfreeze_backbone_at_epoch": Num(lo=0, integer=True, optional=True),
     "latent_loss_weight": Num(lo=0), "clean_text_prob": Num(0, 1), "clean_latent_prob": Num(0, 1),
-    "latent_drop_prob": Num(0, 1), "stop_at_step": Num(lo=1, integer=True, optional=True),
+    "latent_drop_prob": Num(0, 1), "auxiliary_ce_weight": Num(lo=0),
+    "latent_recon_weight": Num(lo=0), "stop_at_step": Num(lo=1, integer=True, optional=True),
     "max_bad_steps": Num(lo=0, integer=True), "grad_checkpointing": Flag(), "resume_any_world_size": Flag(),
 }
 LOGGING_OPTIONS = {
@@ -219,6 +222,14 @@ def _check_across(cfg: DictConfig, arch, mixer, source) -> None:
                               f"set model.mixer={ar_mixers} (got model.mixer={m.mixer!r}, which reads ahead)")
         if m.latent_prefix_len:
             raise ConfigError("training.objective=ar is a text-only baseline: set model.latent_prefix_len=0")
+    if tr.objective == "embedding" and not source.likelihood:
+        raise ConfigError(f"training.objective=embedding is a language-model baseline on text; data.kind={d.kind} "
+                          "is scored by decoding tasks: use data=text (or data=simple with "
+                          "model.latent_prefix_len=0)")
+    if tr.get("auxiliary_ce_weight") and tr.objective != "embedding":
+        raise ConfigError(f"training.auxiliary_ce_weight={tr.auxiliary_ce_weight} adds the cross-entropy of the "
+                          "rounded x0 prediction of embedding diffusion (training.objective=embedding); "
+                          f"training.objective={tr.objective} already trains its text by cross-entropy: set it to 0")
     if cfg.tokenizer.name == "chars" and not source.chars:
         kinds = " or ".join(f"data.kind={k}" for k, s in DATA_SOURCES.items() if s.chars)
         raise ConfigError(f"tokenizer.name=chars builds its vocabulary from a corpus: use it with {kinds}")
@@ -258,6 +269,9 @@ def _check_chunks(m: DictConfig, arch) -> None:
         raise ConfigError(f"model.chunk_size={m.chunk_size}: model.mixer={m.mixer} with model.arch={m.arch} reads "
                           f"the whole sequence at once, so no state carries one chunk into the next: use "
                           f"model.arch=rwkv7 with model.mixer={stateful} (or leave model.chunk_size null)")
+    if m.get("latent_projector") not in (None, "none"):
+        raise ConfigError(f"model.chunk_size={m.chunk_size} with model.latent_projector={m.latent_projector}: a "
+                          "learned projection is trained on whole windows; leave model.chunk_size null")
     multiple, key = arch.length_multiple(model_keys(m)), arch.length_key(model_keys(m))
     if key is not None and m.chunk_size % multiple:
         raise ConfigError(f"model.chunk_size={m.chunk_size} is not a multiple of model.{key}={multiple}: each "
@@ -301,7 +315,7 @@ def _check_training(cfg: DictConfig) -> None:
 def _check_dataclasses(cfg: DictConfig) -> None:
     """The dataclasses' own checks (their messages name the config keys), before any data is
     read; a vocabulary left to the tokenizer gets a stand-in here and its own check in resolve_vocab."""
-    from .builders import denoiser_config, objective_config
+    from .builders import model_config, objective_config
     m, d = cfg.model, cfg.data
     stand_in = {}
     if m.vocab_size is None or m.mask_id is None:
@@ -312,7 +326,7 @@ def _check_dataclasses(cfg: DictConfig) -> None:
         stand_in["bos_id"] = 0
     try:
         objective_config(cfg.training)
-        denoiser_config(m, **stand_in)
+        model_config(cfg, **stand_in)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     positions = d.seq_len + bool(m.get("shift_logits"))     # shift_logits reads one more

@@ -4,7 +4,10 @@
 A synthetic task is scored by decoding its answers (accuracy and exact match, also on a fresh
 random batch); text data by the validation bound (diffusion: ``val_nelbo``, nats per token) or
 NLL (``training.objective=ar``: ``val_nll``), the objective's losses on the validation batches
-and, with a latent, the cosine of latents inferred from text. Every evaluation draws from fixed
+and, with a latent, the cosine of latents inferred from text. Embedding diffusion
+(``training.objective=embedding``) has no bound here: its squared error, rounding cross-entropy
+(not a bound), rounding accuracy and embedding drift
+(:func:`~rwkv_diffusion_rnn.diffusion.embedding_diffusion.embedding_scores`). Every evaluation draws from fixed
 streams of :mod:`~rwkv_diffusion_rnn.common.rng` (the same noise every time, never the
 training streams), so evaluations at different steps compare the models alone. Under torchrun
 every rank scores its share and the sums are combined.
@@ -17,6 +20,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from ..diffusion.embedding_diffusion import embedding_scores
 from ..diffusion.sampling import generate_latent, generate_text
 from ..common import rng
 from . import likelihood
@@ -102,6 +106,12 @@ class Evaluator:
         if self.objective == "ar":
             nll = self.likelihood(model)
             return {"val_nll": nll.nats_per_token, **({"val_bpc": nll.bits_per_char} if nll.chars else {})}
+        if self.objective == "embedding":
+            # token-weighted means of this process's rows (every process scores the same batches)
+            scores = embedding_scores(self.loss, model, self.data.val, rng.generator("eval_noise"),
+                                      max_batches=self.settings.max_batches, device=self.device,
+                                      autocast=self.autocast)
+            return {f"val_{k}": v for k, v in scores.items()}
         out = {}
         if self.bound:           # a model of uniform-state noise has no masked-diffusion bound
             bound = self.likelihood(model)
@@ -130,7 +140,8 @@ class Evaluator:
             if self.has_latent and i == 0:
                 z = generate_latent(model, self.latent_diff, batch["input_ids"].to(self.device),
                                     steps=self.settings.latent_steps, generator=rng.generator("eval_sampling"))
-                cos = torch.nn.functional.cosine_similarity(z.float().cpu(), batch["latent"].float(), dim=-1)
+                true = likelihood.clean_latent(model, batch["latent"].float().to(self.device)).float().cpu()
+                cos = torch.nn.functional.cosine_similarity(z.float().cpu(), true, dim=-1)
                 cos_sum, cos_n = cos_sum + float(cos.sum()), cos_n + cos.numel()
         tot = dict(zip(tot, self.dist.sum(tot.values())))      # the shares of each batch add up
         # a loss no batch measured is absent (a text-only model's latent loss too), never a 0

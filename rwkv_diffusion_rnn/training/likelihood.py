@@ -36,6 +36,14 @@ def _chars(tokenizer, ids: torch.Tensor, valid: torch.Tensor) -> Optional[int]:
 
 
 @torch.no_grad()
+def clean_latent(model, data_latent: torch.Tensor) -> torch.Tensor:
+    """The model's clean latent of the data's latent vectors (``model.latent_projector`` projects
+    them), through any DDP / compile wrapper."""
+    from .checkpoints import _unwrap
+    with torch.no_grad():
+        return _unwrap(model).clean_latent(data_latent)
+
+
 def batch_nats(model, batch: dict, *, objective: str, schedule=None, mask_id: Optional[int] = None,
                generator: Optional[torch.Generator] = None, mc_samples: int = 1, latent: str = "clean",
                device: torch.device = torch.device("cpu"), autocast: Callable = nullcontext,
@@ -56,6 +64,8 @@ def batch_nats(model, batch: dict, *, objective: str, schedule=None, mask_id: Op
     if "prompt_lengths" in batch:       # conversations: the answers given their prompts
         valid = valid & answer_positions(batch)
     z = batch["latent"][rows].float().to(device) if latent == "clean" and "latent" in batch else None
+    if z is not None:       # the data's vectors as the model's latent (a learned projection)
+        z = clean_latent(model, z)
     clean = targets[rows].to(device)
     prompts = batch["prompt_lengths"][rows].to(device) if "prompt_lengths" in batch else None
 

@@ -168,7 +168,7 @@ def _rebuild(path: Path, cfg: DictConfig):
     from ..models.archs import arch_of
     from ..models.rwkv_denoiser import MultimodalRWKVDenoiser
     from ..weights.pretrained_rwkv import named_function
-    from .builders import denoiser_config, model_keys
+    from .builders import model_config, model_keys
     arch = arch_of(cfg.model.arch)
     if not (arch.pretrained_key and cfg.model.get(arch.pretrained_key) and arch.from_shapes):
         return None
@@ -177,7 +177,7 @@ def _rebuild(path: Path, cfg: DictConfig):
         return None
     backbone_shapes = {k[len("backbone."):]: _Shape(v) for k, v in shapes.items() if k.startswith("backbone.")}
     backbone = named_function(arch.from_shapes)(backbone_shapes, model_keys(cfg.model), str(path / ckpt.MODEL_FILE))
-    return MultimodalRWKVDenoiser(backbone, denoiser_config(cfg.model))
+    return MultimodalRWKVDenoiser(backbone, model_config(cfg))
 
 
 def load_trained(checkpoint, overrides: Sequence[str] = (), device: Optional[str] = None,
