@@ -536,6 +536,26 @@ def test_a_long_prompt_read_in_chunks_through_the_state_decodes_as_read_at_once(
     assert longest >= 28 and max(sizes) <= 8 + 8     # a chunk, or the last one plus the block decoded
 
 
+def test_without_block_length_a_cached_continuation_feeds_its_prompt_once_and_then_only_what_follows():
+    """One decoding span over the whole canvas: the cache reads the prompt into the state (in
+    chunks) and each step feeds from the first still-masked model block, not from position 0;
+    the tokens are those of uncached decoding (no time conditioning: the cache is exact)."""
+    model = tiny("block_causal", tc="none", prefix=1).double()
+    x = _prefix_canvases([27, 30], 40, seed=52)
+    kw = dict(latent=latent(B=2, seed=53).double(), prompt_ids=x, steps=13, temperature=1.0)
+    sizes = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: sizes.append((a[0] if a else k["input_ids"]).shape[1]),
+                                           with_kwargs=True)
+    try:
+        cached = generate_text(model, generator=[gen(62), gen(63)], prefill_chunk=8, **kw)
+        fed, sizes[:] = list(sizes), []
+        plain = generate_text(model, generator=[gen(62), gen(63)], use_cache=False, **kw)
+    finally:
+        hook.remove()
+    assert torch.equal(cached, plain)
+    assert min(sizes) == 40 and max(fed) <= 8 + 16 and sum(fed) < sum(sizes) / 2, (sizes, fed)
+
+
 def test_an_ar_model_reads_the_shared_prompt_in_chunks_and_writes_the_same_tokens():
     from rwkv_diffusion_rnn.diffusion.sampling import generate_autoregressive
     model = tiny("causal", tc="none", prefix=0).double()

@@ -583,8 +583,12 @@ def _decode_text(model, *, latent: Optional[torch.Tensor] = None, length: Option
                 if not bool(remaining.any()):
                     break
                 t = (x == mask_id).sum(1).float() / n_start
+                pick = masked
                 if cache is not None:
-                    logits = cache.logits(x, a, b, t)
+                    # from the first column any row still has masked: the text before it (a prompt,
+                    # committed tokens) is read into the state once, not fed again every step
+                    lo = a + int(masked.any(0).nonzero()[0])
+                    logits, pick = cache.logits(x, lo, b, t), masked[:, lo - a:]
                 else:
                     if co is not None:
                         co.feed(fn)
@@ -594,7 +598,7 @@ def _decode_text(model, *, latent: Optional[torch.Tensor] = None, length: Option
                 # proposals only where they can be used: [n_masked, V] instead of [B, L, V]
                 tokens = current.clone()
                 conf = torch.zeros(masked.shape, device=device)
-                flat = logits[masked]
+                flat = logits[pick]
                 noise = None if temperature == 0.0 else _per_row(_gumbel, remaining, gens, device, flat.shape[-1])
                 tokens[masked], conf[masked] = _propose(flat, mask_id, temperature, top_k, top_p, noise)
                 if steps is None:
