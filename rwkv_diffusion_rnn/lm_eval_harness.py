@@ -131,7 +131,12 @@ class RwkvDiffusionLM(LM):
         if self.batch_size < 1:
             raise _error(f"batch_size={batch_size} must be >= 1")
         self.seed, self.check_greedy = int(seed), bool(is_greedy)
-        self.trained = load_trained(checkpoint, device=None if device in (None, "") else str(device),
+        if device in (None, "") or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            if device not in (None, ""):      # lm_eval's own --device default is cuda
+                print(f"lm_eval passed device={device}, but no CUDA device is visible: the model runs on the "
+                      "CPU (--device cpu says so)", file=sys.stderr)
+            device = None
+        self.trained = load_trained(checkpoint, device=None if device is None else str(device),
                                     trust_remote_code=bool(trust_remote_code), tokenizer_path=tokenizer_path)
         cfg = self.trained.cfg
         self.tok = self.trained.tokenizer
