@@ -6,8 +6,9 @@
 10% of the characters, the split ``experiment=shakespeare_char`` validates on; speeches are the
 blocks between blank lines), scored whole: word perplexity, byte perplexity and bits per byte.
 ``shakespeare_mc`` (``multiple_choice``, ``--n-mc`` questions, seeded): two consecutive lines of
-a validation speech as the context, the line that follows them and three lines drawn from other
-validation speeches as the choices (in a seeded order); accuracy and length-normalised accuracy.
+a validation speech as the context, the line that follows them and three spoken lines (not a
+speaker's name) drawn from other validation speeches as the choices (in a seeded order); accuracy
+and length-normalised accuracy.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ metric_list:
 """
 
 
+def spoken(speech: str) -> list:
+    """The lines of a speech that are spoken: not a speaker's name ("BIANCA:", "First Citizen:"), which as a
+    distractor would be a short line any model ranks high by total log-likelihood."""
+    return [line for line in speech.splitlines() if not (line.endswith(":") and len(line.split()) <= 3)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", type=Path, default=CORPUS)
@@ -68,8 +75,8 @@ def main() -> None:
     candidates = [(i, k) for i, s in enumerate(speeches) for k in range(len(s.splitlines()) - 2)]
     for i, k in rng.sample(candidates, min(args.n_mc, len(candidates))):
         lines = speeches[i].splitlines()
-        others = [rng.choice(speeches[j].splitlines()) for j in rng.sample(
-            [j for j in range(len(speeches)) if j != i], 3)]
+        others = [rng.choice(spoken(speeches[j])) for j in rng.sample(
+            [j for j in range(len(speeches)) if j != i and spoken(speeches[j])], 3)]
         choices = [lines[k + 2], *others]
         rng.shuffle(choices)
         questions.append({"context": "\n".join(lines[k:k + 2]), "choices": choices,
