@@ -20,7 +20,8 @@ tokens/s; ``peak MiB`` is the process's peak resident memory minus its resident 
 model and the batch are built, with glibc's mmap threshold fixed at 1 MiB (``MALLOC_MMAP_THRESHOLD_``):
 its default threshold rises after the first large frees, after which the blocks every chunk's
 recomputation frees stay in the heap and the resident memory no longer follows what is live.
-A cell that runs out of memory or past ``--cell-timeout`` seconds is reported as such.
+A cell that runs out of memory (its address space capped at ``--mem-limit-gb``, 14) or past
+``--cell-timeout`` seconds is reported as such.
 
 ``--prompt-checkpoints``: for each checkpoint (a text model with a left-to-right state), the peak
 memory of ``generate`` continuing a prompt of each of ``--prompt-chars`` characters (the start of
@@ -78,6 +79,9 @@ def cell(args) -> dict:
     from rwkv_diffusion_rnn.diffusion.diffusion_process import MaskedDiffusion
     from rwkv_diffusion_rnn.diffusion.objective import AutoregressiveObjective, DiffusionObjective
     torch.set_num_threads(args.threads)
+    if args.mem_limit_gb:       # an allocation past it fails in this cell instead of waking the OOM killer
+        limit = int(args.mem_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     model = build(args.model, args)
     chunking = None if args.mode == "unchunked" else Chunking(args.chunk, args.mode)
     if MODELS[args.model]["objective"] == "ar":
@@ -122,7 +126,7 @@ def prompt_cell(args) -> dict:
 
 def run_cell(args, model: str, mode: str, n: int) -> dict:
     cmd = [sys.executable, __file__, "--cell", "--model", model, "--mode", mode, "--n", str(n)]
-    for key in ("threads", "n_layer", "n_embd", "head_size", "vocab", "repeats", "chunk"):
+    for key in ("threads", "n_layer", "n_embd", "head_size", "vocab", "repeats", "chunk", "mem_limit_gb"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = dict(os.environ, **FIXED_MMAP)
     try:
@@ -161,6 +165,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--cell-timeout", type=float, default=900.0)
+    p.add_argument("--mem-limit-gb", type=float, default=14.0, help="address-space limit of a training cell")
     p.add_argument("--out", type=Path, default=Path("eval/out/bench_long_context.md"))
     p.add_argument("--prompt-checkpoints", nargs="*", default=[], help="measure long prompts at generate instead")
     p.add_argument("--prompt-chars", nargs="+", type=int, default=[5000, 50000])
