@@ -23,12 +23,14 @@ recomputation frees stay in the heap and the resident memory no longer follows w
 A cell that runs out of memory (its address space capped at ``--mem-limit-gb``, 14) or past
 ``--cell-timeout`` seconds is reported as such.
 
+Writes the table to stdout and ``--out`` (``eval/out/bench_long_context.md``)
+and the numbers to ``<out>.json``, both after every cell.
+
 ``--prompt-checkpoints``: for each checkpoint (a text model with a left-to-right state), the peak
 memory of ``generate`` continuing a prompt of each of ``--prompt-chars`` characters (the start of
 the tinyshakespeare validation text) by 64 tokens, measured as above from the loaded model on:
 the prompt is read through the state in chunks (``prefill_chunk``, 4096 tokens), so the peak
-should not grow with the prompt. Writes the table to stdout and ``--out`` (``eval/out/bench_long_context.md``)
-and the numbers to ``<out>.json``, both after every cell.
+should not grow with the prompt.
 """
 
 from __future__ import annotations
