@@ -60,13 +60,16 @@ def run_chunks(step: Callable[[int, int, Any], Tuple[torch.Tensor, Any]], chunki
                state: Any = None) -> Tuple[torch.Tensor, Any]:
     """``step(start, end, state) -> (loss of the chunk, state after it)`` over every chunk of a
     sequence of ``length`` tokens, from ``state``; returns the summed loss and the final state.
-    Under autograd each chunk is checkpointed, and ``truncated`` detaches the state between chunks."""
+    Under autograd each chunk of a window of several is checkpointed, and ``truncated`` detaches
+    the state between chunks."""
     total: Optional[torch.Tensor] = None
-    grad = torch.is_grad_enabled()
-    for a, b in chunking.spans(length):
-        if grad and chunking.grad == "truncated":
+    spans = chunking.spans(length)
+    # one chunk (a streamed window read at once) keeps its activations: recomputing saves nothing
+    recompute = torch.is_grad_enabled() and len(spans) > 1
+    for a, b in spans:
+        if torch.is_grad_enabled() and chunking.grad == "truncated":
             state = detach_state(state)
-        if grad:
+        if recompute:
             loss, state = checkpoint(step, a, b, state, use_reentrant=False)
         else:
             loss, state = step(a, b, state)
