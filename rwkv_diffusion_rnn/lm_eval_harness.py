@@ -259,22 +259,24 @@ class RwkvDiffusionLM(LM):
                             temperature=0.0, generator=[torch.Generator().manual_seed(self.seed)])
         return out[0, len(ctx):].tolist() == list(cont)
 
-    def _diffusion_scores(self, pairs) -> List[Tuple[float, bool]]:
+    def _diffusion_scores(self, pairs, greedy: bool = True) -> List[Tuple[float, bool]]:
         out, errs = [], []
         for ctx, cont in pairs:
             draws = self.diffusion_nats(ctx, cont)
             if len(draws) > 1:
                 errs.append(float(draws.std()) / math.sqrt(len(draws)))
-            greedy = self.check_greedy and self._diffusion_greedy(ctx, cont)
-            out.append((-float(draws.mean()), bool(greedy)))
+            is_greedy = greedy and self.check_greedy and self._diffusion_greedy(ctx, cont)
+            out.append((-float(draws.mean()), bool(is_greedy)))
         if errs:
             log.info("rwkv_diffusion: %d requests, mean Monte-Carlo standard error of the bound %.4f nats "
                      "(mc_samples=%d)", len(pairs), sum(errs) / len(errs), self.mc_samples)
         return out
 
-    def _scores(self, pairs) -> List[Tuple[float, bool]]:
+    def _scores(self, pairs, greedy: bool = True) -> List[Tuple[float, bool]]:
+        """``(log-likelihood, is_greedy)`` of each pair; ``greedy=False`` skips the diffusion
+        greedy decoding (what a rolling log-likelihood, which reports no is_greedy, would waste)."""
         pairs = [self._fit(ctx, cont) for ctx, cont in pairs]
-        return self._ar_scores(pairs) if self.ar else self._diffusion_scores(pairs)
+        return self._ar_scores(pairs) if self.ar else self._diffusion_scores(pairs, greedy)
 
     # ------------------------------------------------------------------------------ lm-eval's API
 
@@ -304,7 +306,7 @@ class RwkvDiffusionLM(LM):
         for req in requests:
             (text,) = req.args[:1]
             windows = self.rolling_windows(text)
-            total = sum(ll for ll, _ in self._scores(windows)) if windows else 0.0
+            total = sum(ll for ll, _ in self._scores(windows, greedy=False)) if windows else 0.0
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
             results.append(total)
         return results
