@@ -323,10 +323,11 @@ def trade(args) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render_trade(result))
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_trade(result, args.plot)
+    if args.plot is not None:
+        plot_trade(result, args.plot)
     print()
     print(render_trade(result), end="")
-    print(f"wrote {args.out}, {args.out.with_suffix('.json')} and {args.plot}")
+    print(f"wrote {args.out}, {args.out.with_suffix('.json')}" + (f" and {args.plot}" if args.plot else ""))
     return result
 
 
@@ -396,7 +397,8 @@ def parse_args(argv=None):
     tr.add_argument("--steps-per-block", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                     help="kept where <= the block size")
     tr.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95])
-    tr.add_argument("--plot", type=Path, default=ROOT / "eval" / "decoding_trade.png")
+    tr.add_argument("--plot", type=lambda v: Path(v) if v else None, default=ROOT / "eval" / "decoding_trade.png",
+                    help='where the PNG goes ("" for none; needs matplotlib: pip install -e ".[eval]")')
     a = ap.parse_args(argv)
     if a.trade and (a.diffusion is None or a.ar is None):
         ap.error("--trade needs --diffusion <cached block model> and --ar <AR run>")
