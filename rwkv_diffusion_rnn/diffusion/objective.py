@@ -240,10 +240,11 @@ class DiffusionObjective:
         has_latent = nb.zs is not None
         lat = dict(latent=nb.zs.to(device), s=nb.s.to(device), latent_drop=nb.drop.to(device)) if has_latent else {}
         x0, xt, t = nb.x0.to(device), nb.xt.to(device), nb.t.to(device)
-        shift = _config(model).shift_logits
+        net = _bare(model)
+        shift = net.config.shift_logits
         # with shift_logits a chunk's first position reads the token before it as the window read
         # at once does: clean where the mixer reads clean context, else as noised
-        before = x0 if getattr(model, "module", model).mixer.reads_context else xt
+        before = x0 if net.mixer.reads_context else xt
         no_latent_rows = None if nb.latent_rows is None else torch.zeros_like(nb.latent_rows)
         parts = {"text_loss": 0.0, "latent_loss": 0.0}
 
@@ -265,9 +266,9 @@ class DiffusionObjective:
         return loss, {**parts, "tokens": int(nb.valid.sum()), **self._carried(nb)}, end
 
 
-def _config(model):
-    """The denoiser's config, through a DDP wrapper."""
-    return getattr(model, "module", model).config
+def _bare(model):
+    """The denoiser inside a DDP wrapper (FSDP shards it in place)."""
+    return getattr(model, "module", model)
 
 
 def answer_positions(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -310,13 +311,11 @@ class AutoregressiveObjective:
         inputs, targets, valid = inputs.to(device), targets.to(device), valid.to(device)
         t = torch.zeros(inputs.shape[0], device=device)
         if self.chunking is not None or self.carry is not None:
-            shift = _config(model).shift_logits
             start = None if self.carry is None else self.carry.take(batch)
 
-            def step(a: int, b: int, state):
+            def step(a: int, b: int, state):      # a causal mixer never shifts its logits
                 with autocast():
-                    out = model(inputs[:, a:b], t, state=state, return_state=True, pos_offset=a,
-                                prev_ids=inputs[:, a - 1] if a and shift else None)
+                    out = model(inputs[:, a:b], t, state=state, return_state=True, pos_offset=a)
                 v = valid[:, a:b]
                 return torch.nn.functional.cross_entropy(out.logits[v].float(), targets[:, a:b][v],
                                                          reduction="sum"), out.state

@@ -40,8 +40,7 @@ def clean_latent(model, data_latent: torch.Tensor) -> torch.Tensor:
     """The model's clean latent of the data's latent vectors (``model.latent_projector`` projects
     them), through any DDP / compile wrapper."""
     from .checkpoints import _unwrap
-    with torch.no_grad():
-        return _unwrap(model).clean_latent(data_latent)
+    return _unwrap(model).clean_latent(data_latent)
 
 
 def batch_nats(model, batch: dict, *, objective: str, schedule=None, mask_id: Optional[int] = None,
@@ -144,7 +143,8 @@ def score_stream(model, tokens, *, objective: str, chunk: int, schedule=None, ma
     clean too, as in its training. The chunks' terms add up to a bound of the whole stream (the
     chain rule over chunks). Text-only models (no latent prefix)."""
     import numpy as np
-    net = getattr(model, "module", model)
+    from .checkpoints import _unwrap
+    net = _unwrap(model)
     if not net.mixer.carries_state:
         raise ValueError("a stream is scored through the state a left-to-right mixer carries (model.mixer=causal "
                          "or block_causal with model.arch=rwkv7)")
