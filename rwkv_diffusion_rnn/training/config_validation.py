@@ -262,13 +262,11 @@ def _check_across(cfg: DictConfig, arch, mixer, source) -> None:
 
 def _check_chunks(m: DictConfig, arch) -> None:
     """``model.chunk_size``: a left-to-right mixer with a state, and chunks of whole blocks."""
-    from ..models.mixers import MIXERS
     from .builders import model_keys
     if not arch.carries_state(m.mixer):
-        stateful = " or ".join(n for n, c in MIXERS.items() if c.carries_state)
         raise ConfigError(f"model.chunk_size={m.chunk_size}: model.mixer={m.mixer} with model.arch={m.arch} reads "
                           f"the whole sequence at once, so no state carries one chunk into the next: use "
-                          f"model.arch=rwkv7 with model.mixer={stateful} (or leave model.chunk_size null)")
+                          f"model.arch=rwkv7 with model.mixer={_stateful_mixers()} (or leave model.chunk_size null)")
     if m.get("latent_projector") not in (None, "none"):
         raise ConfigError(f"model.chunk_size={m.chunk_size} with model.latent_projector={m.latent_projector}: a "
                           "learned projection is trained on whole windows; leave model.chunk_size null")
@@ -284,15 +282,27 @@ def _check_stream(cfg: DictConfig, arch) -> None:
     m = cfg.model
     if not arch.carries_state(m.mixer):
         raise ConfigError(f"data.order=stream carries the model's state from one step to the next, and model.mixer="
-                          f"{m.mixer} with model.arch={m.arch} keeps none: use model.arch=rwkv7 with model.mixer=causal "
-                          "or block_causal, or data.order=shuffled")
+                          f"{m.mixer} with model.arch={m.arch} keeps none: use model.arch=rwkv7 with model.mixer="
+                          f"{_stateful_mixers()}, or data.order=shuffled")
     if m.latent_prefix_len:
         raise ConfigError("data.order=stream reads the corpus as continuing text, which has no sentence latents: "
                           "set model.latent_prefix_len=0")
-    if cfg.training.parallel in ("ddp", "fsdp"):
+    check_stream_parallel(cfg.data, cfg.training.parallel)
+
+
+def check_stream_parallel(d: DictConfig, parallel: str) -> None:
+    """``data.order=stream`` on one process only: here for ``training.parallel`` as given, and by
+    the trainer for the mode ``auto`` resolves to under torchrun."""
+    if d.get("order") == "stream" and parallel in ("ddp", "fsdp"):
         raise ConfigError(f"data.order=stream carries each row's state on the process that trained it; "
-                          f"training.parallel={cfg.training.parallel} is not supported with it: train on one process "
+                          f"training.parallel={parallel} is not supported with it: train on one process "
                           "(training.parallel=none) or use data.order=shuffled")
+
+
+def _stateful_mixers() -> str:
+    """The model.mixer values whose state carries across calls, for the messages."""
+    from ..models.mixers import MIXERS
+    return " or ".join(n for n, c in MIXERS.items() if c.carries_state)
 
 
 def _check_training(cfg: DictConfig) -> None:

@@ -39,7 +39,7 @@ from ..data.sources import data_source
 from ..diffusion.diffusion_process import undecodable_noise
 from .builders import (AUTOCAST_DTYPES, autocast, build_data, build_latent_diffusion, build_model, build_objective,
                        build_optimizer_and_scheduler, build_text_diffusion, resolve_device, resolve_vocab)
-from .config_validation import validate_config
+from .config_validation import check_stream_parallel, validate_config
 from ..common.errors import ConfigError, TrainingDiverged
 
 from .ema import EMA
@@ -144,9 +144,7 @@ class Trainer:
             raise ConfigError("training.unfreeze_backbone_at_epoch changes which weights train in the middle of "
                               "a run, which training.parallel=fsdp cannot follow; use training.parallel=ddp, or "
                               "set model.freeze_backbone=false from the start")
-        if mode != "none" and self.cfg.data.get("order") == "stream":   # training.parallel=auto under torchrun
-            raise ConfigError(f"data.order=stream carries each row's state on the process that trained it, which "
-                              f"training.parallel={mode} does not: train on one process or use data.order=shuffled")
+        check_stream_parallel(self.cfg.data, mode)      # the mode training.parallel=auto resolved to
 
     def _print(self, *args, **kwargs):
         if self.dist.main:
