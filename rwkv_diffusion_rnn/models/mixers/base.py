@@ -159,6 +159,20 @@ class Mixer(nn.Module):
         return fn(*args, **kwargs)
 
 
+
+def read_layers(mixer: "Mixer", blocks, x: torch.Tensor, mods, state, return_state: bool, how: str):
+    """The forward of a mixer that reads the whole sequence at each layer (``mixer.layer(i, block,
+    x, v_first, mod) -> (x, v_first)``) and so has no state to carry: ``how`` it reads, for the
+    refusal of a state."""
+    if state is not None or return_state:
+        raise ValueError(f"model.mixer={mixer.name} reads the whole sequence {how} and has no recurrent "
+                         "state to carry; use block_causal for cached block generation")
+    mods = layer_mods(mods, len(blocks))
+    v_first = None
+    for i, block in enumerate(blocks):
+        x, v_first = mixer.layer(i, block, x, v_first, mods[i])
+    return x, None
+
 # model.mixer -> the mixer class; filled by register_mixer where each mixer is defined
 MIXERS: Dict[str, Type[Mixer]] = {}
 

@@ -29,7 +29,7 @@ import copy
 
 import torch
 
-from .base import Fusion, Modulation, TwoWay, layer_mods, register_mixer, run_block
+from .base import Fusion, Modulation, TwoWay, read_layers, register_mixer, run_block
 
 
 # Largest B * T (tokens of one direction) read as one batch of both directions.
@@ -54,14 +54,7 @@ class BiMixer(TwoWay):
         cls.check_anneal(bi_anneal_steps)
 
     def forward(self, blocks, x, mods=None, state=None, return_state=False, prefix_len=0):
-        if state is not None or return_state:
-            raise ValueError("model.mixer=bi reads the whole sequence at once and has no recurrent "
-                             "state to carry; use block_causal for cached block generation")
-        mods = layer_mods(mods, len(blocks))
-        v_first = None
-        for i, block in enumerate(blocks):
-            x, v_first = self.layer(i, block, x, v_first, mods[i])
-        return x, None
+        return read_layers(self, blocks, x, mods, state, return_state, "at once")
 
     def layer(self, i: int, block, x, v_first=None, mod=None):
         """Layer ``i`` (forward-direction block ``block``) read both ways and fused.

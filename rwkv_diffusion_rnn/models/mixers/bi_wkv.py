@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from ..rwkv7 import relu_square, shift_mix
 from ...ops.wkv7 import wkv7
-from .base import Mixer, Modulation, _modulate, layer_mods, register_mixer
+from .base import Mixer, Modulation, _modulate, read_layers, register_mixer
 
 SHIFTS = ("left", "mean")
 
@@ -103,14 +103,7 @@ class BiWKVMixer(Mixer):
                              "(1: the sum of both scans, 0: the causal block)")
 
     def forward(self, blocks, x, mods=None, state=None, return_state=False, prefix_len=0):
-        if state is not None or return_state:
-            raise ValueError("model.mixer=bi_wkv reads the whole sequence both ways and has no recurrent "
-                             "state to carry; use block_causal for cached block generation")
-        mods = layer_mods(mods, len(blocks))
-        v_first = None
-        for i, block in enumerate(blocks):
-            x, v_first = self.layer(i, block, x, v_first, mods[i])
-        return x, None
+        return read_layers(self, blocks, x, mods, state, return_state, "both ways")
 
     def layer(self, i: int, block, x, v_first=None, mod=None):
         """Layer ``i`` (block ``block``) read both ways; ``v_first`` as the previous layer returned
