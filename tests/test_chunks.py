@@ -92,6 +92,19 @@ def test_full_chunked_training_gives_the_loss_and_gradient_of_the_window_read_at
         assert torch.allclose(got[n], want[n], atol=1e-5, rtol=1e-4), (n, (got[n] - want[n]).abs().max())
 
 
+@pytest.mark.parametrize("mixer, context", [("causal", "noisy"), ("block_causal", "noisy"), ("block_causal", "clean")])
+def test_a_carried_state_holds_its_own_storage_not_the_chunk_it_came_from(mixer, context):
+    # a chunked window keeps every chunk's state until the backward: a state that were a view of
+    # the chunk's activations would keep them all, and memory would grow with the window
+    m = model(mixer, context=context)
+    ids = batch()["input_ids"]
+    out = m(ids, torch.full((3,), 0.5), state=None, return_state=True, context_ids=ids)
+    tensors = [f for s in out.state for f in s if f is not None]
+    assert tensors
+    for f in tensors:
+        assert f.untyped_storage().nbytes() == f.numel() * f.element_size(), f.shape
+
+
 def test_truncated_chunks_give_the_gradient_of_the_model_detached_at_chunk_borders():
     """The reference written out: the causal model run chunk by chunk with its state detached
     between chunks and no recomputation, the summed next-token loss over the window's targets."""

@@ -72,6 +72,12 @@ class LayerState(NamedTuple):
     ffn_shift: torch.Tensor   # [B, C]   last input of the channel-mix
 
 
+def last_position(x: torch.Tensor) -> torch.Tensor:
+    """``x[:, -1]`` [B, C] in its own storage: a carried state outlives its call (a chunked window
+    keeps every chunk's state for the backward), and a view would keep all of ``x`` with it."""
+    return x[:, -1].clone()
+
+
 def token_shift(x: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
     """x_{t-1} - x_t, with ``prev`` (or zeros) standing in for x_{-1}."""
     if prev is None:
@@ -178,7 +184,7 @@ class RWKV7TimeMix(nn.Module):
         (r, log_w, k, v, a, b, g), v_first = self.wkv_inputs(mixed, v_first)
         o, S = wkv7(r, log_w, k, v, a, b, initial_state=wkv_state, output_final_state=return_state,
                     backend=self.wkv_backend, state_starts=state_starts)
-        return self.wkv_output(o.to(x.dtype), r, k, v, g), v_first, x[:, -1], S
+        return self.wkv_output(o.to(x.dtype), r, k, v, g), v_first, last_position(x), S
 
     def wkv_inputs(self, mixed, v_first: Optional[torch.Tensor]):
         """The WKV operator's inputs from the token-shift mixes ``mixed`` = (xr, xw, xk, xv, xa, xg),
@@ -227,7 +233,7 @@ class RWKV7ChannelMix(nn.Module):
     def forward(self, x: torch.Tensor, shift: Optional[torch.Tensor] = None):
         """x: normalised input [B, T, C]. Returns (out, last_x)."""
         k, = shift_mix(x, shift, self.x_k)
-        return self.value(relu_square(self.key(k))), x[:, -1]
+        return self.value(relu_square(self.key(k))), last_position(x)
 
 
 class RWKV7Block(nn.Module):

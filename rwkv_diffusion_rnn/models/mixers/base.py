@@ -98,7 +98,7 @@ def _before(h: torch.Tensor, first: Optional[torch.Tensor], offset: int, every: 
     """[n, B, C]: the token-shift input before positions offset, offset + every, ... of ``h``
     [B, T, C] (``first``, or zeros, before position 0)."""
     prev = torch.cat([(torch.zeros_like(h[:, 0]) if first is None else first.to(h.dtype)).unsqueeze(1), h[:, :-1]], 1)
-    return prev[:, offset::every].transpose(0, 1)
+    return prev[:, offset::every].transpose(0, 1).clone()     # its own storage, as last_position
 
 
 class Mixer(nn.Module):
