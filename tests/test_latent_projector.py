@@ -65,10 +65,27 @@ def test_the_reconstruction_term_is_the_share_of_each_vector_lost_and_absent_at_
     assert model.latent_projector.enc.weight.grad.abs().sum() > 0
 
 
-def test_encoded_latents_have_norm_sqrt_latent_dim_and_a_projector_needs_its_input_size():
-    model, batch = model_and_batch("mlp")
-    z = model.clean_latent(batch["latent"] * 100.0)
-    assert z.shape == (6, D) and torch.allclose(z.norm(dim=1), torch.full((6,), math.sqrt(D)), atol=1e-4)
+def test_encoded_latents_are_whitened_over_the_data_even_when_the_inputs_gather_at_one_point():
+    model, batch = model_and_batch("linear")
+    g = torch.Generator().manual_seed(5)
+    # inputs all within a few degrees of one direction: a latent scaled per row would be too
+    x = 100.0 * torch.randn(1, DIN, generator=g) + torch.randn(64, DIN, generator=g)
+    model.train()
+    z = model.clean_latent(x).detach()
+    assert z.shape == (64, D)
+    assert torch.allclose(z.mean(0), torch.zeros(D), atol=1e-2)
+    assert torch.allclose(z.var(0, unbiased=False), torch.ones(D), atol=1e-2)
+    unit = torch.nn.functional.normalize(z, dim=1)
+    cos = (unit @ unit.T).fill_diagonal_(0).sum() / (64 * 63)
+    assert abs(float(cos)) < 0.1          # spread over directions (inputs' mean cosine: above 0.99)
+    assert float(torch.nn.functional.cosine_similarity(x[:, None], x[None], dim=-1).mean()) > 0.99
+    one = model.clean_latent(x[:1])                     # a training batch of one row: the running statistics
+    assert one.shape == (1, D) and torch.isfinite(one).all()
+    model.eval()                                         # evaluation: the running statistics, row by row
+    assert torch.allclose(model.clean_latent(x[:3])[1], model.clean_latent(x[1:2])[0], atol=1e-5)
+
+
+def test_a_projector_needs_its_input_size():
     with pytest.raises(ValueError, match="latent_input_dim"):
         DenoiserConfig(vocab_size=V, mask_id=MASK, latent_dim=D, latent_projector="linear")
     with pytest.raises(ValueError, match="no projector"):

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import hybrid, qwen3, transformer  # noqa: F401  (each registers its model.arch entry)
 from .archs import ARCHS, arch_of, pretrained_head_wanted
@@ -185,16 +186,33 @@ def data_latent_dim(model_keys) -> int:
     return int(get("latent_dim"))
 
 
+class _Whiten(nn.BatchNorm1d):
+    """Each latent dimension normalised to mean 0 and variance 1 over the data: the batch's
+    statistics in training, their running averages otherwise (and for a training batch of one
+    row, which has no variance to take)."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, affine=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.training and h.shape[0] < 2:
+            return F.batch_norm(h, self.running_mean, self.running_var, None, None, False, 0.0, self.eps)
+        return super().forward(h)
+
+
 class LatentProjector(nn.Module):
     """The latent learned with the model (``model.latent_projector``): ``encode`` maps a data
     vector [B, input_dim] (e.g. a whole sentence embedding) to the model's latent [B, latent_dim],
     ``decode`` maps it back (the reconstruction term of ``training.latent_recon_weight``).
 
     Two things keep it from collapsing. The denoising losses alone would pay it to make the latent
-    carry nothing (a constant, or one shrunk towards 0, is trivially denoised), so (1) every
-    encoded latent is scaled to norm ``sqrt(latent_dim)`` (the scale whitened PCA latents have on
-    average), so it cannot hide under the noise, and (2) the decoder must rebuild the input from
-    it, so it cannot send every sentence to one point.
+    carry nothing (latents gathered at one point are trivially denoised), so (1) each dimension of
+    the encoded latent is whitened over the data (mean 0, variance 1, as prepare_latents whitens
+    PCA latents): the latents cannot gather at one point, nor shrink under the noise. Scaling each
+    latent to a fixed norm does not do it: the latents then gather within a few degrees of one
+    direction and the decoder reads the small differences (eval/README, "Text from latents, real
+    sentences"). (2) The decoder must rebuild the input from the latent, so the directions it
+    keeps carry the input.
     """
 
     def __init__(self, input_dim: int, latent_dim: int, kind: str):
@@ -202,11 +220,11 @@ class LatentProjector(nn.Module):
         self.latent_dim = latent_dim
         self.enc = (nn.Linear(input_dim, latent_dim) if kind == "linear" else
                     nn.Sequential(nn.Linear(input_dim, input_dim), nn.GELU(), nn.Linear(input_dim, latent_dim)))
+        self.whiten = _Whiten(latent_dim)
         self.dec = nn.Linear(latent_dim, input_dim)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.enc(x.to(self.dec.weight.dtype))
-        return h * (self.latent_dim ** 0.5 / h.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        return self.whiten(self.enc(x.to(self.dec.weight.dtype)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.dec(z)
