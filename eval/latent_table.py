@@ -27,7 +27,7 @@ What it does, each stage skipped when its output is there (so a killed run resum
    ``--steps`` steps per row, its latent head predicting x0 (``model.latent_target=x0``): PCA-32
    with FiLM, the same predicting the noise (``eps``, the config's default, for comparison),
    PCA-32 with AdaLN-Zero, PCA-64, PCA-128 (FiLM), and the learned projection
-   (``model.latent_projector=linear``, 32 dims, ``training.latent_recon_weight=1``). A finished row (``metrics.json`` at the last step) is
+   (``model.latent_projector=linear``, 32 dims, ``training.latent_recon_weight=1``, and 10). A finished row (``metrics.json`` at the last step) is
    skipped, an interrupted one resumes from its newest checkpoint (``--save-every``).
 5. **Dashboard**: ``python -m rwkv_diffusion_rnn.evaluate checkpoint=<row> dashboard=true
    dashboard.samples=<--samples>`` into ``<row>/dashboard.json``, then the table,
@@ -68,6 +68,8 @@ ROWS = {
     "PCA-128": ("pca128", ["model.latent_dim=128"]),
     "learned projection": ("full", ["model.latent_dim=32", "model.latent_projector=linear",
                                     "model.latent_input_dim={full}", "training.latent_recon_weight=1.0"]),
+    "learned projection, recon x10": ("full", ["model.latent_dim=32", "model.latent_projector=linear",
+                                               "model.latent_input_dim={full}", "training.latent_recon_weight=10.0"]),
 }
 SPEAKER = re.compile(r"^[A-Z][A-Z' ,&-]*\.$")           # "COUNTESS." / "FIRST LORD."
 SENTENCE = re.compile(r"(?<=[.!?])\s+")
