@@ -1,7 +1,8 @@
 """A latent learned with the model (model.latent_projector): the projector and its decoder get
 gradients through the training loss, the reconstruction term is what it says (and absent at
-weight 0), encoded latents have norm sqrt(latent_dim), and a tiny run trains, resumes exactly,
-evaluates and generates from a vector of the data's size."""
+weight 0), encoded latents are whitened over the data (the EMA copy with the model's
+statistics), and a tiny run trains, resumes exactly, evaluates and generates from a vector of
+the data's size."""
 import math
 
 import numpy as np
@@ -83,6 +84,18 @@ def test_encoded_latents_are_whitened_over_the_data_even_when_the_inputs_gather_
     assert one.shape == (1, D) and torch.isfinite(one).all()
     model.eval()                                         # evaluation: the running statistics, row by row
     assert torch.allclose(model.clean_latent(x[:3])[1], model.clean_latent(x[1:2])[0], atol=1e-5)
+
+
+def test_the_ema_copy_whitens_with_the_statistics_the_model_gathered():
+    from rwkv_diffusion_rnn.training.ema import EMA
+    model, batch = model_and_batch("linear")
+    ema = EMA(model, 0.999)
+    model.train()
+    model.clean_latent(batch["latent"] * 3.0 + 5.0)        # running statistics move
+    ema.update(model)
+    got, want = ema.module.latent_projector.whiten, model.latent_projector.whiten
+    assert not torch.allclose(want.running_mean, torch.zeros(D))
+    assert torch.equal(got.running_mean, want.running_mean) and torch.equal(got.running_var, want.running_var)
 
 
 def test_a_projector_needs_its_input_size():

@@ -9,7 +9,8 @@ import torch.nn as nn
 
 
 class EMA:
-    """Exponential moving average of the trainable weights, kept in a copy of the model."""
+    """Exponential moving average of the trainable weights, kept in a copy of the model (its
+    buffers follow the model's)."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -21,3 +22,7 @@ class EMA:
     def update(self, model: nn.Module):
         for e, p in zip(self.module.parameters(), model.parameters()):
             e.lerp_(p.detach().to(e.dtype), 1.0 - self.decay)
+        # buffers are statistics of the data, not weights (a learned latent's whitening): the
+        # copy takes the model's as they are
+        for e, b in zip(self.module.buffers(), model.buffers()):
+            e.copy_(b)
