@@ -27,8 +27,9 @@ What it does, each stage skipped when its output is there (so a killed run resum
    ``--steps`` steps per row, its latent head predicting x0 (``model.latent_target=x0``): PCA-32
    with FiLM, the same predicting the noise (``eps``, the config's default, for comparison),
    PCA-32 with AdaLN-Zero, PCA-64, PCA-128 (FiLM), and the learned projection
-   (``model.latent_projector=linear``, 32 dims, ``training.latent_recon_weight=1``, and 10). A finished row (``metrics.json`` at the last step) is
-   skipped, an interrupted one resumes from its newest checkpoint (``--save-every``).
+   (``model.latent_projector=linear``, 32 dims, ``training.latent_recon_weight=1``, and 10). A
+   finished row (``metrics.json`` at the last step) is skipped, an interrupted one resumes from
+   its newest checkpoint (``--save-every``).
 5. **Dashboard**: ``python -m rwkv_diffusion_rnn.evaluate checkpoint=<row> dashboard=true
    dashboard.samples=<--samples>`` into ``<row>/dashboard.json``, then the table,
    ``<out>/latent_table.md``.
